@@ -1,0 +1,351 @@
+"""The layers of a Griffin residual block, each with its math beside the code.
+
+Shapes: B batch, T time, D width, L lru_width, H heads, Dh head dim, W window.
+
+Every temporal layer takes a ``Chunk`` describing the tokens of this call:
+padding (segment position -1) is always on the left of each row (the model
+moves it there), so row b holds ``n_pad[b]`` pads then its real tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .scan import linear_scan
+from .state import AttentionLayerState, RecurrentLayerState
+
+_MASKED = -2.3819763e38          # the official code's "minus infinity" for masked logits
+_MAX_SQRT_GRADIENT = 1000.0      # bound on d sqrt(x) / dx during training
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (as JAX's default)."""
+    return F.gelu(x, approximate="tanh")
+
+
+@dataclasses.dataclass
+class Chunk:
+    """Per-row facts about the T tokens of one forward call (all [B, T] or [B]).
+
+    positions: segment positions (0 starts a document, -1 is padding).
+    is_real: positions >= 0.
+    reset: positions == 0.
+    stream_index: index of each real token in its row's stream (-1 for pads).
+    doc_start: for each token, stream index of the document it belongs to.
+    n_pad: [B] pads at the left of each row; ``has_pad``: any pad at all.
+    num_tokens_before: [B] stream index of the first real token of the call.
+    """
+
+    positions: torch.Tensor
+    is_real: torch.Tensor
+    reset: torch.Tensor
+    stream_index: torch.Tensor
+    doc_start: torch.Tensor
+    n_pad: torch.Tensor
+    has_pad: bool
+    num_tokens_before: torch.Tensor
+
+    @classmethod
+    def build(cls, positions: torch.Tensor, num_tokens: torch.Tensor,
+              doc_start: torch.Tensor) -> "Chunk":
+        is_real = positions >= 0
+        reset = positions == 0
+        n_pad = (~is_real).sum(dim=1)
+        T = positions.shape[1]
+        t = torch.arange(T, device=positions.device)[None]
+        stream = num_tokens[:, None] + t - n_pad[:, None]
+        minus_one = torch.full_like(stream, -1)
+        starts = torch.where(reset, stream, minus_one)
+        doc = torch.maximum(torch.cummax(starts, dim=1).values, doc_start[:, None])
+        return cls(positions=positions, is_real=is_real, reset=reset,
+                   stream_index=torch.where(is_real, stream, minus_one), doc_start=doc,
+                   n_pad=n_pad, has_pad=bool(n_pad.any()), num_tokens_before=num_tokens)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm(x) = x * rsqrt(mean(x^2) + eps) * (1 + w)."""
+
+    def __init__(self, width: int, eps: float = 1e-6, **factory):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.zeros(width, **factory))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        var = torch.mean(torch.square(x), dim=-1, keepdim=True)
+        return x * torch.rsqrt(var + self.eps) * (self.weight + 1)
+
+
+class MLPBlock(nn.Module):
+    """GeGLU: down( gelu_tanh(gate(x)) * up(x) ), all with bias. [B,T,D] -> [B,T,D]."""
+
+    def __init__(self, width: int, mlp_width: int, **factory):
+        super().__init__()
+        self.gate_proj = nn.Linear(width, mlp_width, **factory)
+        self.up_proj = nn.Linear(width, mlp_width, **factory)
+        self.down_proj = nn.Linear(mlp_width, width, **factory)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x))
+
+
+# --------------------------------------------------------------------------
+# Recurrent block: causal conv1d + RG-LRU
+# --------------------------------------------------------------------------
+
+class SqrtBoundedGrad(torch.autograd.Function):
+    """sqrt(x) whose backward 1 / (2 sqrt(x)) is bounded by _MAX_SQRT_GRADIENT."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x)
+        return torch.sqrt(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        floor = 1.0 / _MAX_SQRT_GRADIENT ** 2
+        return grad / torch.sqrt(torch.clamp(4.0 * x, min=floor))
+
+
+def _align_with_tail(u: torch.Tensor, tail: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+    """[B, K-1+T, L]: each row's conv history followed by its real inputs.
+
+    Row b of the result is [0 * n_pad, tail (K-1), reals (T - n_pad)]: the
+    pads move in front of the tail so the convolution looks back from the
+    first real token straight into the previous call's inputs.
+    """
+    ext = torch.cat([tail.to(u.dtype), u], dim=1)
+    if not chunk.has_pad:
+        return ext
+    k1, T = tail.shape[1], u.shape[1]
+    i = torch.arange(T + k1, device=u.device)[None]
+    p = chunk.n_pad[:, None]
+    src = torch.where(i < p, i + k1, torch.where(i < p + k1, i - p, i))
+    ext = torch.gather(ext, 1, src[..., None].expand(-1, -1, u.shape[2]))
+    return torch.where((i >= p)[..., None], ext, torch.zeros_like(ext))
+
+
+class Conv1D(nn.Module):
+    """Causal depthwise convolution of temporal width K, with bias.
+
+    out[t] = b + sum_{s=0}^{K-1} w[K-1-s] * x[t-s] * [no document start in (t-s, t]]
+
+    Weight layout [L, 1, K] (Hugging Face's), so w[K-1] multiplies x[t].
+    The K-1 inputs before the call come from the state ("tail").
+    """
+
+    def __init__(self, width: int, temporal_width: int, **factory):
+        super().__init__()
+        self.temporal_width = temporal_width
+        self.weight = nn.Parameter(torch.zeros(width, 1, temporal_width, **factory))
+        self.bias = nn.Parameter(torch.zeros(width, **factory))
+
+    def forward(self, u: torch.Tensor, tail: torch.Tensor, chunk: Chunk
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """u: [B, T, L]; tail: [B, K-1, L] -> (out [B, T, L], new tail [B, K-1, L])."""
+        K, T = self.temporal_width, u.shape[1]
+        ext = _align_with_tail(u, tail, chunk)                       # [B, K-1+T, L]
+        w = self.weight[:, 0, :].T                                   # [K, L]
+        # resets_before[t] - resets_before[t-s] > 0 <=> a document starts in (t-s, t]
+        resets = torch.cumsum(chunk.reset.to(torch.int32), dim=1)
+        resets = F.pad(resets, (K - 1, 0))                           # [B, K-1+T]
+        out = ext[:, K - 1:] * w[K - 1]
+        for s in range(1, K):
+            x_s = ext[:, K - 1 - s: K - 1 - s + T]
+            keep = (resets[:, K - 1:] == resets[:, K - 1 - s: K - 1 - s + T])
+            out = out + x_s * w[K - 1 - s] * keep[..., None].to(u.dtype)
+        out = out + self.bias
+        return out, ext[:, T:]
+
+
+class RGLRU(nn.Module):
+    """Real-Gated Linear Recurrent Unit. [B, T, L] -> [B, T, L].
+
+        gate_x = sigmoid(x_blocks @ Wx + bx)        (block-diagonal, one block per head)
+        gate_a = sigmoid(x_blocks @ Wa + ba)
+        log_a  = -8 * gate_a * softplus(recurrent_param)
+        a      = exp(log_a)
+        mult   = sqrt(1 - a^2), or 1 at a document start
+        h_t    = a_t * h_{t-1} * [not a document start] + mult * gate_x * x_t
+
+    h is float32 whatever the weights' dtype. Padding leaves h untouched
+    (a = 1, input 0).
+    """
+
+    def __init__(self, width: int, num_heads: int, **factory):
+        super().__init__()
+        self.num_heads = num_heads
+        bw = width // num_heads
+        self.recurrent_param = nn.Parameter(torch.zeros(width, **factory))
+        self.input_gate_weight = nn.Parameter(torch.zeros(num_heads, bw, bw, **factory))
+        self.input_gate_bias = nn.Parameter(torch.zeros(num_heads, bw, **factory))
+        self.recurrent_gate_weight = nn.Parameter(torch.zeros(num_heads, bw, bw, **factory))
+        self.recurrent_gate_bias = nn.Parameter(torch.zeros(num_heads, bw, **factory))
+
+    def _block_diag(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """[B, T, H*bw] -> [B, T, H*bw]: y_h = x_h @ w_h + b_h per head h."""
+        B, T, _ = x.shape
+        xh = x.reshape(B * T, self.num_heads, -1).transpose(0, 1)    # [H, B*T, bw]
+        y = torch.baddbmm(b[:, None, :], xh, w)                       # [H, B*T, bw]
+        return y.transpose(0, 1).reshape(B, T, -1)
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, chunk: Chunk
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, L]; h: [B, L] float32 -> (y [B, T, L], new h [B, L])."""
+        gate_x = torch.sigmoid(self._block_diag(x, self.input_gate_weight, self.input_gate_bias))
+        gate_a = torch.sigmoid(self._block_diag(x, self.recurrent_gate_weight,
+                                                self.recurrent_gate_bias))
+        log_a = -8.0 * gate_a * F.softplus(self.recurrent_param)
+        a = torch.exp(log_a)
+        mult = SqrtBoundedGrad.apply(1 - torch.exp(2 * log_a))
+        reset = chunk.reset[..., None]
+        mult = torch.where(reset, torch.ones_like(mult), mult)
+        x_in = (x * gate_x * mult).float()
+        a = torch.where(reset, torch.zeros_like(a), a).float()
+        if chunk.has_pad:
+            real = chunk.is_real[..., None]
+            a = torch.where(real, a, torch.ones_like(a))
+            x_in = torch.where(real, x_in, torch.zeros_like(x_in))
+        y, h_last = linear_scan(a, x_in, h)
+        return y.to(x.dtype), h_last
+
+
+class RecurrentBlock(nn.Module):
+    """out = linear_out( RG_LRU(conv1d(linear_x(x))) * gelu_tanh(linear_y(x)) )."""
+
+    def __init__(self, width: int, lru_width: int, num_heads: int, conv1d_width: int, **factory):
+        super().__init__()
+        self.linear_y = nn.Linear(width, lru_width, **factory)
+        self.linear_x = nn.Linear(width, lru_width, **factory)
+        self.linear_out = nn.Linear(lru_width, width, **factory)
+        self.conv_1d = Conv1D(lru_width, conv1d_width, **factory)
+        self.rg_lru = RGLRU(lru_width, num_heads, **factory)
+
+    def forward(self, x: torch.Tensor, state: RecurrentLayerState, chunk: Chunk) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; updates ``state`` (conv tail, h) in place."""
+        y = gelu(self.linear_y(x))
+        u = self.linear_x(x)
+        u, tail = self.conv_1d(u, state.conv, chunk)
+        u, h = self.rg_lru(u, state.h, chunk)
+        _store_conv_tail(state, tail, chunk)
+        state.h.copy_(h)
+        return self.linear_out(u * y)
+
+
+def _store_conv_tail(state: RecurrentLayerState, tail: torch.Tensor, chunk: Chunk) -> None:
+    """Keeps the last K-1 inputs, zeroing those from before the current document."""
+    k1 = tail.shape[1]
+    n_after = chunk.num_tokens_before + chunk.is_real.sum(dim=1)            # [B]
+    idx = n_after[:, None] - k1 + torch.arange(k1, device=tail.device)[None]
+    doc = chunk.doc_start[:, -1:]
+    keep = (idx >= doc)[..., None].to(tail.dtype)
+    state.conv.copy_(tail * keep)
+
+
+# --------------------------------------------------------------------------
+# Local multi-query attention
+# --------------------------------------------------------------------------
+
+def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
+    """RoPE on the first half of the last dim, split-half pairing.
+
+    x: [B, T, N, Dh]; positions: [B, T]. With r = x[..., :Dh/2] = (r1, r2):
+      r1' = r1 cos(p f) - r2 sin(p f),  r2' = r2 cos(p f) + r1 sin(p f),
+      f_j = base^(-2j / (Dh/2)).  The second half of x passes through.
+    """
+    rot, rest = torch.chunk(x, 2, dim=-1)
+    half = rot.shape[-1] // 2
+    freq = torch.arange(half, device=x.device)
+    inv_freq = 1.0 / (base ** (2 * freq / rot.shape[-1]))
+    angle = positions[..., None, None] * inv_freq                    # [B, T, 1, half]
+    sin, cos = torch.sin(angle).to(x.dtype), torch.cos(angle).to(x.dtype)
+    r1, r2 = torch.chunk(rot, 2, dim=-1)
+    return torch.cat([r1 * cos - r2 * sin, r2 * cos + r1 * sin, rest], dim=-1)
+
+
+class LocalAttentionBlock(nn.Module):
+    """Local multi-query attention (one K/V head) with a ring-buffer state.
+
+    A query at stream index q sees keys k of its own document with
+    0 <= q - k <= W (up to W + 1 keys): the W previous ones are in the ring.
+    """
+
+    def __init__(self, width: int, num_heads: int, window: int, rope_base: float,
+                 query_block: int = 512, **factory):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = width // num_heads
+        self.window = window
+        self.rope_base = rope_base
+        self.query_block = query_block
+        self.q_proj = nn.Linear(width, width, bias=False, **factory)
+        self.k_proj = nn.Linear(width, self.head_dim, bias=False, **factory)
+        self.v_proj = nn.Linear(width, self.head_dim, bias=False, **factory)
+        self.o_proj = nn.Linear(width, width, bias=True, **factory)
+
+    def forward(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk,
+                ring_index: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; writes the new keys/values into the ring.
+
+        ring_index: [B, W] stream index of each ring slot before this call (-1 empty).
+        """
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, T, 1, self.head_dim)
+        v = self.v_proj(x)
+        q = apply_rope(q, chunk.positions, self.rope_base)
+        k = apply_rope(k, chunk.positions, self.rope_base)[:, :, 0]
+        keys = torch.cat([state.k.to(x.dtype), k], dim=1)              # [B, W+T, Dh]
+        values = torch.cat([state.v.to(x.dtype), v], dim=1)
+        key_index = torch.cat([ring_index, chunk.stream_index], dim=1)  # [B, W+T]
+        out = torch.empty(B, T, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
+        W, Qb = self.window, self.query_block
+        for a in range(0, T, Qb):
+            b = min(a + Qb, T)
+            # keys that can be seen from queries a..b-1: the ring while a query is
+            # within W of it, then chunk keys from a - W on.
+            lo = 0 if a - int(chunk.n_pad.min()) < W else W + a - W
+            out[:, a:b] = self._attend(q[:, a:b], keys[:, lo:W + b], values[:, lo:W + b],
+                                       key_index[:, lo:W + b], chunk.stream_index[:, a:b],
+                                       chunk.doc_start[:, a:b])
+        self._write_ring(state, k, v, chunk)
+        return self.o_proj(out.reshape(B, T, -1))
+
+    def _attend(self, q, keys, values, key_index, q_index, q_doc) -> torch.Tensor:
+        """q [B,Q,H,Dh], keys/values [B,S,Dh], key_index [B,S], q_index/q_doc [B,Q] -> [B,Q,H,Dh]."""
+        B, Q, H, Dh = q.shape
+        logits = torch.einsum("bqhd,bsd->bhqs", q, keys) * (Dh ** -0.5)
+        diff = q_index[:, :, None] - key_index[:, None, :]             # [B, Q, S]
+        visible = ((diff >= 0) & (diff <= self.window) & (key_index[:, None, :] >= 0)
+                   & (key_index[:, None, :] >= q_doc[:, :, None]))
+        logits = logits.float().masked_fill(~visible[:, None], _MASKED)
+        probs = torch.softmax(logits, dim=-1).to(q.dtype)
+        return torch.einsum("bhqs,bsd->bqhd", probs, values)
+
+    def _write_ring(self, state: AttentionLayerState, k: torch.Tensor, v: torch.Tensor,
+                    chunk: Chunk) -> None:
+        """Stores the last min(R, W) real keys/values of each row at slot index % W."""
+        W, T = self.window, k.shape[1]
+        if T == 1:   # decode: one slot per row, in place
+            rows = torch.arange(k.shape[0], device=k.device)
+            slot = torch.remainder(chunk.num_tokens_before, W)
+            real = chunk.is_real[:, 0, None]
+            state.k[rows, slot] = torch.where(real, k[:, 0].to(state.k.dtype), state.k[rows, slot])
+            state.v[rows, slot] = torch.where(real, v[:, 0].to(state.v.dtype), state.v[rows, slot])
+            return
+        n_real = chunk.is_real.sum(dim=1)[:, None]                     # [B, 1]
+        slots = torch.arange(W, device=k.device)[None]
+        d = torch.remainder(slots - chunk.num_tokens_before[:, None], W)   # real index mod W
+        written = d < n_real
+        last = d + torch.div(n_real - 1 - d, W, rounding_mode="floor").clamp(min=0) * W
+        src = (chunk.n_pad[:, None] + last).clamp(max=T - 1)            # [B, W] chunk position
+        gather = src[..., None].expand(-1, -1, k.shape[-1])
+        new_k = torch.gather(k, 1, gather).to(state.k.dtype)
+        new_v = torch.gather(v, 1, gather).to(state.v.dtype)
+        state.k.copy_(torch.where(written[..., None], new_k, state.k))
+        state.v.copy_(torch.where(written[..., None], new_v, state.v))

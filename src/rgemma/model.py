@@ -1,0 +1,255 @@
+"""Griffin: the RecurrentGemma model, with its state as an explicit object.
+
+    logits, state = model(tokens, positions, state=None, *, logits="all")
+
+x = embed(tokens) * sqrt(D)  (the constant rounded to bfloat16)
+for each residual block:
+    x = x + temporal_block(RMSNorm(x))     # RG-LRU recurrent block or local MQA
+    x = x + MLP(RMSNorm(x))
+logits = soft_cap(RMSNorm(x) @ embed.T)   # soft_cap(z) = tanh(z / c) * c
+
+Parameter names are Hugging Face's (without the leading ``model.``), so a
+state dict of this module is a Hugging Face checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from torch import nn
+
+from .config import RECURRENT, GriffinConfig
+from .layers import Chunk, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNorm
+from .state import AttentionLayerState, State
+
+LogitsMode = Literal["all", "last", "none"]
+
+
+class InputError(ValueError):
+    """Inputs to the model that it cannot process (wrong shapes, ids, state)."""
+
+
+class ResidualBlock(nn.Module):
+    """x + temporal(norm(x)), then + MLP(norm(.))."""
+
+    def __init__(self, config: GriffinConfig, kind: str, **factory):
+        super().__init__()
+        self.kind = kind
+        self.temporal_pre_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
+        if kind == RECURRENT:
+            self.temporal_block = RecurrentBlock(config.width, config.lru_width, config.num_heads,
+                                                 config.conv1d_width, **factory)
+        else:
+            self.temporal_block = LocalAttentionBlock(config.width, config.num_heads,
+                                                      config.attention_window, config.rope_base,
+                                                      **factory)
+        self.channel_pre_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
+        self.mlp_block = MLPBlock(config.width, config.mlp_width, **factory)
+
+    def forward(self, x: torch.Tensor, layer_state, chunk: Chunk,
+                ring_index: torch.Tensor | None) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; updates ``layer_state`` in place."""
+        normed = self.temporal_pre_norm(x)
+        if self.kind == RECURRENT:
+            mixed = self.temporal_block(normed, layer_state, chunk)
+        else:
+            mixed = self.temporal_block(normed, layer_state, chunk, ring_index)
+        residual = mixed + x
+        return self.mlp_block(self.channel_pre_norm(residual)) + residual
+
+
+class Griffin(nn.Module):
+    """RecurrentGemma / Griffin / Hawk language model."""
+
+    def __init__(self, config: GriffinConfig, *, dtype: torch.dtype | None = None,
+                 device: torch.device | str | None = None):
+        super().__init__()
+        self.config = config
+        factory = {"dtype": dtype, "device": device}
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.width, **factory)
+        self.layers = nn.ModuleList(ResidualBlock(config, kind, **factory)
+                                    for kind in config.block_types)
+        self.final_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
+        self.gradient_checkpointing = False
+
+    # ---------------------------------------------------------------- facts
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None,
+                   device: torch.device | str | None = None) -> State:
+        """An empty state for ``batch_size`` rows (K/V and conv in the weights' dtype)."""
+        return State.empty(self.config, batch_size, dtype=dtype or self.dtype,
+                           device=device or self.device)
+
+    # -------------------------------------------------------------- forward
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, state: State | None = None,
+                *, logits: LogitsMode = "all") -> tuple[torch.Tensor | None, State]:
+        """Runs T tokens of B rows on top of ``state`` (updated in place and returned).
+
+        Args:
+          tokens: [B, T] token ids.
+          positions: [B, T] segment positions: 0 starts a document (resets the
+            recurrence, the conv and attention), -1 marks padding, which
+            influences nothing and leaves the state untouched.
+          state: from ``init_state`` or a previous call; None = empty.
+          logits: "all" -> [B, T, V]; "last" -> [B, V] at each row's last real
+            token; "none" -> None (prefill only).
+        Returns:
+          (logits, state).
+        """
+        tokens, positions = self._check_inputs(tokens, positions, logits)
+        if state is None:
+            state = self.init_state(tokens.shape[0])
+        elif state.batch_size != tokens.shape[0]:
+            raise InputError(f"state has {state.batch_size} rows but tokens have "
+                             f"{tokens.shape[0]}; use state.select(...) or init_state(B)")
+        elif len(state.layers) != self.config.num_layers:
+            raise InputError("state comes from a model with a different number of layers")
+
+        order = _left_pad_order(positions)
+        if order is not None:
+            tokens, positions = tokens.gather(1, order), positions.gather(1, order)
+
+        chunk = Chunk.build(positions, state.num_tokens, state.doc_start)
+        ring_index = (state.ring_positions(self.config.attention_window)
+                      if self.config.attention_layers else None)
+        x = self.embed(tokens)
+        for block, layer_state in zip(self.layers, state.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, layer_state, chunk, ring_index,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, layer_state, chunk, ring_index)
+        state.num_tokens.copy_(state.num_tokens + chunk.is_real.sum(dim=1))
+        state.doc_start.copy_(chunk.doc_start[:, -1])
+
+        if logits == "none":
+            return None, state
+        if logits == "last":
+            return self.logits(x[:, -1]), state
+        out = self.logits(x)
+        if order is not None:
+            out = torch.empty_like(out).scatter_(1, order[..., None].expand_as(out), out)
+        return out, state
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to bfloat16."""
+        x = self.embed_tokens(tokens)
+        if self.config.embeddings_scale_by_sqrt_dim:
+            scale = torch.tensor(math.sqrt(self.config.width), dtype=torch.bfloat16)
+            x = x * scale.to(x.dtype)
+        return x
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., V]: final norm, tied embeddings, soft-cap."""
+        z = self.final_norm(x) @ self.embed_tokens.weight.T
+        c = self.config.logits_soft_cap
+        return torch.tanh(z / c) * c if c else z
+
+    def _check_inputs(self, tokens, positions, logits) -> tuple[torch.Tensor, torch.Tensor]:
+        if logits not in ("all", "last", "none"):
+            raise InputError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+        tokens = torch.as_tensor(tokens, device=self.device)
+        positions = torch.as_tensor(positions, device=self.device)
+        if tokens.ndim != 2 or positions.shape != tokens.shape:
+            raise InputError(f"tokens and positions must both be [B, T]; got {tuple(tokens.shape)} "
+                             f"and {tuple(positions.shape)}")
+        if tokens.is_floating_point() or positions.is_floating_point():
+            raise InputError("tokens and positions must be integer tensors")
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
+            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got "
+                             f"{int(tokens.min())}..{int(tokens.max())}")
+        if positions.numel() and int(positions.min()) < -1:
+            raise InputError("positions must be >= 0, or -1 for padding")
+        return tokens.long(), positions.long()
+
+    # ------------------------------------------------------------ weights
+    @torch.no_grad()
+    def init_weights(self, seed: int | None = None) -> "Griffin":
+        """Random initialisation with the Griffin paper's scales (for training)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cfg = self.config
+        final_scale = 2.0 / cfg.num_layers
+
+        def normal_(p: torch.Tensor, var: float) -> None:
+            p.copy_(torch.randn(p.shape, generator=gen) * math.sqrt(var))
+
+        normal_(self.embed_tokens.weight, 1.0 / cfg.width)
+        for block in self.layers:
+            for name, p in block.named_parameters():
+                p.zero_()
+            tb = block.temporal_block
+            if block.kind == RECURRENT:
+                normal_(tb.linear_x.weight, 1.0 / cfg.width)
+                normal_(tb.linear_y.weight, 1.0 / cfg.width)
+                normal_(tb.linear_out.weight, final_scale / cfg.lru_width)
+                normal_(tb.conv_1d.weight, 0.01 / cfg.conv1d_width)
+                bw = cfg.lru_width // cfg.num_heads
+                normal_(tb.rg_lru.input_gate_weight, 1.0 / bw)
+                normal_(tb.rg_lru.recurrent_gate_weight, 1.0 / bw)
+                # softplus(param) = -log(r), r^2 uniform in [0.9^2, 0.999^2]
+                r2 = torch.rand(cfg.lru_width, generator=gen) * (0.999 ** 2 - 0.9 ** 2) + 0.9 ** 2
+                neg_log_r = -0.5 * torch.log(r2)
+                tb.rg_lru.recurrent_param.copy_(torch.log(torch.expm1(neg_log_r)))
+            else:
+                for proj in (tb.q_proj, tb.k_proj, tb.v_proj):
+                    normal_(proj.weight, 1.0 / cfg.width)
+                normal_(tb.o_proj.weight, final_scale / cfg.width)
+            normal_(block.mlp_block.gate_proj.weight, 1.0 / cfg.width)
+            normal_(block.mlp_block.up_proj.weight, 1.0 / cfg.width)
+            normal_(block.mlp_block.down_proj.weight, final_scale / cfg.mlp_width)
+        self.final_norm.weight.zero_()
+        return self
+
+    @classmethod
+    def from_hf_state_dict(cls, sd, config: GriffinConfig, *, dtype=None, device=None) -> "Griffin":
+        """A model from a Hugging Face state dict (with or without ``model.``)."""
+        from . import weights
+        sd = weights.strip_hf_prefix(sd)
+        weights.check_state_dict(sd, config, source="Hugging Face state dict")
+        return cls._from_our_state_dict(sd, config, dtype=dtype, device=device)
+
+    @classmethod
+    def from_official_state_dict(cls, sd, config: GriffinConfig, *, dtype=None,
+                                 device=None) -> "Griffin":
+        """A model from the official ``recurrentgemma.torch.Griffin`` state dict."""
+        from . import weights
+        sd = weights.official_to_hf(sd)
+        weights.check_state_dict(sd, config, source="official state dict")
+        return cls._from_our_state_dict(sd, config, dtype=dtype, device=device)
+
+    @classmethod
+    def _from_our_state_dict(cls, sd, config, *, dtype, device) -> "Griffin":
+        if dtype is None:
+            dtype = next(iter(sd.values())).dtype
+        with torch.device("meta"):
+            model = cls(config, dtype=dtype)
+        model.to_empty(device=device or "cpu")
+        with torch.no_grad():
+            for name, p in model.state_dict().items():
+                p.copy_(sd[name])
+        return model
+
+    def save(self, directory, **kwargs) -> None:
+        """Writes a Hugging Face checkpoint directory (``transformers`` opens it)."""
+        from . import checkpoint
+        checkpoint.save_hf(self, directory, **kwargs)
+
+
+def _left_pad_order(positions: torch.Tensor) -> torch.Tensor | None:
+    """A per-row permutation moving padding (-1) to the left, or None if it is there."""
+    is_real = positions >= 0
+    if not bool((is_real[:, :-1] & ~is_real[:, 1:]).any()):
+        return None
+    return torch.sort(is_real.to(torch.int8), dim=1, stable=True).indices
