@@ -1,0 +1,52 @@
+"""`rgemma` command line: one verb per module.
+
+Each verb module exposes ``register(subparsers)``, which adds its subparser
+and sets ``func`` to a ``run(args) -> int``. Heavy imports stay inside ``run``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# verb -> module that implements it
+VERBS = {
+    "generate": "rgemma.generate",
+    "chat": "rgemma.chat",
+    "convert": "rgemma.convert",
+    "train": "rgemma.train",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="rgemma",
+        description="RecurrentGemma (Griffin) in PyTorch: generate, chat, convert, train.")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for verb, module_name in VERBS.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            if e.name != module_name:   # the verb exists but a dependency is missing
+                raise
+            continue                    # verb not built yet
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
