@@ -1,0 +1,299 @@
+"""Griffin against the official recurrentgemma.torch code and transformers."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from rgemma.config import GriffinConfig
+from rgemma.model import Griffin, InputError
+
+from conftest import arange_positions, official_pair, random_model, tiny_config
+
+ATOL = 1e-4
+
+
+def official_logits(official, tokens, positions):
+    with torch.no_grad():
+        logits, _ = official(tokens, positions, return_cache=False)
+    return logits
+
+
+PARITY_CONFIGS = {
+    "tiny": tiny_config(attention_window=32),
+    "window-wraps": tiny_config(attention_window=8),
+    "hawk-lru-ne-width": tiny_config(block_types=("recurrent",) * 3, lru_width=96,
+                                     logits_soft_cap=0.0, embeddings_scale_by_sqrt_dim=False),
+    "griffin-lru-ne-width": tiny_config(lru_width=128, num_heads=4, attention_window=16),
+}
+
+
+@pytest.mark.parametrize("name", list(PARITY_CONFIGS))
+def test_prefill_logits_match_official(name):
+    cfg = PARITY_CONFIGS[name]
+    official, ours = official_pair(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 50))
+    positions = arange_positions(2, 50)
+    ref = official_logits(official, tokens, positions)
+    with torch.no_grad():
+        out, _ = ours(tokens, positions)
+    diff = (out - ref).abs().max().item()
+    print(f"{name}: max |logit diff| vs official = {diff:.2e}")
+    assert diff <= ATOL
+
+
+def test_decode_matches_official_decode():
+    """Official sampling path: prompt, then one token at a time with its cache."""
+    cfg = tiny_config(attention_window=8)
+    official, ours = official_pair(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 30))
+    positions = arange_positions(2, 30)
+    with torch.no_grad():
+        ref, cache = official(tokens[:, :6], positions[:, :6])
+        refs = [ref]
+        for t in range(6, 30):
+            ref, cache = official(tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+            refs.append(ref)
+        state = ours.init_state(2)
+        outs = [ours(tokens[:, :6], positions[:, :6], state)[0]]
+        for t in range(6, 30):
+            outs.append(ours(tokens[:, t:t + 1], positions[:, t:t + 1], state)[0])
+    assert (torch.cat(outs, 1) - torch.cat(refs, 1)).abs().max().item() <= ATOL
+
+
+@pytest.mark.parametrize("kind", ["recurrent", "attention"])
+def test_2b_shaped_block_matches_official(kind):
+    """One residual block at the true 2B shape (small vocab: the block is what is tested)."""
+    cfg = GriffinConfig.from_preset("recurrentgemma-2b", vocab_size=512, block_types=(kind,))
+    official, ours = official_pair(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 40))
+    positions = arange_positions(1, 40)
+    ref = official_logits(official, tokens, positions)
+    with torch.no_grad():
+        out, _ = ours(tokens, positions)
+    diff = (out - ref).abs().max().item()
+    print(f"2B-shaped {kind} block: max |logit diff| = {diff:.2e}")
+    assert diff <= ATOL
+
+
+def _hf_model(ours: Griffin, window: int):
+    transformers = pytest.importorskip("transformers")
+    from rgemma import weights
+    hf_cfg = ours.config.to_hf_dict()
+    hf_cfg["attention_window_size"] = window
+    hf_cfg.pop("architectures")
+    hf_cfg.pop("model_type")
+    config = transformers.RecurrentGemmaConfig(**hf_cfg)
+    model = transformers.RecurrentGemmaForCausalLM(config).eval()
+    missing, unexpected = model.load_state_dict(weights.add_hf_prefix(ours.state_dict()), strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}
+    model.tie_weights()
+    return model
+
+
+def test_matches_transformers_within_window():
+    cfg = tiny_config(attention_window=32)
+    _, ours = official_pair(cfg)
+    hf = _hf_model(ours, window=cfg.attention_window)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        ref = hf(input_ids=tokens, use_cache=False).logits
+        out, _ = ours(tokens, arange_positions(2, 32))
+    assert (out - ref).abs().max().item() <= ATOL
+
+
+def test_transformers_with_window_plus_one_matches_beyond_window():
+    """transformers sees W keys where the official code sees W + 1: with its window set
+    to W + 1 it agrees with us everywhere; with W it does not (its known bug)."""
+    cfg = tiny_config(attention_window=8)
+    _, ours = official_pair(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 40))
+    with torch.no_grad():
+        out, _ = ours(tokens, arange_positions(1, 40))
+        plus_one = _hf_model(ours, window=9)(input_ids=tokens, use_cache=False).logits
+        same = _hf_model(ours, window=8)(input_ids=tokens, use_cache=False).logits
+    assert (out - plus_one).abs().max().item() <= ATOL
+    assert (out - same).abs().max().item() > 1e-2
+
+
+# ---------------------------------------------------------------- chunking
+
+def _feed_in_chunks(model, tokens, positions, sizes):
+    state = model.init_state(tokens.shape[0])
+    outs, t = [], 0
+    for n in sizes:
+        out, state = model(tokens[:, t:t + n], positions[:, t:t + n], state)
+        outs.append(out)
+        t += n
+    assert t == tokens.shape[1]
+    return torch.cat(outs, 1), state
+
+
+def _positions_with_resets(batch, length, resets):
+    positions = arange_positions(batch, length)
+    for row, starts in resets.items():
+        for s in starts:
+            positions[row, s:] = torch.arange(length - s)
+    return positions
+
+
+def test_one_call_equals_token_by_token_and_random_chunks_across_resets():
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    B, T = 3, 90
+    tokens = torch.randint(0, cfg.vocab_size, (B, T))
+    positions = _positions_with_resets(B, T, {0: [30], 1: [11, 40, 41], 2: []})
+    rng = random.Random(0)
+    with torch.no_grad():
+        full, full_state = model(tokens, positions)
+        by_token, _ = _feed_in_chunks(model, tokens, positions, [1] * T)
+        assert (by_token - full).abs().max().item() <= ATOL
+        for _ in range(3):
+            sizes, left = [], T
+            while left:
+                sizes.append(min(left, rng.choice([1, 2, 3, 7, 13, 37])))
+                left -= sizes[-1]
+            chunked, state = _feed_in_chunks(model, tokens, positions, sizes)
+            assert (chunked - full).abs().max().item() <= ATOL
+            for a, b in zip(state.tensors().values(), full_state.tensors().values()):
+                assert torch.allclose(a.float(), b.float(), atol=ATOL)
+
+
+def test_reset_isolates_documents():
+    """Tokens after a reset give the logits of the same document fed alone."""
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 40))
+    positions = _positions_with_resets(1, 40, {0: [25]})
+    with torch.no_grad():
+        packed, _ = model(tokens, positions)
+        alone, _ = model(tokens[:, 25:], arange_positions(1, 15))
+    assert (packed[:, 25:] - alone).abs().max().item() <= ATOL
+
+
+def test_long_prompt_then_one_then_37():
+    """A 5000-token prompt in one call, then 1 token, then 37: same as one call."""
+    cfg = tiny_config(width=32, mlp_width=64, num_heads=2, attention_window=64, vocab_size=50)
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 5038))
+    positions = arange_positions(1, 5038)
+    with torch.no_grad():
+        full, _ = model(tokens, positions)
+        chunked, _ = _feed_in_chunks(model, tokens, positions, [5000, 1, 37])
+    assert (chunked[:, -38:] - full[:, -38:]).abs().max().item() <= ATOL
+
+
+# ----------------------------------------------------------------- padding
+
+def test_left_padded_rows_equal_rows_alone():
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    lengths = [20, 7, 13]
+    T = max(lengths)
+    tokens = torch.zeros(3, T, dtype=torch.long)
+    positions = torch.full((3, T), -1)
+    rows = [torch.randint(0, cfg.vocab_size, (n,)) for n in lengths]
+    for i, (row, n) in enumerate(zip(rows, lengths)):
+        tokens[i, T - n:] = row
+        positions[i, T - n:] = torch.arange(n)
+    with torch.no_grad():
+        batch, state = model(tokens, positions)
+        nxt = torch.randint(0, cfg.vocab_size, (3, 1))
+        step, _ = model(nxt, torch.tensor(lengths)[:, None], state)
+        for i, (row, n) in enumerate(zip(rows, lengths)):
+            alone, s = model(row[None], arange_positions(1, n))
+            assert (batch[i, T - n:] - alone[0]).abs().max().item() <= ATOL
+            alone_step, _ = model(nxt[i:i + 1], torch.tensor([[n]]), s)
+            assert (step[i] - alone_step[0]).abs().max().item() <= ATOL
+
+
+def test_padding_anywhere_leaves_state_untouched():
+    """A row fed only padding keeps its state bit for bit; pads in the middle are skipped."""
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 30))
+    positions = arange_positions(2, 30)
+    with torch.no_grad():
+        _, state = model(tokens[:, :20], positions[:, :20])
+        before = state.clone()
+        pad_pos = positions[:, 20:25].clone()
+        pad_pos[1] = -1
+        _, state = model(tokens[:, 20:25], pad_pos, state)
+        for name, t in state.select([1]).tensors().items():
+            assert torch.equal(t, before.select([1]).tensors()[name]), name
+        # pads interleaved with real tokens == the real tokens alone
+        mixed_tok = torch.stack([tokens[0, 20:25], tokens[0, 20:25]])
+        mixed_pos = torch.tensor([[20, -1, 21, -1, 22], [20, 21, 22, -1, -1]])
+        _, s0 = model(tokens[:1, :20], positions[:1, :20])
+        mixed_tok[0] = torch.tensor([tokens[0, 20], 0, tokens[0, 21], 0, tokens[0, 22]])
+        mixed_tok[1] = torch.tensor([tokens[0, 20], tokens[0, 21], tokens[0, 22], 0, 0])
+        out, _ = model(mixed_tok, mixed_pos, s0.expand(2))
+        assert (out[0, [0, 2, 4]] - out[1, [0, 1, 2]]).abs().max().item() <= ATOL
+
+
+def test_batch_rows_are_independent():
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 30))
+    other = tokens.clone()
+    other[0] = torch.randint(0, cfg.vocab_size, (30,))
+    with torch.no_grad():
+        a, _ = model(tokens, arange_positions(2, 30))
+        b, _ = model(other, arange_positions(2, 30))
+    assert torch.equal(a[1], b[1])
+
+
+def test_logits_modes():
+    cfg = tiny_config()
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 12))
+    positions = arange_positions(2, 12)
+    positions[1, :4] = -1
+    with torch.no_grad():
+        full, _ = model(tokens, positions)
+        last, _ = model(tokens, positions, logits="last")
+        none, state = model(tokens, positions, logits="none")
+    assert none is None and state.num_tokens.tolist() == [12, 8]
+    assert last.shape == (2, cfg.vocab_size)
+    assert torch.allclose(last, full[:, -1], atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_runs_and_keeps_fp32_recurrence(dtype):
+    cfg = tiny_config()
+    model = random_model(cfg).to(dtype)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 20))
+    with torch.no_grad():
+        ref, _ = random_model(cfg)(tokens, arange_positions(1, 20))
+        out, state = model(tokens, arange_positions(1, 20))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert state.layers[0].h.dtype == torch.float32
+    assert state.layers[2].k.dtype == dtype
+    assert (out.float() - ref).abs().max().item() < 0.5
+
+
+def test_bad_inputs_give_clear_errors():
+    cfg = tiny_config()
+    model = random_model(cfg)
+    ok = torch.zeros(1, 3, dtype=torch.long)
+    with pytest.raises(InputError, match="token ids must be in"):
+        model(torch.tensor([[0, cfg.vocab_size]]), torch.tensor([[0, 1]]))
+    with pytest.raises(InputError, match=r"\[B, T\]"):
+        model(ok, torch.zeros(1, 4, dtype=torch.long))
+    with pytest.raises(InputError, match="state has 2 rows"):
+        model(ok, arange_positions(1, 3), model.init_state(2))
+    with pytest.raises(InputError, match="logits must be"):
+        model(ok, arange_positions(1, 3), logits="first")
+    with pytest.raises(InputError, match="padding"):
+        model(ok, torch.tensor([[0, 1, -5]]))
+
+
+def test_2b_preset_parameter_count_on_meta():
+    """The published parameter counts (embeddings tied)."""
+    with torch.device("meta"):
+        two = Griffin(GriffinConfig.from_preset("recurrentgemma-2b"))
+        nine = Griffin(GriffinConfig.from_preset("recurrentgemma-9b"))
+    assert two.num_parameters() == 2_682_862_080
+    assert nine.num_parameters() == 8_579_977_216
