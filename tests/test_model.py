@@ -297,3 +297,25 @@ def test_2b_preset_parameter_count_on_meta():
         nine = Griffin(GriffinConfig.from_preset("recurrentgemma-9b"))
     assert two.num_parameters() == 2_682_862_080
     assert nine.num_parameters() == 8_579_977_216
+
+
+def test_bf16_held_weights_with_fp32_compute():
+    """Weights held in bfloat16, multiplied in float32: the float32 model's numbers
+    on the bf16-rounded weights, chunking still exact."""
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    rounded = random_model(cfg)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    held = random_model(cfg).to(torch.bfloat16).set_compute_dtype(torch.float32)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 30))
+    positions = arange_positions(2, 30)
+    with torch.no_grad():
+        ref, _ = rounded(tokens, positions)
+        out, state = held(tokens, positions)
+        chunked, _ = _feed_in_chunks(held, tokens, positions, [11, 1, 18])
+    assert out.dtype == torch.float32 and state.layers[0].conv.dtype == torch.float32
+    assert all(p.dtype == torch.bfloat16 for p in held.parameters())
+    assert (out - ref).abs().max().item() <= ATOL
+    assert (chunked - out).abs().max().item() <= ATOL

@@ -67,6 +67,19 @@ class Chunk:
                    n_pad=n_pad, has_pad=bool(n_pad.any()), num_tokens_before=num_tokens)
 
 
+class Linear(nn.Linear):
+    """nn.Linear that multiplies in the input's dtype: weights may be held in
+    bfloat16 (half the memory) while activations are float32 (fast on CPUs
+    without native bf16). With equal dtypes it is exactly nn.Linear."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.weight, self.bias
+        if w.dtype != x.dtype:
+            w = w.to(x.dtype)
+            b = None if b is None else b.to(x.dtype)
+        return F.linear(x, w, b)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm(x) = x * rsqrt(mean(x^2) + eps) * (1 + w)."""
 
@@ -77,7 +90,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var = torch.mean(torch.square(x), dim=-1, keepdim=True)
-        return x * torch.rsqrt(var + self.eps) * (self.weight + 1)
+        return x * torch.rsqrt(var + self.eps) * (self.weight.to(x.dtype) + 1)
 
 
 class MLPBlock(nn.Module):
@@ -85,9 +98,9 @@ class MLPBlock(nn.Module):
 
     def __init__(self, width: int, mlp_width: int, **factory):
         super().__init__()
-        self.gate_proj = nn.Linear(width, mlp_width, **factory)
-        self.up_proj = nn.Linear(width, mlp_width, **factory)
-        self.down_proj = nn.Linear(mlp_width, width, **factory)
+        self.gate_proj = Linear(width, mlp_width, **factory)
+        self.up_proj = Linear(width, mlp_width, **factory)
+        self.down_proj = Linear(mlp_width, width, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x))
@@ -150,7 +163,7 @@ class Conv1D(nn.Module):
         """u: [B, T, L]; tail: [B, K-1, L] -> (out [B, T, L], new tail [B, K-1, L])."""
         K, T = self.temporal_width, u.shape[1]
         ext = _align_with_tail(u, tail, chunk)                       # [B, K-1+T, L]
-        w = self.weight[:, 0, :].T                                   # [K, L]
+        w = self.weight[:, 0, :].T.to(u.dtype)                       # [K, L]
         # resets_before[t] - resets_before[t-s] > 0 <=> a document starts in (t-s, t]
         resets = torch.cumsum(chunk.reset.to(torch.int32), dim=1)
         resets = F.pad(resets, (K - 1, 0))                           # [B, K-1+T]
@@ -159,7 +172,7 @@ class Conv1D(nn.Module):
             x_s = ext[:, K - 1 - s: K - 1 - s + T]
             keep = (resets[:, K - 1:] == resets[:, K - 1 - s: K - 1 - s + T])
             out = out + x_s * w[K - 1 - s] * keep[..., None].to(u.dtype)
-        out = out + self.bias
+        out = out + self.bias.to(u.dtype)
         return out, ext[:, T:]
 
 
@@ -191,7 +204,7 @@ class RGLRU(nn.Module):
         """[B, T, H*bw] -> [B, T, H*bw]: y_h = x_h @ w_h + b_h per head h."""
         B, T, _ = x.shape
         xh = x.reshape(B * T, self.num_heads, -1).transpose(0, 1)    # [H, B*T, bw]
-        y = torch.baddbmm(b[:, None, :], xh, w)                       # [H, B*T, bw]
+        y = torch.baddbmm(b[:, None, :].to(x.dtype), xh, w.to(x.dtype))                       # [H, B*T, bw]
         return y.transpose(0, 1).reshape(B, T, -1)
 
     def forward(self, x: torch.Tensor, h: torch.Tensor, chunk: Chunk
@@ -200,7 +213,7 @@ class RGLRU(nn.Module):
         gate_x = torch.sigmoid(self._block_diag(x, self.input_gate_weight, self.input_gate_bias))
         gate_a = torch.sigmoid(self._block_diag(x, self.recurrent_gate_weight,
                                                 self.recurrent_gate_bias))
-        log_a = -8.0 * gate_a * F.softplus(self.recurrent_param)
+        log_a = -8.0 * gate_a * F.softplus(self.recurrent_param.to(x.dtype))
         a = torch.exp(log_a)
         mult = SqrtBoundedGrad.apply(1 - torch.exp(2 * log_a))
         reset = chunk.reset[..., None]
@@ -220,9 +233,9 @@ class RecurrentBlock(nn.Module):
 
     def __init__(self, width: int, lru_width: int, num_heads: int, conv1d_width: int, **factory):
         super().__init__()
-        self.linear_y = nn.Linear(width, lru_width, **factory)
-        self.linear_x = nn.Linear(width, lru_width, **factory)
-        self.linear_out = nn.Linear(lru_width, width, **factory)
+        self.linear_y = Linear(width, lru_width, **factory)
+        self.linear_x = Linear(width, lru_width, **factory)
+        self.linear_out = Linear(lru_width, width, **factory)
         self.conv_1d = Conv1D(lru_width, conv1d_width, **factory)
         self.rg_lru = RGLRU(lru_width, num_heads, **factory)
 
@@ -283,10 +296,10 @@ class LocalAttentionBlock(nn.Module):
         self.window = window
         self.rope_base = rope_base
         self.query_block = query_block
-        self.q_proj = nn.Linear(width, width, bias=False, **factory)
-        self.k_proj = nn.Linear(width, self.head_dim, bias=False, **factory)
-        self.v_proj = nn.Linear(width, self.head_dim, bias=False, **factory)
-        self.o_proj = nn.Linear(width, width, bias=True, **factory)
+        self.q_proj = Linear(width, width, bias=False, **factory)
+        self.k_proj = Linear(width, self.head_dim, bias=False, **factory)
+        self.v_proj = Linear(width, self.head_dim, bias=False, **factory)
+        self.o_proj = Linear(width, width, bias=True, **factory)
 
     def forward(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk,
                 ring_index: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ from .layers import Chunk, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNor
 from .state import AttentionLayerState, State
 
 LogitsMode = Literal["all", "last", "none"]
+_VOCAB_BLOCK = 16384
 
 
 class InputError(ValueError):
@@ -73,11 +74,23 @@ class Griffin(nn.Module):
                                     for kind in config.block_types)
         self.final_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
         self.gradient_checkpointing = False
+        # dtype of the activations; None = the weights' dtype (the official numerics).
+        # float32 with bfloat16 weights: half the memory, fp32 speed on CPUs without bf16.
+        self.compute_dtype: torch.dtype | None = None
 
     # ---------------------------------------------------------------- facts
     @property
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
+
+    @property
+    def activation_dtype(self) -> torch.dtype:
+        return self.compute_dtype or self.dtype
+
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> "Griffin":
+        """Multiply in ``dtype`` whatever dtype the weights are held in (None = theirs)."""
+        self.compute_dtype = dtype
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -88,8 +101,8 @@ class Griffin(nn.Module):
 
     def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None,
                    device: torch.device | str | None = None) -> State:
-        """An empty state for ``batch_size`` rows (K/V and conv in the weights' dtype)."""
-        return State.empty(self.config, batch_size, dtype=dtype or self.dtype,
+        """An empty state for ``batch_size`` rows (K/V and conv in the activation dtype)."""
+        return State.empty(self.config, batch_size, dtype=dtype or self.activation_dtype,
                            device=device or self.device)
 
     # -------------------------------------------------------------- forward
@@ -145,7 +158,7 @@ class Griffin(nn.Module):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to bfloat16."""
-        x = self.embed_tokens(tokens)
+        x = self.embed_tokens(tokens).to(self.activation_dtype)
         if self.config.embeddings_scale_by_sqrt_dim:
             scale = torch.tensor(math.sqrt(self.config.width), dtype=torch.bfloat16)
             x = x * scale.to(x.dtype)
@@ -153,7 +166,13 @@ class Griffin(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V]: final norm, tied embeddings, soft-cap."""
-        z = self.final_norm(x) @ self.embed_tokens.weight.T
+        x = self.final_norm(x)
+        table = self.embed_tokens.weight
+        if table.dtype == x.dtype:
+            z = x @ table.T
+        else:  # convert the (large) table block by block, never all at once
+            z = torch.cat([x @ table[i:i + _VOCAB_BLOCK].to(x.dtype).T
+                           for i in range(0, table.shape[0], _VOCAB_BLOCK)], dim=-1)
         c = self.config.logits_soft_cap
         return torch.tanh(z / c) * c if c else z
 
