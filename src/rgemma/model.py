@@ -81,7 +81,8 @@ class Griffin(nn.Module):
     # ---------------------------------------------------------------- facts
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed_tokens.weight.dtype
+        """The dtype the (float) weights are held in."""
+        return self.final_norm.weight.dtype
 
     @property
     def activation_dtype(self) -> torch.dtype:
@@ -94,7 +95,7 @@ class Griffin(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.embed_tokens.weight.device
+        return self.final_norm.weight.device
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -167,10 +168,12 @@ class Griffin(nn.Module):
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V]: final norm, tied embeddings, soft-cap."""
         x = self.final_norm(x)
-        table = self.embed_tokens.weight
-        if table.dtype == x.dtype:
-            z = x @ table.T
+        if hasattr(self.embed_tokens, "attend"):     # quantized table
+            z = self.embed_tokens.attend(x)
+        elif self.embed_tokens.weight.dtype == x.dtype:
+            z = x @ self.embed_tokens.weight.T
         else:  # convert the (large) table block by block, never all at once
+            table = self.embed_tokens.weight
             z = torch.cat([x @ table[i:i + _VOCAB_BLOCK].to(x.dtype).T
                            for i in range(0, table.shape[0], _VOCAB_BLOCK)], dim=-1)
         c = self.config.logits_soft_cap

@@ -1,0 +1,268 @@
+"""Weight-only int8 / int4 quantization of the linear layers and the embedding.
+
+What is quantized: every ``Linear`` of the residual blocks (attention q/k/v/o,
+recurrent linear_x/y/out, MLP gate/up/down) and the tied embedding / logits
+table. What is not: the RG-LRU parameters (gates, a), the convolution, the
+norms, and the state — they stay in full precision.
+
+int8, per output channel, symmetric:
+    scale_n = max_k |W[n, k]| / 127,   q = round(W / scale),   W ~ q * scale
+int4, per group of G input columns, asymmetric:
+    scale = (max - min) / 15,   q = round((W - min) / scale) in [0, 15],
+    W ~ q * scale + min
+
+Matmuls: a decode step (few rows) uses PyTorch's packed weight-only kernels
+where the CPU build has them (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``),
+reading 1 or 0.5 bytes per weight; many rows (prefill) dequantize the layer to
+the activation dtype once and run a dense matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import Linear
+
+_DECODE_ROWS = 16          # at most this many rows: use the packed kernels
+_VOCAB_BLOCK = 16384
+
+
+class QuantizationError(ValueError):
+    """A quantization request that cannot be honoured (bits, group size...)."""
+
+
+# --------------------------------------------------------------------------
+# The math: quantize / dequantize (reference, used by tests and prefill)
+# --------------------------------------------------------------------------
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (q int8 [N, K], scale float32 [N])."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return q.to(dtype) * scale.to(dtype)[:, None]
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """W [N, K] -> (q uint8 [N, K] in 0..15, scale [N, K/G], minimum [N, K/G]) float32."""
+    N, K = w.shape
+    if K % group_size:
+        raise QuantizationError(f"int4: input width {K} is not divisible by group size {group_size}")
+    g = w.float().reshape(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    scale = ((hi - lo) / 15.0).clamp(min=1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp(0, 15).to(torch.uint8)
+    return q.reshape(N, K), scale, lo
+
+
+def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
+                    dtype=torch.float32) -> torch.Tensor:
+    N, K = q.shape
+    G = K // scale.shape[1]
+    w = q.reshape(N, -1, G).to(dtype) * scale.to(dtype)[..., None] + lo.to(dtype)[..., None]
+    return w.reshape(N, K)
+
+
+def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
+    """uint8 [N, K] of values 0..15 -> uint8 [N, K/2] (even column in the low nibble)."""
+    return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
+
+
+def unpack_nibbles(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of pack_nibbles: uint8 [N, K/2] -> uint8 [N, K]."""
+    return torch.stack([p & 0xF, p >> 4], dim=-1).reshape(p.shape[0], -1)
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+# --------------------------------------------------------------------------
+# Modules
+# --------------------------------------------------------------------------
+
+class Int8Linear(nn.Module):
+    """y = x @ (q * scale).T + b with q int8 [N, K], scale [N]."""
+
+    bits = 8
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8,
+                                                    device=device))
+        self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
+        q, scale = quantize_int8(lin.weight.detach())
+        m.qweight.copy_(q)
+        m.scale.copy_(scale)
+        if lin.bias is not None:
+            m.bias = lin.bias.detach().float().clone()
+        return m
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= _DECODE_ROWS and x.device.type == "cpu" and _has_op("_weight_int8pack_mm"):
+            flat = x.reshape(rows, -1)
+            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight,
+                                                   self.scale.to(torch.bfloat16))
+            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, dequantize_int8(self.qweight, self.scale, x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+
+class Int4Linear(nn.Module):
+    """y = x @ W.T + b with W stored as int4 groups (q * scale + min)."""
+
+    bits = 4
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
+                 device=None):
+        super().__init__()
+        if in_features % group_size:
+            raise QuantizationError(f"int4: in_features {in_features} not divisible by "
+                                    f"group size {group_size}")
+        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
+        n_groups = in_features // group_size
+        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2,
+                                                    dtype=torch.uint8, device=device))
+        self.register_buffer("scale", torch.zeros(out_features, n_groups, device=device))
+        self.register_buffer("minimum", torch.zeros(out_features, n_groups, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, group_size: int) -> "Int4Linear":
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size,
+                device=lin.weight.device)
+        q, scale, lo = quantize_int4(lin.weight.detach(), group_size)
+        m.qweight.copy_(pack_nibbles(q))
+        m.scale.copy_(scale)
+        m.minimum.copy_(lo)
+        if lin.bias is not None:
+            m.bias = lin.bias.detach().float().clone()
+        return m
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize_int4(unpack_nibbles(self.qweight), self.scale, self.minimum, dtype)
+
+    def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weights in the layout of PyTorch's CPU int4 kernel (built once, lazily).
+
+        That kernel computes W = (q - 8) * scale + zero, so zero = min + 8 * scale.
+        """
+        if self._packed is None:
+            q = unpack_nibbles(self.qweight).to(torch.int32)
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            zero = self.minimum + 8 * self.scale
+            scales_zeros = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
+            self._packed = (packed, scales_zeros.to(torch.bfloat16))
+        return self._packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if (rows <= _DECODE_ROWS and x.device.type == "cpu" and self.out_features % 16 == 0
+                and _has_op("_weight_int4pack_mm_for_cpu")):
+            packed, scales_zeros = self._kernel_weights()
+            flat = x.reshape(rows, -1).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size,
+                                                           scales_zeros)
+            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        else:
+            y = F.linear(x, self.dequantized(x.dtype))
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):  # moving the module drops the kernel cache
+        self._packed = None
+        return super()._apply(fn, recurse)
+
+
+class QuantEmbedding(nn.Module):
+    """The tied embedding table, quantized: row lookups dequantize only the rows
+    they read; ``attend`` (the logits matmul) goes through the quantized linear."""
+
+    def __init__(self, table: Int8Linear | Int4Linear):
+        super().__init__()
+        self.table = table        # [V, D] as a linear layer: logits = x @ table.T
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        t = self.table
+        flat = tokens.reshape(-1)
+        if isinstance(t, Int8Linear):
+            rows = dequantize_int8(t.qweight[flat], t.scale[flat])
+        else:
+            rows = dequantize_int4(unpack_nibbles(t.qweight[flat]), t.scale[flat], t.minimum[flat])
+        return rows.reshape(*tokens.shape, -1)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., V]."""
+        if x.numel() // x.shape[-1] <= _DECODE_ROWS:
+            return self.table(x)
+        t, V = self.table, self.table.out_features
+        parts = []
+        for i in range(0, V, _VOCAB_BLOCK):     # dequantize the table block by block
+            if isinstance(t, Int8Linear):
+                w = dequantize_int8(t.qweight[i:i + _VOCAB_BLOCK], t.scale[i:i + _VOCAB_BLOCK],
+                                    x.dtype)
+            else:
+                w = dequantize_int4(unpack_nibbles(t.qweight[i:i + _VOCAB_BLOCK]),
+                                    t.scale[i:i + _VOCAB_BLOCK], t.minimum[i:i + _VOCAB_BLOCK],
+                                    x.dtype)
+            parts.append(x @ w.T)
+        return torch.cat(parts, dim=-1)
+
+
+# --------------------------------------------------------------------------
+# Whole models
+# --------------------------------------------------------------------------
+
+def _quantized(lin: nn.Linear, bits: int, group_size: int) -> nn.Module:
+    if bits == 8:
+        return Int8Linear.from_linear(lin)
+    return Int4Linear.from_linear(lin, group_size)
+
+
+def quantize_model(model, bits: int = 8, group_size: int = 128, *,
+                   embedding: bool = True):
+    """Replaces the model's linear layers (and embedding) with quantized ones, in place.
+
+    The model then computes in float32 (``compute_dtype``) whatever it held before.
+    """
+    if bits not in (8, 4):
+        raise QuantizationError(f"bits must be 8 or 4, got {bits}")
+    if bits == 4 and model.config.width % group_size:
+        raise QuantizationError(f"int4 group size {group_size} must divide the width "
+                                f"{model.config.width}")
+    with torch.no_grad():
+        for block in model.layers:
+            for name, module in list(block.named_modules()):
+                if isinstance(module, Linear):
+                    parent_name, _, attr = name.rpartition(".")
+                    parent = block.get_submodule(parent_name) if parent_name else block
+                    setattr(parent, attr, _quantized(module, bits, group_size))
+        if embedding:
+            emb = model.embed_tokens
+            lin = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
+            lin.weight = emb.weight
+            model.embed_tokens = QuantEmbedding(_quantized(lin, bits, group_size))
+    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None,
+                          "embedding": embedding}
+    model.set_compute_dtype(torch.float32)
+    return model
+
+
+def quantized_bytes(model) -> int:
+    """Bytes of all parameters and buffers (what the weights occupy in memory)."""
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    return sum(t.numel() * t.element_size() for t in tensors)
