@@ -319,3 +319,18 @@ def test_bf16_held_weights_with_fp32_compute():
     assert all(p.dtype == torch.bfloat16 for p in held.parameters())
     assert (out - ref).abs().max().item() <= ATOL
     assert (chunked - out).abs().max().item() <= ATOL
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 70))
+    positions = arange_positions(2, 70)
+    with torch.no_grad():
+        ref, _ = model(tokens, positions)
+        gpu = model.cuda()
+        out, state = gpu(tokens.cuda(), positions.cuda())
+        step, _ = gpu(tokens[:, :1].cuda(), torch.full((2, 1), 70).cuda(), state)
+    assert (out.cpu() - ref).abs().max().item() <= ATOL
+    assert torch.isfinite(step).all()

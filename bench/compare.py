@@ -1,0 +1,160 @@
+"""Decode and prefill speed: rgemma vs transformers vs the official recurrentgemma.torch,
+on identical random weights, runs interleaved round by round.
+
+    python bench/compare.py --shape 2b --dtype bfloat16            # true 2B shape
+    python bench/compare.py --shape demo --peers transformers official
+    python bench/compare.py --smoke                                  # seconds, for CI
+
+Systems: ``rgemma`` (weights held in --dtype, multiplied in float32),
+``rgemma-int8`` / ``rgemma-int4`` (weight-only quantized), ``transformers``
+(RecurrentGemmaForCausalLM in --dtype, driven by its own ``generate``) and
+``official`` (recurrentgemma.torch.Griffin with its cache, in --official-dtype).
+Prints a table of medians with rgemma/peer ratios; writes JSON and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import (DTYPES, SHAPES, Result, bar_plot, official_from, random_rgemma, save,  # noqa: E402
+                    table, timed, transformers_from)
+
+from rgemma.model import Griffin  # noqa: E402
+from rgemma.quantize import quantize_model  # noqa: E402
+
+
+def quantized_copy(base: Griffin, bits: int) -> Griffin:
+    """A quantized model sharing the base model's unquantized tensors (no float copy)."""
+    with torch.device("meta"):
+        model = Griffin(base.config, dtype=base.dtype)
+    model.load_state_dict(base.state_dict(), assign=True)
+    return quantize_model(model, bits=bits, group_size=128 if base.config.width % 128 == 0 else 64)
+
+
+# ----------------------------------------------------------------- drivers
+# Each driver returns (prefill seconds, decode seconds) for a greedy run of
+# `new` tokens after a prompt of shape [B, T].
+
+def drive_rgemma(model: Griffin, prompt: torch.Tensor, new: int) -> tuple[float, float]:
+    B, T = prompt.shape
+    state = model.init_state(B)
+    out = {}
+
+    def prefill():
+        out["logits"], _ = model(prompt, torch.arange(T).expand(B, T), state, logits="last")
+
+    def decode():
+        logits = out["logits"]
+        pos = torch.full((B, 1), T)
+        for _ in range(new):
+            tok = logits.argmax(-1, keepdim=True)
+            logits, _ = model(tok, pos, state, logits="last")
+            pos += 1
+
+    with torch.inference_mode():
+        return timed(prefill), timed(decode)
+
+
+def drive_transformers(hf, prompt: torch.Tensor, new: int) -> tuple[float, float]:
+    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    with torch.inference_mode():
+        one = timed(lambda: hf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs))
+        full = timed(lambda: hf.generate(prompt, max_new_tokens=new + 1, min_new_tokens=new + 1,
+                                         **kwargs))
+    return one, max(full - one, 1e-9)
+
+
+def drive_official(om, prompt: torch.Tensor, new: int) -> tuple[float, float]:
+    B, T = prompt.shape
+    out = {}
+
+    def prefill():
+        out["logits"], out["cache"] = om(prompt, torch.arange(T).expand(B, T))
+
+    def decode():
+        logits, cache = out["logits"][:, -1], out["cache"]
+        for i in range(new):
+            tok = logits.argmax(-1, keepdim=True)
+            logits, cache = om(tok, torch.full((B, 1), T + i), cache)
+            logits = logits[:, -1]
+
+    with torch.inference_mode():
+        return timed(prefill), timed(decode)
+
+
+# ------------------------------------------------------------------- main
+
+def build_systems(args, cfg):
+    dtype = DTYPES[args.dtype]
+    base = random_rgemma(cfg, dtype)
+    base.set_compute_dtype(torch.float32)
+    systems = {"rgemma": (drive_rgemma, base)}
+    for bits in args.quantize:
+        systems[f"rgemma-int{bits}"] = (drive_rgemma, quantized_copy(base, bits))
+    if "transformers" in args.peers:
+        systems["transformers"] = (drive_transformers, transformers_from(base, dtype))
+    if "official" in args.peers:
+        systems["official"] = (drive_official, official_from(base, DTYPES[args.official_dtype]))
+    return systems
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(SHAPES), default="demo")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                   help="dtype the weights are held in (rgemma multiplies in float32)")
+    p.add_argument("--official-dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument("--peers", nargs="*", default=["transformers", "official"],
+                   choices=["transformers", "official"])
+    p.add_argument("--quantize", nargs="*", type=int, default=[8, 4], choices=[8, 4])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
+    p.add_argument("--contexts", nargs="+", type=int, default=[16, 4096],
+                   help="prompt lengths before the decode measurement")
+    p.add_argument("--prefill", nargs="+", type=int, default=[256, 1024, 4096],
+                   help="prompt lengths for the prefill measurement (batch 1)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", default="bench/results/compare")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, a few tokens (CI)")
+    args = p.parse_args()
+    if args.smoke:
+        args.shape, args.batches, args.contexts, args.prefill = "tiny", [1, 2], [8], [32]
+        args.new_tokens, args.rounds = 4, 1
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = SHAPES[args.shape]()
+    systems = build_systems(args, cfg)
+    print(f"shape {args.shape}, weights {args.dtype}, systems {list(systems)}", flush=True)
+
+    samples: dict[tuple[str, str, str], list[float]] = {}
+    for r in range(args.rounds):
+        for name, (drive, model) in systems.items():      # interleaved: drift hits all alike
+            for T in args.prefill:
+                prompt = torch.randint(3, cfg.vocab_size, (1, T))
+                pre, _ = drive(model, prompt, 1)
+                samples.setdefault((name, f"prefill T={T}", "tok/s"), []).append(T / pre)
+            for ctx in args.contexts:
+                for B in args.batches:
+                    prompt = torch.randint(3, cfg.vocab_size, (B, ctx))
+                    _, dec = drive(model, prompt, args.new_tokens)
+                    samples.setdefault((name, f"decode b={B} ctx={ctx}", "tok/s"), []).append(
+                        B * args.new_tokens / dec)
+            print(f"round {r + 1}/{args.rounds}: {name} done", flush=True)
+
+    results = [Result(s, m, u, v) for (s, m, u), v in samples.items()]
+    print(table(results))
+    meta = {"shape": args.shape, "dtype": args.dtype, "official_dtype": args.official_dtype,
+            "new_tokens": args.new_tokens, "rounds": args.rounds}
+    save(results, args.out + ".json", meta)
+    bar_plot(results, args.out + ".png", f"{args.shape} shape, weights {args.dtype} (tok/s)")
+    print(f"wrote {args.out}.json and {args.out}.png")
+
+
+if __name__ == "__main__":
+    main()
