@@ -56,6 +56,8 @@ def test_validation_errors(tmp_path):
         GriffinConfig.from_preset("gemma-2b")
     with pytest.raises(ConfigError, match="model_type 'gemma'"):
         GriffinConfig.from_hf_dict({"model_type": "gemma"})
+    with pytest.raises(ConfigError, match="num_key_value_heads is 8"):
+        GriffinConfig.from_hf_dict({**GriffinConfig().to_hf_dict(), "num_key_value_heads": 8})
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

@@ -158,6 +158,11 @@ class GriffinConfig:
             intermediate = int(d["intermediate_size"])
         except KeyError as e:
             raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+        kv_heads = d.get("num_key_value_heads")
+        if kv_heads is not None and int(kv_heads) != 1:
+            raise ConfigError(
+                f"config.json: num_key_value_heads is {kv_heads}; RecurrentGemma's local "
+                "attention is multi-query (one K/V head): set it to 1")
         pattern = d.get("block_types", d.get("_block_types", [RECURRENT, RECURRENT, ATTENTION]))
         pattern = list(pattern)
         if not pattern:

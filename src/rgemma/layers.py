@@ -66,6 +66,19 @@ class Chunk:
                    stream_index=torch.where(is_real, stream, minus_one), doc_start=doc,
                    n_pad=n_pad, has_pad=bool(n_pad.any()), num_tokens_before=num_tokens)
 
+    @classmethod
+    def for_step(cls, positions: torch.Tensor, num_tokens: torch.Tensor,
+                 doc_start: torch.Tensor) -> "Chunk":
+        """The same facts for a decode step (T = 1) in a handful of ops. Rows fed
+        padding are handled by the step functions (``has_pad`` is False)."""
+        is_real = positions >= 0
+        reset = positions == 0
+        stream = num_tokens[:, None]
+        doc = torch.where(reset, stream, doc_start[:, None])
+        return cls(positions=positions, is_real=is_real, reset=reset, stream_index=stream,
+                   doc_start=doc, n_pad=(~is_real[:, 0]).long(), has_pad=False,
+                   num_tokens_before=num_tokens)
+
 
 class Linear(nn.Linear):
     """nn.Linear that multiplies in the input's dtype: weights may be held in
@@ -176,6 +189,18 @@ class Conv1D(nn.Module):
         return out, ext[:, T:]
 
 
+    def step(self, u: torch.Tensor, tail: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """One token: u [B, 1, L] -> out [B, 1, L]; updates ``tail`` in place.
+
+        A document start hides the tail; a padding row keeps its tail.
+        """
+        history = torch.where(chunk.reset[..., None], torch.zeros_like(tail), tail.to(u.dtype))
+        ext = torch.cat([history, u], dim=1)                                  # [B, K, L]
+        out = (ext * self.weight[:, 0, :].T.to(u.dtype)).sum(dim=1, keepdim=True)
+        tail.copy_(torch.where(chunk.is_real[..., None], ext[:, 1:], tail))
+        return out + self.bias.to(u.dtype)
+
+
 class RGLRU(nn.Module):
     """Real-Gated Linear Recurrent Unit. [B, T, L] -> [B, T, L].
 
@@ -207,9 +232,8 @@ class RGLRU(nn.Module):
         y = torch.baddbmm(b[:, None, :].to(x.dtype), xh, w.to(x.dtype))                       # [H, B*T, bw]
         return y.transpose(0, 1).reshape(B, T, -1)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, chunk: Chunk
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: [B, T, L]; h: [B, L] float32 -> (y [B, T, L], new h [B, L])."""
+    def coefficients(self, x: torch.Tensor, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, T, L] -> (a, b) float32 [B, T, L] with h_t = a_t h_{t-1} + b_t (no padding)."""
         gate_x = torch.sigmoid(self._block_diag(x, self.input_gate_weight, self.input_gate_bias))
         gate_a = torch.sigmoid(self._block_diag(x, self.recurrent_gate_weight,
                                                 self.recurrent_gate_bias))
@@ -220,12 +244,25 @@ class RGLRU(nn.Module):
         mult = torch.where(reset, torch.ones_like(mult), mult)
         x_in = (x * gate_x * mult).float()
         a = torch.where(reset, torch.zeros_like(a), a).float()
+        return a, x_in
+
+    def forward(self, x: torch.Tensor, h: torch.Tensor, chunk: Chunk
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [B, T, L]; h: [B, L] float32 -> (y [B, T, L], new h [B, L])."""
+        a, x_in = self.coefficients(x, chunk)
         if chunk.has_pad:
             real = chunk.is_real[..., None]
             a = torch.where(real, a, torch.ones_like(a))
             x_in = torch.where(real, x_in, torch.zeros_like(x_in))
         y, h_last = linear_scan(a, x_in, h)
         return y.to(x.dtype), h_last
+
+    def step(self, x: torch.Tensor, h: torch.Tensor, chunk: Chunk) -> torch.Tensor:
+        """One token: x [B, 1, L] -> y [B, 1, L]; updates h [B, L] in place (not for pads)."""
+        a, x_in = self.coefficients(x, chunk)
+        h_new = torch.addcmul(x_in[:, 0], a[:, 0], h)
+        h.copy_(torch.where(chunk.is_real, h_new, h))
+        return h_new[:, None].to(x.dtype)
 
 
 class RecurrentBlock(nn.Module):
@@ -247,6 +284,13 @@ class RecurrentBlock(nn.Module):
         u, h = self.rg_lru(u, state.h, chunk)
         _store_conv_tail(state, tail, chunk)
         state.h.copy_(h)
+        return self.linear_out(u * y)
+
+    def step(self, x: torch.Tensor, state: RecurrentLayerState, chunk: Chunk) -> torch.Tensor:
+        """One token: x [B, 1, D] -> [B, 1, D] (same math, no scan, state in place)."""
+        y = gelu(self.linear_y(x))
+        u = self.conv_1d.step(self.linear_x(x), state.conv, chunk)
+        u = self.rg_lru.step(u, state.h, chunk)
         return self.linear_out(u * y)
 
 
@@ -328,6 +372,29 @@ class LocalAttentionBlock(nn.Module):
                                        chunk.doc_start[:, a:b])
         self._write_ring(state, k, v, chunk)
         return self.o_proj(out.reshape(B, T, -1))
+
+    def step(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk,
+             ring_index: torch.Tensor) -> torch.Tensor:
+        """One token: x [B, 1, D] -> [B, 1, D]. Attends to the ring (W keys) and to
+        itself without concatenating them, then writes its key/value into the ring."""
+        B = x.shape[0]
+        q = self.q_proj(x).view(B, 1, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(B, 1, 1, self.head_dim)
+        v = self.v_proj(x)                                                 # [B, 1, Dh]
+        q = apply_rope(q, chunk.positions, self.rope_base)[:, 0]           # [B, H, Dh]
+        k = apply_rope(k, chunk.positions, self.rope_base)[:, 0]           # [B, 1, Dh]
+        ring_k, ring_v = state.k.to(x.dtype), state.v.to(x.dtype)
+        scale = self.head_dim ** -0.5
+        ring_logits = torch.bmm(q, ring_k.transpose(1, 2)) * scale         # [B, H, W]
+        self_logit = torch.bmm(q, k.transpose(1, 2)) * scale               # [B, H, 1]
+        diff = chunk.stream_index - ring_index                             # [B, W]
+        visible = (diff <= self.window) & (ring_index >= chunk.doc_start) & (ring_index >= 0)
+        logits = torch.cat([ring_logits, self_logit], dim=-1).float()
+        logits[..., :-1].masked_fill_(~visible[:, None], _MASKED)
+        probs = torch.softmax(logits, dim=-1).to(x.dtype)
+        out = torch.baddbmm(probs[..., -1:] * v, probs[..., :-1], ring_v)  # [B, H, Dh]
+        self._write_ring(state, k, v, chunk)
+        return self.o_proj(out.reshape(B, 1, -1))
 
     def _attend(self, q, keys, values, key_index, q_index, q_doc) -> torch.Tensor:
         """q [B,Q,H,Dh], keys/values [B,S,Dh], key_index [B,S], q_index/q_doc [B,Q] -> [B,Q,H,Dh]."""

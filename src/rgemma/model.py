@@ -50,13 +50,17 @@ class ResidualBlock(nn.Module):
         self.mlp_block = MLPBlock(config.width, config.mlp_width, **factory)
 
     def forward(self, x: torch.Tensor, layer_state, chunk: Chunk,
-                ring_index: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, T, D] -> [B, T, D]; updates ``layer_state`` in place."""
+                ring_index: torch.Tensor | None, step: bool = False) -> torch.Tensor:
+        """x: [B, T, D] -> [B, T, D]; updates ``layer_state`` in place.
+
+        step: T == 1 decode, through the temporal block's ``step`` (same math).
+        """
         normed = self.temporal_pre_norm(x)
+        mix = self.temporal_block.step if step else self.temporal_block
         if self.kind == RECURRENT:
-            mixed = self.temporal_block(normed, layer_state, chunk)
+            mixed = mix(normed, layer_state, chunk)
         else:
-            mixed = self.temporal_block(normed, layer_state, chunk, ring_index)
+            mixed = mix(normed, layer_state, chunk, ring_index)
         residual = mixed + x
         return self.mlp_block(self.channel_pre_norm(residual)) + residual
 
@@ -131,11 +135,15 @@ class Griffin(nn.Module):
         elif len(state.layers) != self.config.num_layers:
             raise InputError("state comes from a model with a different number of layers")
 
-        order = _left_pad_order(positions)
+        step = tokens.shape[1] == 1 and not (self.training and torch.is_grad_enabled())
+        order = None if step else _left_pad_order(positions)
         if order is not None:
             tokens, positions = tokens.gather(1, order), positions.gather(1, order)
 
-        chunk = Chunk.build(positions, state.num_tokens, state.doc_start)
+        if step:
+            chunk = Chunk.for_step(positions, state.num_tokens, state.doc_start)
+        else:
+            chunk = Chunk.build(positions, state.num_tokens, state.doc_start)
         ring_index = (state.ring_positions(self.config.attention_window)
                       if self.config.attention_layers else None)
         x = self.embed(tokens)
@@ -144,7 +152,7 @@ class Griffin(nn.Module):
                 x = torch.utils.checkpoint.checkpoint(block, x, layer_state, chunk, ring_index,
                                                       use_reentrant=False)
             else:
-                x = block(x, layer_state, chunk, ring_index)
+                x = block(x, layer_state, chunk, ring_index, step)
         state.num_tokens.copy_(state.num_tokens + chunk.is_real.sum(dim=1))
         state.doc_start.copy_(chunk.doc_start[:, -1])
 

@@ -1,0 +1,82 @@
+"""``rgemma convert SRC DST``: between Hugging Face, official PyTorch and Orbax checkpoints.
+
+Tensors stream from SRC to DST one shard at a time; no model is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")  # as rgemma.checkpoint (not imported: heavy)
+DTYPES = ("float32", "bfloat16", "float16")
+
+DESCRIPTION = """\
+Convert a RecurrentGemma checkpoint.
+
+SRC may be a Hugging Face directory (config.json + safetensors), an official
+PyTorch state dict file (.pt/.pth/.ckpt) or an official Flax/Orbax checkpoint
+directory (needs: pip install 'rgemma[jax]'). DST is written atomically: a
+Hugging Face directory that transformers opens, or an official .pt file.
+"""
+
+EPILOG = """\
+examples:
+  rgemma convert recurrentgemma-2b.pt out/rg2b --dtype bfloat16
+  rgemma convert kaggle/2b-it/ out/rg2b-it --preset recurrentgemma-2b-it
+  rgemma convert out/rg2b back.pt
+"""
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    """Adds the ``convert`` verb to ``rgemma``'s subparsers."""
+    p = subparsers.add_parser(
+        "convert", help="convert a checkpoint between HF, official PyTorch and Orbax layouts",
+        description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", metavar="SRC", help="checkpoint to read (HF dir, .pt file, Orbax dir)")
+    p.add_argument("dst", metavar="DST",
+                   help="where to write; a name ending in "
+                        f"{'/'.join(OFFICIAL_SUFFIXES)} gives an official file, else a HF dir")
+    p.add_argument("--to", choices=("hf", "official"), default=None,
+                   help="output layout (default: from DST's name)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="dtype of the written tensors (default: keep the source's)")
+    p.add_argument("--shard-size", default="5GB", metavar="SIZE",
+                   help="largest safetensors shard of a HF output, e.g. 5GB, 500MB "
+                        "(default: %(default)s)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="for official / Orbax sources: the preset giving the attention window, "
+                        "logits soft-cap and embedding scaling, which are not in the weights "
+                        "(recurrentgemma-2b, recurrentgemma-9b, griffin-7b, hawk-7b; -it "
+                        "variants too); default: inferred (RecurrentGemma values)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    """Runs the conversion; returns 0, or 2 after a one-line error on stderr."""
+    from rgemma import checkpoint
+    try:
+        out = checkpoint.convert(
+            args.src, args.dst, to=args.to,
+            dtype=checkpoint.as_dtype(args.dtype), shard_size=args.shard_size,
+            preset=args.preset, overwrite=args.overwrite)
+    except (ValueError, OSError) as e:  # CheckpointError, WeightsError, ConfigError, I/O
+        message = " ".join(str(e).split())
+        print(f"rgemma convert: error: {message}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rgemma")
+    register(parser.add_subparsers(dest="verb", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
