@@ -334,3 +334,23 @@ def test_cuda_matches_cpu():
         step, _ = gpu(tokens[:, :1].cuda(), torch.full((2, 1), 70).cuda(), state)
     assert (out.cpu() - ref).abs().max().item() <= ATOL
     assert torch.isfinite(step).all()
+
+
+def test_decode_step_path_equals_chunk_path_with_pads_and_resets():
+    """T == 1 goes through the step functions; they equal the general chunk path."""
+    cfg = tiny_config(attention_window=8)
+    model = random_model(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 40))
+    positions = _positions_with_resets(2, 40, {1: [17]})
+    positions[0, 25:28] = -1                       # a row idling in a batched decode
+    with torch.no_grad():
+        _, s_step = model(tokens[:, :5], positions[:, :5])
+        s_chunk = s_step.clone()
+        for t in range(5, 40):
+            a, _ = model(tokens[:, t:t + 1], positions[:, t:t + 1], s_step)
+            # the chunk path on a 2-token call whose first token is padding
+            b, _ = model(torch.cat([tokens[:, t:t + 1], tokens[:, t:t + 1]], 1),
+                         torch.cat([torch.full((2, 1), -1), positions[:, t:t + 1]], 1), s_chunk)
+            assert (a[:, 0] - b[:, 1]).abs().max().item() <= ATOL
+    for name, t in s_step.tensors().items():
+        assert torch.allclose(t.float(), s_chunk.tensors()[name].float(), atol=ATOL), name

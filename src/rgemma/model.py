@@ -81,6 +81,7 @@ class Griffin(nn.Module):
         # dtype of the activations; None = the weights' dtype (the official numerics).
         # float32 with bfloat16 weights: half the memory, fp32 speed on CPUs without bf16.
         self.compute_dtype: torch.dtype | None = None
+        self._compiled_step = None
 
     # ---------------------------------------------------------------- facts
     @property
@@ -136,26 +137,14 @@ class Griffin(nn.Module):
             raise InputError("state comes from a model with a different number of layers")
 
         step = tokens.shape[1] == 1 and not (self.training and torch.is_grad_enabled())
-        order = None if step else _left_pad_order(positions)
+        if step:
+            return self._step(tokens, positions, state, logits), state
+        order = _left_pad_order(positions)
         if order is not None:
             tokens, positions = tokens.gather(1, order), positions.gather(1, order)
 
-        if step:
-            chunk = Chunk.for_step(positions, state.num_tokens, state.doc_start)
-        else:
-            chunk = Chunk.build(positions, state.num_tokens, state.doc_start)
-        ring_index = (state.ring_positions(self.config.attention_window)
-                      if self.config.attention_layers else None)
-        x = self.embed(tokens)
-        for block, layer_state in zip(self.layers, state.layers):
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, layer_state, chunk, ring_index,
-                                                      use_reentrant=False)
-            else:
-                x = block(x, layer_state, chunk, ring_index, step)
-        state.num_tokens.copy_(state.num_tokens + chunk.is_real.sum(dim=1))
-        state.doc_start.copy_(chunk.doc_start[:, -1])
-
+        chunk = Chunk.build(positions, state.num_tokens, state.doc_start)
+        x = self._blocks(self.embed(tokens), state, chunk, step=False)
         if logits == "none":
             return None, state
         if logits == "last":
@@ -164,6 +153,43 @@ class Griffin(nn.Module):
         if order is not None:
             out = torch.empty_like(out).scatter_(1, order[..., None].expand_as(out), out)
         return out, state
+
+    def _blocks(self, x: torch.Tensor, state: State, chunk: Chunk, step: bool) -> torch.Tensor:
+        """All residual blocks on x [B, T, D]; updates the state in place."""
+        ring_index = (state.ring_positions(self.config.attention_window)
+                      if self.config.attention_layers else None)
+        for block, layer_state in zip(self.layers, state.layers):
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, layer_state, chunk, ring_index,
+                                                      use_reentrant=False)
+            else:
+                x = block(x, layer_state, chunk, ring_index, step)
+        state.num_tokens.copy_(state.num_tokens + chunk.is_real.sum(dim=1))
+        state.doc_start.copy_(chunk.doc_start[:, -1])
+        return x
+
+    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: State,
+              logits: LogitsMode) -> torch.Tensor | None:
+        """One decode step (T == 1): no checks, no Python branching on values, so
+        ``torch.compile`` can capture it whole (see ``compile_step``)."""
+        fn = self._compiled_step or self._step_eager
+        return fn(tokens, positions, state, logits)
+
+    def _step_eager(self, tokens, positions, state, logits):
+        chunk = Chunk.for_step(positions, state.num_tokens, state.doc_start)
+        x = self._blocks(self.embed(tokens), state, chunk, step=True)
+        if logits == "none":
+            return None
+        z = self.logits(x)
+        return z[:, -1] if logits == "last" else z
+
+    def compile_step(self, enable: bool = True, **compile_kwargs) -> "Griffin":
+        """Compiles the decode step with ``torch.compile`` (CPU: C++ codegen, needs a
+        compiler; CUDA: add ``mode="reduce-overhead"`` for CUDA graphs). The first
+        steps are slow while it compiles."""
+        self._compiled_step = (torch.compile(self._step_eager, dynamic=False, **compile_kwargs)
+                               if enable else None)
+        return self
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """[B, T] -> [B, T, D], scaled by sqrt(D) rounded to bfloat16."""
