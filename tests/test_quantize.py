@@ -77,3 +77,24 @@ def test_quantized_model_close_to_float(bits, ratio):
     assert err < tol
     assert (torch.cat(steps, 1) - out).abs().max().item() < tol / 2
     assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_quantize_cli_round_trip(tmp_path):
+    """`rgemma quantize` writes a directory that loads back quantized with equal logits."""
+    from rgemma import checkpoint
+    from rgemma.cli import main
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2, vocab_size=128)
+    model = random_model(cfg)
+    checkpoint.save_hf(model, tmp_path / "src")
+    assert main(["quantize", str(tmp_path / "src"), str(tmp_path / "q8"), "--bits", "8"]) == 0
+    assert main(["quantize", str(tmp_path / "src"), str(tmp_path / "q8"), "--bits", "8"]) == 2
+    loaded, _ = checkpoint.load(tmp_path / "q8")
+    direct, _ = checkpoint.load(tmp_path / "src", quantize=8)
+    assert loaded.quantization["bits"] == 8
+    tokens = torch.randint(0, cfg.vocab_size, (1, 10))
+    with torch.no_grad():
+        a, _ = loaded(tokens, arange_positions(1, 10))
+        b, _ = direct(tokens, arange_positions(1, 10))
+    assert torch.equal(a, b)
+    assert main(["quantize", str(tmp_path / "missing"), str(tmp_path / "q4"), "--bits", "4"]) == 2
+    assert not (tmp_path / "q4").exists()

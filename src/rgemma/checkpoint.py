@@ -384,7 +384,7 @@ def read_orbax_params(directory: str | os.PathLike) -> dict[str, Any]:
 # ========================================================================= load
 def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
          device: torch.device | str = "cpu", preset: str | None = None,
-         progress: bool = True):
+         progress: bool = True, quantize: int | None = None):
     """A Griffin model (and its tokenizer, if the checkpoint has one) from ``path``.
 
     Args:
@@ -395,14 +395,31 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
       preset: for official checkpoints, the preset whose window / soft-cap /
         embedding scaling to use (also checks the shapes against it).
       progress: show a progress bar for checkpoints over 100 MB.
+      quantize: 8 or 4 to quantize the linear layers and embedding at load time
+        (see rgemma.quantize). Directories written by ``rgemma quantize`` load
+        quantized whatever this says.
     Returns:
       (model, tokenizer or None).
     Raises:
       CheckpointError naming the file and the problem.
     """
+    from rgemma import quantize as q
+    directory = Path(path)
+    if directory.is_dir() and _is_quantized_dir(directory):
+        return q.load_quantized(directory, device=device), load_tokenizer(directory)
     source = open_checkpoint(path, preset=preset)
     model = build_model(source, dtype=dtype, device=device, progress=progress)
+    if quantize:
+        q.quantize_model(model, bits=int(quantize))
     return model, load_tokenizer(source.directory)
+
+
+def _is_quantized_dir(directory: Path) -> bool:
+    try:
+        with open(directory / CONFIG_FILE, encoding="utf-8") as f:
+            return "rgemma_quantization" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def build_model(source: Source, *, dtype: torch.dtype | None = None,

@@ -16,6 +16,10 @@ VERBS = {
     "chat": "rgemma.chat",
     "convert": "rgemma.convert",
     "train": "rgemma.train",
+    "quantize": "rgemma.quantize",
+    "serve": "rgemma.server",
+    "eval": "rgemma.evaluate",
+    "perplexity": "rgemma.perplexity",
 }
 
 
