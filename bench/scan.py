@@ -29,7 +29,9 @@ def main() -> None:
     p.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096])
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"{'T':>6} {'loop ms':>9} {'chunked ms':>11} {'speed-up':>9} {'max |diff|':>11}")
     for T in args.lengths:

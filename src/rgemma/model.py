@@ -22,7 +22,7 @@ from torch import nn
 
 from .config import RECURRENT, GriffinConfig
 from .layers import Chunk, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNorm
-from .state import AttentionLayerState, State
+from .state import AttentionLayerState, State, clone_layer
 
 LogitsMode = Literal["all", "last", "none"]
 _VOCAB_BLOCK = 16384
@@ -159,9 +159,8 @@ class Griffin(nn.Module):
         ring_index = (state.ring_positions(self.config.attention_window)
                       if self.config.attention_layers else None)
         for block, layer_state in zip(self.layers, state.layers):
-            if self.gradient_checkpointing and self.training:
-                x = torch.utils.checkpoint.checkpoint(block, x, layer_state, chunk, ring_index,
-                                                      use_reentrant=False)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = _checkpointed(block, x, layer_state, chunk, ring_index)
             else:
                 x = block(x, layer_state, chunk, ring_index, step)
         state.num_tokens.copy_(state.num_tokens + chunk.is_real.sum(dim=1))
@@ -301,6 +300,23 @@ class Griffin(nn.Module):
         """Writes a Hugging Face checkpoint directory (``transformers`` opens it)."""
         from . import checkpoint
         checkpoint.save_hf(self, directory, **kwargs)
+
+
+def _checkpointed(block: ResidualBlock, x: torch.Tensor, layer_state, chunk: Chunk,
+                  ring_index) -> torch.Tensor:
+    """Activation checkpointing of one block. The block updates its state in place,
+    so backward's recomputation must start from a copy of the state as it was."""
+    before = clone_layer(layer_state)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        work = clone_layer(before)
+        y = block(x, work, chunk, ring_index)
+        with torch.no_grad():
+            for name, t in layer_state.tensors().items():
+                t.copy_(work.tensors()[name])
+        return y
+
+    return torch.utils.checkpoint.checkpoint(run, x, use_reentrant=False)
 
 
 def _left_pad_order(positions: torch.Tensor) -> torch.Tensor | None:

@@ -73,7 +73,8 @@ class _ChunkedScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, x, h0, chunk):
         y, h_last = _chunked_forward(a, x, h0, chunk)
-        ctx.save_for_backward(a, y, h0)
+        # h0 is usually the live state, which the caller overwrites in place next.
+        ctx.save_for_backward(a, y, h0.clone())
         ctx.chunk = chunk
         return y, h_last
 

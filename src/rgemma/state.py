@@ -47,6 +47,11 @@ class AttentionLayerState:
 LayerState = RecurrentLayerState | AttentionLayerState
 
 
+def clone_layer(layer: LayerState) -> LayerState:
+    """An independent copy of one layer's state."""
+    return type(layer)(**{name: t.clone() for name, t in layer.tensors().items()})
+
+
 @dataclasses.dataclass
 class State:
     """The fixed-size state of a Griffin model for a batch of sequences."""

@@ -1,0 +1,433 @@
+"""Training data: find documents, train a tokenizer, tokenize once, pack rows.
+
+The pipeline, nanoGPT style, in small functions:
+
+1. ``find_documents``: plain text files (``.py``, ``.txt``...) in files or
+   folders, and JSONL files whose lines hold ``{"text": ...}`` or a chat
+   ``{"messages": [...]}``. Each file (or JSONL line) is one document.
+2. ``split_documents``: a deterministic held-out split *by file*: a file is
+   held out iff a hash of its relative path falls below ``eval_fraction``,
+   so the split does not depend on the order or on the other files.
+3. ``train_tokenizer``: a SentencePiece BPE model with Gemma's special
+   pieces at Gemma's ids (pad 0, eos 1, bos 2, unk 3, placeholders 4..105,
+   ``<start_of_turn>`` 106, ``<end_of_turn>`` 107), byte fallback, and
+   whitespace kept as it is (code).
+4. ``tokenize`` -> ``TokenizedCorpus``: one flat token stream with document
+   offsets and a per-token loss mask, cached as ``.npz`` keyed by a hash of
+   the contents and of the tokenizer.
+5. ``PackedRows``: the stream cut into fixed rows of ``seq_len`` inputs.
+   Segment positions restart at 0 at each document start, so documents
+   packed in one row do not see each other (the model resets its
+   recurrence, conv and attention at position 0).
+6. ``BatchSampler``: which rows make global batch number ``k``: a seeded
+   permutation per epoch, so the data position is one integer (resumable).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+from typing import Iterable, Iterator, Sequence
+
+import numpy as np
+
+TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
+JSONL_EXTENSIONS = (".jsonl",)
+SKIP_DIRS = ("__pycache__", "site-packages", "dist-packages", ".git", "node_modules")
+
+# Gemma's ids 4..105 (placeholders here, never produced by encoding text).
+GEMMA_PLACEHOLDERS = ("<mask>", "<2mass>", "[@BOS@]") + tuple(f"<unused{i}>" for i in range(99))
+
+
+class DataError(ValueError):
+    """Training data that cannot be read or used."""
+
+
+# --------------------------------------------------------------------------
+# 1. Documents
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Document:
+    """One training document.
+
+    name: stable identifier (path relative to the folder given, plus
+      ``:LINE`` for JSONL lines); the held-out split hashes it.
+    text: plain text (None for chat documents).
+    messages: chat messages (role/content dicts) for chat documents.
+    """
+
+    name: str
+    text: str | None = None
+    messages: list[dict] | None = None
+    split_key: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.split_key:
+            self.split_key = self.name.split(":")[0]
+
+
+def find_files(paths: Sequence[str], extensions: Sequence[str] = TEXT_EXTENSIONS + JSONL_EXTENSIONS,
+               exclude: Sequence[str] = ()) -> list[tuple[str, str]]:
+    """(path, relative name) of every file with one of ``extensions``, sorted.
+
+    Folders are walked recursively; ``__pycache__``, ``site-packages`` and
+    hidden folders are skipped, as are folders whose name is in ``exclude``.
+    A file given explicitly is always taken.
+    """
+    out: list[tuple[str, str]] = []
+    for root in paths:
+        root = os.fspath(root)
+        if os.path.isfile(root):
+            out.append((root, os.path.basename(root)))
+            continue
+        if not os.path.isdir(root):
+            raise DataError(f"{root}: no such file or folder")
+        for folder, dirs, files in os.walk(root):
+            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and d not in exclude
+                             and not d.startswith("."))
+            for f in sorted(files):
+                if f.endswith(tuple(extensions)):
+                    path = os.path.join(folder, f)
+                    out.append((path, os.path.relpath(path, root).replace(os.sep, "/")))
+    return sorted(out, key=lambda pn: pn[1])
+
+
+def read_documents(files: Iterable[tuple[str, str]]) -> tuple[list[Document], int]:
+    """Documents of the files (one per text file, one per JSONL line).
+
+    Returns (documents, number of files skipped because they are not UTF-8).
+    """
+    docs: list[Document] = []
+    skipped = 0
+    for path, name in files:
+        try:
+            with open(path, encoding="utf-8") as f:
+                content = f.read()
+        except UnicodeDecodeError:
+            skipped += 1
+            continue
+        if path.endswith(JSONL_EXTENSIONS):
+            docs.extend(_jsonl_documents(content, name))
+        elif content.strip():
+            docs.append(Document(name=name, text=content))
+    return docs, skipped
+
+
+def _jsonl_documents(content: str, name: str) -> Iterator[Document]:
+    for lineno, line in enumerate(content.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{name}:{lineno}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{where}: not valid JSON ({e})") from None
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            yield Document(name=where, text=record["text"], split_key=where)
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            yield Document(name=where, messages=record["messages"], split_key=where)
+        else:
+            raise DataError(f"{where}: expected an object with a 'text' string or a "
+                            "'messages' list")
+
+
+def find_documents(paths: Sequence[str], exclude: Sequence[str] = (),
+                   extensions: Sequence[str] = TEXT_EXTENSIONS + JSONL_EXTENSIONS
+                   ) -> tuple[list[Document], int]:
+    """``read_documents(find_files(paths))``: (documents, files skipped)."""
+    return read_documents(find_files(paths, extensions=extensions, exclude=exclude))
+
+
+# --------------------------------------------------------------------------
+# 2. Held-out split
+# --------------------------------------------------------------------------
+
+def is_held_out(key: str, eval_fraction: float) -> bool:
+    """True for the fraction ``eval_fraction`` of keys, decided by their SHA-256."""
+    h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
+    return h / 2.0 ** 64 < eval_fraction
+
+
+def split_documents(docs: Sequence[Document], eval_fraction: float
+                    ) -> tuple[list[Document], list[Document]]:
+    """(train, held out): by file for text files, by line for JSONL."""
+    train = [d for d in docs if not is_held_out(d.split_key, eval_fraction)]
+    held = [d for d in docs if is_held_out(d.split_key, eval_fraction)]
+    return train, held
+
+
+# --------------------------------------------------------------------------
+# 3. Tokenizer
+# --------------------------------------------------------------------------
+
+def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 8000,
+                    max_sentences: int = 2_000_000) -> str:
+    """Trains a SentencePiece BPE tokenizer with Gemma's special ids; writes ``path``.
+
+    Special pieces: pad 0, eos 1, bos 2, unk 3, ``GEMMA_PLACEHOLDERS`` at
+    4..105 (control pieces), ``<start_of_turn>`` 106, ``<end_of_turn>`` 107
+    and a newline piece; then the 256 byte pieces (byte fallback), then the
+    learned pieces. Whitespace is kept verbatim (no normalisation, no dummy
+    prefix, whitespace-only pieces allowed: indentation becomes few tokens).
+    Training is single-threaded, so the model is reproducible.
+    """
+    import sentencepiece as spm
+
+    n_special = 4 + len(GEMMA_PLACEHOLDERS) + 3 + 256
+    if vocab_size <= n_special + 100:
+        raise DataError(f"vocab_size {vocab_size} is too small: the special and byte pieces "
+                        f"alone take {n_special}")
+
+    def lines() -> Iterator[str]:
+        n = 0
+        for text in texts:
+            for line in text.split("\n"):
+                if line and n < max_sentences:
+                    n += 1
+                    yield line
+
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
+        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
+        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        control_symbols=list(GEMMA_PLACEHOLDERS),
+        user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n"],
+        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False, add_dummy_prefix=False,
+        normalization_rule_name="identity", max_sentence_length=1 << 16,
+        character_coverage=0.9999, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------
+# 4. Tokenize (once, cached)
+# --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class TokenizedCorpus:
+    """A flat stream of documents.
+
+    tokens: [N] token ids; positions: [N] segment position of each token
+    (0 at each document start); loss_mask: [N] 1 where the token is a
+    training target (0 for user turns of chats); offsets: [D + 1] document
+    boundaries in the stream.
+    """
+
+    tokens: np.ndarray
+    positions: np.ndarray
+    loss_mask: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.tokens.shape[0])
+
+    @property
+    def num_documents(self) -> int:
+        return int(self.offsets.shape[0] - 1)
+
+    def save(self, path: str) -> None:
+        tmp = f"{path}.tmp{os.getpid()}.npz"
+        np.savez(tmp, tokens=self.tokens, positions=self.positions, loss_mask=self.loss_mask,
+                 offsets=self.offsets)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str) -> "TokenizedCorpus":
+        with np.load(path) as z:
+            return cls(tokens=z["tokens"], positions=z["positions"], loss_mask=z["loss_mask"],
+                       offsets=z["offsets"])
+
+
+def encode_document(doc: Document, tokenizer) -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of one document.
+
+    Text: ``<bos> text <eos>``, every token a target. Chat: the tokenizer's
+    chat template; only the model's turns (their text and ``<end_of_turn>``)
+    are targets.
+    """
+    if doc.messages is None:
+        ids = tokenizer.encode(doc.text, add_bos=True) + [tokenizer.eos_id]
+        return ids, [1] * len(ids)
+    return encode_chat(doc.messages, tokenizer, where=doc.name)
+
+
+def encode_chat(messages: list[dict], tokenizer, where: str = "chat") -> tuple[list[int], list[int]]:
+    """(ids, loss mask) of a chat: loss only on the assistant turns.
+
+    The conversation is rendered once; the character spans of each assistant
+    turn are found by rendering the prefixes (the prompt up to
+    ``<start_of_turn>model\\n`` and the same plus the answer), and each span
+    is encoded separately so its tokens are exactly the turn's.
+    """
+    full = tokenizer.render_chat(messages, add_generation_prompt=False)
+    spans: list[tuple[int, int]] = []
+    for i, m in enumerate(messages):
+        if m.get("role") != "assistant":
+            continue
+        prompt = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
+        turn = tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False)
+        if not (full.startswith(turn) and turn.startswith(prompt)):
+            raise DataError(f"{where}: the chat template does not render prefixes of the "
+                            "conversation as prefixes; cannot find the model's turns")
+        spans.append((len(prompt), len(turn)))
+    if not spans:
+        raise DataError(f"{where}: a chat without assistant messages has nothing to learn")
+    ids: list[int] = []
+    mask: list[int] = []
+    cursor = 0
+    for start, end in spans + [(len(full), len(full))]:
+        for text, target in ((full[cursor:start], 0), (full[start:end], 1)):
+            if text:
+                piece = tokenizer.encode(text, add_bos=False)
+                ids += piece
+                mask += [target] * len(piece)
+        cursor = end
+    return ids, mask
+
+
+def tokenize(docs: Sequence[Document], tokenizer) -> TokenizedCorpus:
+    """Encodes documents into one stream (positions restart at 0 per document)."""
+    all_ids: list[np.ndarray] = []
+    all_mask: list[np.ndarray] = []
+    lengths = []
+    for doc in docs:
+        ids, mask = encode_document(doc, tokenizer)
+        all_ids.append(np.asarray(ids, dtype=np.int32))
+        all_mask.append(np.asarray(mask, dtype=np.uint8))
+        lengths.append(len(ids))
+    offsets = np.zeros(len(lengths) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    n = int(offsets[-1])
+    tokens = np.concatenate(all_ids) if all_ids else np.zeros(0, np.int32)
+    mask = np.concatenate(all_mask) if all_mask else np.zeros(0, np.uint8)
+    positions = np.arange(n, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
+    return TokenizedCorpus(tokens=tokens.astype(dtype), positions=positions.astype(np.int32),
+                           loss_mask=mask, offsets=offsets)
+
+
+def corpus_key(docs: Sequence[Document], tokenizer_path: str) -> str:
+    """A hash of the documents' names and contents and of the tokenizer file."""
+    h = hashlib.sha256()
+    with open(tokenizer_path, "rb") as f:
+        h.update(f.read())
+    for d in docs:
+        h.update(d.name.encode())
+        h.update(b"\0")
+        payload = d.text if d.messages is None else json.dumps(d.messages, sort_keys=True)
+        h.update(payload.encode("utf-8", "surrogatepass"))
+        h.update(b"\1")
+    return h.hexdigest()[:16]
+
+
+def tokenize_cached(docs: Sequence[Document], tokenizer, tokenizer_path: str, cache_dir: str,
+                    name: str) -> TokenizedCorpus:
+    """``tokenize`` with the result cached as ``cache_dir/{name}-{key}.npz``."""
+    os.makedirs(cache_dir, exist_ok=True)
+    path = os.path.join(cache_dir, f"{name}-{corpus_key(docs, tokenizer_path)}.npz")
+    if os.path.exists(path):
+        return TokenizedCorpus.load(path)
+    corpus = tokenize(docs, tokenizer)
+    corpus.save(path)
+    return corpus
+
+
+def unigram_loss(train: TokenizedCorpus, held: TokenizedCorpus, vocab_size: int) -> float:
+    """Cross-entropy (nats/token) of the held-out targets under the training
+    set's unigram distribution (add-one smoothed): the baseline any language
+    model must beat. Targets are as in ``PackedRows`` (no document-start token)."""
+    counts = np.bincount(train.tokens[train.loss_mask > 0].astype(np.int64),
+                         minlength=vocab_size).astype(np.float64) + 1.0
+    logp = np.log(counts / counts.sum())
+    is_target = (held.loss_mask > 0) & (held.positions != 0)
+    return float(-logp[held.tokens[is_target].astype(np.int64)].mean())
+
+
+# --------------------------------------------------------------------------
+# 5. Packing
+# --------------------------------------------------------------------------
+
+class PackedRows:
+    """Row ``i`` is the stream slice [i*T, i*T + T + 1): inputs, targets, weights.
+
+    ``row(i)`` returns int64 arrays ``tokens``, ``positions`` [T] (inputs and
+    their segment positions), ``targets`` [T] (the next tokens) and float32
+    ``weights`` [T]: 1 where the target is trained on. A target that starts
+    a new document (its position is 0) has weight 0: nothing predicts it.
+    A document cut by a row boundary continues in the next row with its
+    positions continuing (the model starts that row from an empty state).
+    """
+
+    def __init__(self, corpus: TokenizedCorpus, seq_len: int):
+        if corpus.num_tokens < seq_len + 1:
+            raise DataError(f"the data has {corpus.num_tokens} tokens, fewer than one row of "
+                            f"seq_len + 1 = {seq_len + 1}; use a smaller --seq-len or more data")
+        self.corpus = corpus
+        self.seq_len = seq_len
+        self.num_rows = (corpus.num_tokens - 1) // seq_len
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+    def row(self, i: int) -> dict[str, np.ndarray]:
+        T = self.seq_len
+        a, b = i * T, i * T + T + 1
+        c = self.corpus
+        tokens = c.tokens[a:b].astype(np.int64)
+        positions = c.positions[a:b].astype(np.int64)
+        weights = (c.loss_mask[a + 1:b] > 0) & (positions[1:] != 0)
+        return {"tokens": tokens[:-1], "positions": positions[:-1], "targets": tokens[1:],
+                "weights": weights.astype(np.float32)}
+
+    def batch(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
+        """The rows stacked: each entry [len(rows), T]."""
+        items = [self.row(int(i)) for i in rows]
+        return {k: np.stack([it[k] for it in items]) for k in items[0]}
+
+
+# --------------------------------------------------------------------------
+# 6. Which rows make each batch
+# --------------------------------------------------------------------------
+
+class BatchSampler:
+    """Global batch ``k`` -> its ``batch_size`` row indices, deterministically.
+
+    Epoch ``e`` visits the rows in the order of a permutation seeded by
+    (seed, e); global batches are consecutive slices of the concatenated
+    epochs. So the data position is just ``k`` (the step), which makes resuming
+    exact, and data-parallel ranks can each take their own share of batch k.
+    """
+
+    def __init__(self, num_rows: int, batch_size: int, seed: int):
+        self.num_rows = num_rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self._epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._epoch:
+            self._perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_rows)
+            self._epoch = epoch
+        return self._perm
+
+    def rows(self, k: int) -> np.ndarray:
+        out = []
+        for j in range(k * self.batch_size, (k + 1) * self.batch_size):
+            epoch, i = divmod(j, self.num_rows)
+            out.append(self._permutation(epoch)[i])
+        return np.asarray(out, dtype=np.int64)
+
+    def epoch_of(self, k: int) -> float:
+        return k * self.batch_size / self.num_rows

@@ -1,0 +1,721 @@
+"""Batched generation with streaming, stop strings and resumable state.
+
+    completions = generate(model, tokenizer, ["Hello", "Once upon a time"],
+                           max_new_tokens=64, temperature=0.7, top_p=0.9, seed=0)
+    for delta in stream(model, tokenizer, ["Hello"], max_new_tokens=64):
+        print(delta.text, end="", flush=True)
+
+How a batch runs:
+
+1. Prefill: the prompts (of any lengths) are left-padded with segment
+   position -1 and run in ONE model call with ``logits="last"`` on top of the
+   state (a fresh one, or the caller's).
+2. Decode: one token per row per step, ``[B, 1]`` tokens into the same state,
+   updated in place. A finished row is fed a pad (position -1) from then on,
+   which leaves its state untouched; the batch keeps its shape (static shapes
+   for ``torch.compile``), at the cost of computing finished rows.
+3. Each row has its own sampling parameters and generator, so a row gives
+   exactly the tokens it gives alone.
+
+Nothing grows with the number of generated tokens on the device: token ids,
+text pieces and logprobs are kept in Python lists.
+
+State semantics ("the last token is pending"): when a row finishes, its
+state has consumed the prompt and every generated token but the LAST one
+(whose logits were never needed). ``Completion.pending_ids`` holds that
+token; feed it first to continue, e.g.
+``generate(model, tok, [c.pending_ids + more_ids], state=c.state, rng_states=[c.rng_state])``
+continues exactly as an uninterrupted run would (``continue_from`` does that).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from .sampling import Sampler, SamplingError, SamplingParams
+from .state import State
+
+FINISH_STOP = "stop"
+FINISH_LENGTH = "length"
+FINISH_INTERRUPTED = "interrupted"
+
+
+class GenerationError(ValueError):
+    """Inputs that generation cannot run with (empty prompt, bad state...)."""
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timings of one ``generate`` / ``stream`` call (shared by its rows)."""
+
+    batch_size: int = 0
+    prompt_tokens: int = 0          # real prompt tokens prefilled, all rows
+    prompt_seconds: float = 0.0
+    generated_tokens: int = 0       # tokens sampled, all rows
+    decode_steps: int = 0           # batched model calls after the prefill
+    decode_seconds: float = 0.0
+    state_nbytes: int = 0           # bytes of the whole batch's state
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_seconds if self.prompt_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        return self.generated_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+@dataclasses.dataclass
+class Completion:
+    """The result for one prompt.
+
+    text: generated text, stop string (and stop token) excluded.
+    token_ids: every token sampled, stop token included.
+    finish_reason: "stop" (stop token or string), "length", or "interrupted".
+    prompt_ids: the tokens fed for this row's prompt.
+    logprobs: per token of ``token_ids``, log-softmax of the RAW model logits
+      at that token (None unless requested).
+    state: a 1-row State holding prompt + token_ids[:-1] (see the module doc).
+    rng_state: the row's generator state after its last draw (None for greedy):
+      pass it back as ``rng_states`` to continue a seeded run exactly.
+    stop: the stop string or stop token id that ended the row, if any.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_ids: list[int]
+    logprobs: list[float] | None = None
+    state: State | None = None
+    rng_state: torch.Tensor | None = None
+    stop: str | int | None = None
+    stats: GenerationStats | None = None
+
+    @property
+    def pending_ids(self) -> list[int]:
+        """The generated token not yet fed to ``state`` (feed it first to continue)."""
+        return self.token_ids[-1:]
+
+
+@dataclasses.dataclass
+class Delta:
+    """A streamed piece of one row's output.
+
+    index: the row (prompt) index.
+    text: new text (whole characters only; may be "").
+    token_ids: the token(s) sampled since the row's previous delta.
+    logprobs: their raw-model logprobs (when requested).
+    finish_reason: set on the row's last delta, with ``completion``.
+    """
+
+    index: int
+    text: str
+    token_ids: list[int]
+    logprobs: list[float] | None = None
+    finish_reason: str | None = None
+    completion: Completion | None = None
+
+
+# ============================================================== text of a row
+class TextStream:
+    """The text of one row, a token at a time: whole UTF-8 characters only, and
+    text that could be the start of a stop string held back until it is known
+    not to be one; a stop string found (even across tokens) ends the text there.
+    """
+
+    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
+        self.decoder = tokenizer.stream_decoder()
+        self.stop_strings = [s for s in stop_strings if s]
+        self.held = ""
+        self.stopped_on: str | None = None
+
+    def push(self, token_id: int) -> str:
+        """New safe text after ``token_id``; sets ``stopped_on`` if a stop string appeared."""
+        return self._scan(self.decoder.feed(token_id))
+
+    def finish(self) -> str:
+        """The text still held or buffered (at the end of the row)."""
+        text = self._scan(self.decoder.flush())
+        if self.stopped_on is None:
+            text, self.held = text + self.held, ""
+        return text
+
+    def _scan(self, new: str) -> str:
+        if self.stopped_on is not None:
+            return ""
+        buf = self.held + new
+        found = [(buf.find(s), s) for s in self.stop_strings if s in buf]
+        if found:
+            at, self.stopped_on = min(found)
+            self.held = ""
+            return buf[:at]
+        keep = _longest_stop_prefix_suffix(buf, self.stop_strings)
+        self.held = buf[len(buf) - keep:] if keep else ""
+        return buf[:len(buf) - keep]
+
+
+def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best
+
+
+# ================================================================ model calls
+def prefill(model, prompt_ids: Sequence[Sequence[int]], state: State) -> torch.Tensor:
+    """Runs every row's prompt on top of ``state`` in ONE call; returns logits [B, V].
+
+    Rows are left-padded to the longest prompt with position -1 (ignored by
+    the model). Segment positions continue from the state: a row that has seen
+    n tokens since its document start gets positions n, n+1, ...
+    """
+    B, T = len(prompt_ids), max(len(p) for p in prompt_ids)
+    tokens = torch.zeros(B, T, dtype=torch.long)
+    positions = torch.full((B, T), -1, dtype=torch.long)
+    start = (state.num_tokens - state.doc_start).tolist()
+    for b, ids in enumerate(prompt_ids):
+        n = len(ids)
+        tokens[b, T - n:] = torch.as_tensor(list(ids), dtype=torch.long)
+        positions[b, T - n:] = torch.arange(start[b], start[b] + n)
+    logits, _ = model(tokens.to(model.device), positions.to(model.device), state, logits="last")
+    return logits
+
+
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor,
+                state: State) -> torch.Tensor:
+    """tokens, positions [B, 1] -> logits [B, V]; ``state`` updated in place."""
+    logits, _ = model(tokens, positions, state, logits="last")
+    return logits
+
+
+def _make_step(model, compile: bool) -> Callable:
+    """The decode step; with ``compile`` the model's step function is captured by
+    torch.compile (``Griffin.compile_step``: CPU C++ codegen, or CUDA graphs on CUDA)."""
+    if compile and model._compiled_step is None:
+        mode = "reduce-overhead" if model.device.type == "cuda" else None
+        model.compile_step(mode=mode)
+    return lambda tokens, positions, state: decode_step(model, tokens, positions, state)
+
+
+# ================================================================ the engine
+def _per_row(value, B: int, name: str) -> list:
+    """A scalar broadcast to B rows, or a sequence of exactly B values."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != B:
+            raise GenerationError(f"{name}: got {len(value)} values for {B} prompts")
+        return list(value)
+    return [value] * B
+
+
+def _encode_prompts(tokenizer, prompts, add_bos: bool) -> list[list[int]]:
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                    and all(isinstance(t, int) for t in prompts)):
+        prompts = [prompts]                     # one prompt: a string or a list of ids
+    if not prompts:
+        raise GenerationError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        if isinstance(p, str):
+            ids = tokenizer.encode(p, add_bos=add_bos)
+        else:
+            ids = [int(t) for t in p]
+        if not ids:
+            raise GenerationError(f"prompt {i} is empty: each row needs at least one token")
+        out.append(ids)
+    return out
+
+
+def _row_seeds(seed, B: int) -> list[int | None]:
+    """seed int -> row b uses seed + b; a sequence gives each row's seed; None = random."""
+    if seed is None or isinstance(seed, int):
+        return [None if seed is None else seed + b for b in range(B)]
+    return _per_row(list(seed), B, "seed")
+
+
+class _Row:
+    """Book-keeping of one row: ids, text, logprobs and why it stopped."""
+
+    def __init__(self, index: int, prompt_ids: list[int], tokenizer, stop_ids: frozenset,
+                 stop_strings: Sequence[str], max_new_tokens: int, logprobs: bool):
+        self.index = index
+        self.prompt_ids = prompt_ids
+        self.ids: list[int] = []
+        self.text_parts: list[str] = []
+        self.logprobs: list[float] | None = [] if logprobs else None
+        self.text = TextStream(tokenizer, stop_strings)
+        self.stop_ids = stop_ids
+        self.max_new_tokens = max_new_tokens
+        self.finish_reason: str | None = None
+        self.stop: str | int | None = None
+        self.reported = 0                  # ids already sent in a Delta
+
+    def add(self, token: int, logprob: float | None) -> str:
+        """Records a sampled token; returns its new text; may finish the row."""
+        self.ids.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if token in self.stop_ids:
+            self.finish_reason, self.stop = FINISH_STOP, token
+            delta = self.text.finish()
+        else:
+            delta = self.text.push(token)
+            if self.text.stopped_on is not None:
+                self.finish_reason, self.stop = FINISH_STOP, self.text.stopped_on
+            elif len(self.ids) >= self.max_new_tokens:
+                self.finish_reason = FINISH_LENGTH
+                delta += self.text.finish()
+        if delta:
+            self.text_parts.append(delta)
+        return delta
+
+    def interrupt(self) -> str:
+        self.finish_reason = FINISH_INTERRUPTED
+        delta = self.text.finish()
+        if delta:
+            self.text_parts.append(delta)
+        return delta
+
+
+def stream(model, tokenizer, prompts, *, max_new_tokens: int = 256,
+           temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+           seed=None, stop_token_ids: Sequence[int] | None = None,
+           stop_strings: Sequence[str] = (), logprobs: bool = False,
+           state: State | None = None, rng_states: Sequence[torch.Tensor | None] | None = None,
+           context_ids: Sequence[Sequence[int]] | None = None, add_bos: bool | None = None,
+           compile: bool = False, should_stop: Callable[[], bool] | None = None,
+           ) -> Iterator[Delta]:
+    """Generates for a batch of prompts, yielding text deltas as they are decoded.
+
+    Args:
+      prompts: a string, or a list of strings and/or lists of token ids.
+      max_new_tokens: tokens to generate at most per row (no upper bound).
+      temperature, top_k, top_p, min_p, repetition_penalty: a value for all
+        rows or a list with one per row (see ``rgemma.sampling``).
+      seed: int (row b uses seed + b), a list of per-row seeds, or None.
+      stop_token_ids: ids that end a row (default: the tokenizer's stop ids,
+        i.e. eos and <end_of_turn>); [] disables them.
+      stop_strings: strings that end a row; they are cut from the text and
+        never streamed, even when they span several tokens.
+      logprobs: also report the raw-model logprob of each generated token.
+      state: a State of B rows (or 1 row, expanded to B) to continue from,
+        updated in place (pass ``state.clone()`` to keep yours); None = new.
+      rng_states: per-row generator states to resume (overrides ``seed``).
+      context_ids: per row, the ids already in ``state`` (for the repetition
+        penalty only).
+      add_bos: prepend BOS to string prompts (default: when ``state`` is None).
+      compile: torch.compile the model's decode step (slow first steps while it
+        compiles; then several times less per-token overhead on small models).
+      should_stop: polled after every step; True ends all rows ("interrupted").
+    Yields:
+      Delta per row per step with new text or tokens; each row's last Delta has
+      ``finish_reason`` and ``completion``.
+    """
+    if add_bos is None:
+        add_bos = state is None
+    prompt_ids = _encode_prompts(tokenizer, prompts, add_bos)
+    B = len(prompt_ids)
+    if (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
+            or max_new_tokens < 1):
+        raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    try:
+        params = [SamplingParams(*p) for p in zip(
+            _per_row(temperature, B, "temperature"), _per_row(top_k, B, "top_k"),
+            _per_row(top_p, B, "top_p"), _per_row(min_p, B, "min_p"),
+            _per_row(repetition_penalty, B, "repetition_penalty"))]
+    except SamplingError as e:
+        raise GenerationError(str(e)) from None
+    vocab = model.config.vocab_size
+    for i, ids in enumerate(prompt_ids):
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise GenerationError(f"prompt {i}: token ids must be in [0, {vocab})")
+    if state is None:
+        state = model.init_state(B)
+    elif state.batch_size == 1 and B > 1:
+        state = state.expand(B)
+    elif state.batch_size != B:
+        raise GenerationError(f"state has {state.batch_size} rows for {B} prompts")
+    stop_ids = frozenset(tokenizer.stop_ids if stop_token_ids is None else
+                         (int(t) for t in stop_token_ids))
+    if isinstance(stop_strings, str):
+        stop_strings = [stop_strings]
+    history = [list(c) + p for c, p in zip(context_ids or [[]] * B, prompt_ids)]
+    sampler = Sampler(params, vocab, model.device, seeds=_row_seeds(seed, B),
+                      rng_states=rng_states, history=history)
+    rows = [_Row(b, prompt_ids[b], tokenizer, stop_ids, stop_strings, max_new_tokens, logprobs)
+            for b in range(B)]
+    return _run(model, state, sampler, rows, logprobs, _make_step(model, compile), should_stop)
+
+
+def _run(model, state: State, sampler: Sampler, rows: list[_Row], want_logprobs: bool,
+         step: Callable, should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
+    """The prefill + decode loop behind ``stream``.
+
+    Model calls run under ``torch.inference_mode`` one at a time (never across
+    a ``yield``, so the caller's code between deltas keeps its own grad mode).
+    """
+    B, device = len(rows), model.device
+    stats = GenerationStats(batch_size=B, prompt_tokens=sum(len(r.prompt_ids) for r in rows),
+                            state_nbytes=state.nbytes)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        logits = prefill(model, [r.prompt_ids for r in rows], state)
+    _sync(device)
+    t1 = time.perf_counter()
+    stats.prompt_seconds = t1 - t0
+    # Buffers reused by every decode step: tokens, positions, the active mask.
+    tokens_in = torch.zeros(B, 1, dtype=torch.long, device=device)
+    positions_in = torch.zeros(B, 1, dtype=torch.long, device=device)
+    next_pos = (state.num_tokens - state.doc_start)[:, None].clone()
+    active = [True] * B
+    inactive_mask = torch.zeros(B, 1, dtype=torch.bool, device=device)
+    while True:
+        with torch.inference_mode():
+            tokens, lps = sampler.sample(logits, active, logprobs=want_logprobs)
+        ids = tokens.tolist()
+        lp = lps.tolist() if lps is not None else [None] * B
+        stop_now = should_stop is not None and should_stop()
+        finished = []
+        for b, row in enumerate(rows):
+            if not active[b]:
+                continue
+            stats.generated_tokens += 1
+            text = row.add(ids[b], lp[b])
+            if row.finish_reason is None and stop_now:
+                text += row.interrupt()
+            if row.finish_reason is not None:
+                active[b] = False
+                finished.append(b)
+                stats.decode_seconds = time.perf_counter() - t1
+                yield _final_delta(row, text, state, sampler, stats, B)
+            elif text or want_logprobs:
+                yield _delta(row, text)
+        if not any(active):
+            break
+        if finished:
+            inactive_mask[finished] = True
+        with torch.inference_mode():
+            tokens_in.copy_(tokens[:, None])
+            positions_in.copy_(next_pos).masked_fill_(inactive_mask, -1)
+            logits = step(tokens_in, positions_in, state)
+            next_pos += ~inactive_mask
+        stats.decode_steps += 1
+    stats.decode_seconds = time.perf_counter() - t1
+
+
+def _final_delta(row: _Row, text: str, state: State, sampler: Sampler,
+                 stats: GenerationStats, B: int) -> Delta:
+    completion = Completion(
+        text="".join(row.text_parts), token_ids=row.ids, finish_reason=row.finish_reason,
+        prompt_ids=row.prompt_ids, logprobs=row.logprobs,
+        state=state if B == 1 else state.select([row.index]),
+        rng_state=sampler.rng_state(row.index), stop=row.stop, stats=stats)
+    return _delta(row, text, completion)
+
+
+def _delta(row: _Row, text: str, completion: Completion | None = None) -> Delta:
+    """A Delta with the row's tokens (and logprobs) not yet reported."""
+    start, row.reported = row.reported, len(row.ids)
+    return Delta(row.index, text, row.ids[start:],
+                 None if row.logprobs is None else row.logprobs[start:],
+                 row.finish_reason, completion)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def generate(model, tokenizer, prompts, *, max_new_tokens: int = 256,
+             temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
+             seed=None, stop_token_ids: Sequence[int] | None = None,
+             stop_strings: Sequence[str] = (), logprobs: bool = False,
+             state: State | None = None, **kwargs) -> list[Completion]:
+    """One Completion per prompt, in order (arguments as for ``stream``).
+
+    Example::
+
+        [c] = generate(model, tok, ["Once upon a time"], max_new_tokens=50,
+                       temperature=0.8, top_p=0.95, seed=0)
+        c.text, c.token_ids, c.finish_reason, c.state
+    """
+    out: dict[int, Completion] = {}
+    for delta in stream(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
+                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                        repetition_penalty=repetition_penalty, seed=seed,
+                        stop_token_ids=stop_token_ids, stop_strings=stop_strings,
+                        logprobs=logprobs, state=state, **kwargs):
+        if delta.completion is not None:
+            out[delta.index] = delta.completion
+    return [out[i] for i in range(len(out))]
+
+
+def continue_from(model, tokenizer, completion: Completion, more_ids: Sequence[int] = (),
+                  **kwargs) -> list[Completion]:
+    """Continues a finished 1-row Completion (its pending token, then ``more_ids``).
+
+    Uses ``completion.state`` in place and resumes its generator, so greedy and
+    seeded runs continue exactly as if never stopped.
+    """
+    kwargs.setdefault("rng_states", [completion.rng_state])
+    kwargs.setdefault("context_ids", [completion.prompt_ids + completion.token_ids[:-1]])
+    return generate(model, tokenizer, [completion.pending_ids + list(more_ids)],
+                    state=completion.state, **kwargs)
+
+
+# ====================================================================== CLI
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CLIError(Exception):
+    """A problem reported as one line ``rgemma VERB: error: ...`` (exit status ``code``)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint: a Hugging Face directory, an official .pt file or an "
+                        "Orbax directory (default: the bundled demo model)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("-m", "--max-tokens", type=int, default=max_tokens,
+                   help=f"maximum tokens to generate (default {max_tokens})")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, in [0, 1]; 0 = off")
+    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float,
+                   default=1.0, help="CTRL repetition penalty (> 0); 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable); cut from the output")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: the first tokens wait for the compiler "
+                        "(a minute or more), then small models decode several times faster")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice); 1 is often fastest "
+                        "for small models or on a busy machine")
+
+
+def check_sampling_args(args) -> None:
+    """Raises CLIError (exit 2) for out-of-range sampling flags."""
+    if getattr(args, "threads", 0) < 0:
+        raise CLIError(f"--threads must be >= 0, got {args.threads}", 2)
+    if args.max_tokens <= 0:
+        raise CLIError(f"--max-tokens must be > 0, got {args.max_tokens}", 2)
+    try:
+        SamplingParams(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty)
+    except SamplingError as e:
+        flag = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p",
+                "min_p": "--min-p", "repetition_penalty": "--repeat-penalty"}
+        msg = str(e)
+        for name, f in flag.items():
+            msg = msg.replace(name + " ", f + " ", 1) if msg.startswith(name + " ") else msg
+        raise CLIError(msg, 2) from None
+    if any(not s for s in args.stop):
+        raise CLIError("--stop needs a non-empty string", 2)
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                stop_strings=list(args.stop), compile=args.compile)
+
+
+def resolve_model_path(path: str | None) -> str:
+    """``--model`` or the bundled demo model."""
+    if path:
+        return path
+    hint = "pass --model PATH (a Hugging Face RecurrentGemma directory)"
+    try:
+        import rgemma.demo as demo
+    except ImportError:
+        raise CLIError(f"no --model given and the bundled demo model is not installed; "
+                       f"{hint}") from None
+    try:
+        return str(demo.path())
+    except OSError as e:                 # demo.DemoMissingError is a FileNotFoundError
+        raise CLIError(f"no --model given and the bundled demo model is unavailable "
+                       f"({_one_line(e)}); {hint}") from None
+
+
+def load_model(args):
+    """(model, tokenizer) for ``--model`` / ``--dtype`` / ``--device``; CLIError on failure."""
+    import os
+
+    from . import checkpoint
+    path = resolve_model_path(args.model)
+    if not os.path.exists(path):
+        raise CLIError(f"model {path!r} not found: pass --model PATH to a checkpoint "
+                       "directory or file")
+    if getattr(args, "threads", 0):
+        torch.set_num_threads(args.threads)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    try:
+        model, tokenizer = checkpoint.load(path, dtype=dtype, device=device)
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise CLIError(f"cannot load model {path!r}: {_one_line(e)}") from None
+    if tokenizer is None:
+        raise CLIError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) next to "
+                       "the checkpoint")
+    return model, tokenizer
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())
+
+
+def report_error(verb: str, e: CLIError) -> int:
+    print(f"rgemma {verb}: error: {_one_line(e)}", file=sys.stderr)
+    return e.code
+
+
+def print_stats(stats: GenerationStats, file=sys.stderr) -> None:
+    print("=" * 10, file=file)
+    print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec",
+          file=file)
+    print(f"Generation: {stats.generated_tokens} tokens, {stats.decode_tps:.3f} tokens-per-sec",
+          file=file)
+    print(f"State: {stats.state_nbytes / 1e6:.3f} MB (fixed, whatever the length)", file=file)
+
+
+def register(subparsers) -> None:
+    """Adds the ``generate`` verb."""
+    p = subparsers.add_parser(
+        "generate", help="generate text from a prompt, streamed to stdout",
+        description="Generate text from a prompt (streamed to stdout). "
+                    "Use - as the prompt to read it from stdin.")
+    p.add_argument("prompt", nargs="?", default=None, help="the prompt, or - to read stdin")
+    p.add_argument("-p", "--prompt", dest="prompt_flag", default=None, metavar="PROMPT",
+                   help="the prompt (same as the positional argument)")
+    add_model_args(p)
+    add_sampling_args(p, max_tokens=256)
+    p.add_argument("--chat-template", action="store_true",
+                   help="wrap the prompt as one user turn of the chat format")
+    p.add_argument("--save-state", metavar="FILE", default=None,
+                   help="write the final state (and history) to FILE to continue later")
+    p.add_argument("--load-state", metavar="FILE", default=None,
+                   help="continue from a state saved with --save-state (or chat's /save); "
+                        "the prompt is optional then")
+    p.add_argument("--verbose", action="store_true",
+                   help="print prompt / generation speed and the state size to stderr")
+    p.set_defaults(func=run)
+
+
+def _read_prompt(args) -> str | None:
+    if args.prompt is not None and args.prompt_flag is not None:
+        raise CLIError("give the prompt once (positional or --prompt)", 2)
+    prompt = args.prompt if args.prompt is not None else args.prompt_flag
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if prompt is None:
+        if args.load_state:
+            return None
+        raise CLIError("no prompt given (pass PROMPT, or - to read stdin)", 2)
+    if not prompt.strip():
+        raise CLIError("the prompt is empty" if not prompt else "the prompt is only whitespace", 2)
+    return prompt
+
+
+def run(args) -> int:
+    """``rgemma generate``: returns the exit status."""
+    try:
+        return _generate_cli(args)
+    except CLIError as e:
+        return report_error("generate", e)
+
+
+def _generate_cli(args) -> int:
+    import os
+
+    from .snapshot import SnapshotError, load_state, save_state
+
+    check_sampling_args(args)
+    prompt = _read_prompt(args)
+    if args.load_state and not os.path.isfile(args.load_state):
+        raise CLIError(f"state file {args.load_state!r} not found")
+    model, tokenizer = load_model(args)
+
+    state, rng, context, pending = None, None, [], []
+    if args.load_state:
+        try:
+            state, meta = load_state(args.load_state, model)
+        except SnapshotError as e:
+            raise CLIError(str(e)) from None
+        if state.batch_size != 1:
+            raise CLIError(f"{args.load_state}: holds {state.batch_size} rows; generate "
+                           "continues one")
+        pending = [int(t) for t in meta.get("pending_ids", [])]
+        context = [int(t) for t in meta.get("token_ids", [])]
+        if args.seed is None and meta.get("rng_states"):
+            rng = meta["rng_states"]
+    ids = list(pending)
+    if prompt is not None:
+        if args.chat_template and state is not None:     # a new turn after the saved one
+            ids = close_answer_ids(tokenizer, pending) + user_turn_ids(tokenizer, prompt)
+        elif args.chat_template:
+            ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
+        else:
+            ids += tokenizer.encode(prompt, add_bos=state is None)
+    if not ids:
+        raise CLIError(f"{args.load_state}: nothing to continue from; give a prompt", 2)
+
+    completion = None
+    try:
+        for delta in stream(model, tokenizer, [ids], state=state, seed=args.seed,
+                            rng_states=rng, context_ids=[context[:len(context) - len(pending)]],
+                            **sampling_kwargs(args)):
+            if delta.text:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+            if delta.completion is not None:
+                completion = delta.completion
+    except GenerationError as e:
+        raise CLIError(str(e)) from None
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    if args.save_state:
+        history = (context[:len(context) - len(pending)] + completion.prompt_ids
+                   + completion.token_ids)
+        save_state(args.save_state, completion.state, model_config=model.config,
+                   rng_states=[completion.rng_state],
+                   extra={"kind": "generate", "token_ids": history,
+                          "pending_ids": completion.pending_ids})
+    if args.verbose:
+        print_stats(completion.stats)
+    return 0
+
+
+def close_answer_ids(tokenizer, pending: Sequence[int]) -> list[int]:
+    """Tokens that end a model answer whose last token is ``pending`` (not yet fed):
+    the pending token (never <eos>) then <end_of_turn> unless it was that."""
+    eot = tokenizer.end_of_turn_id
+    ids = [t for t in pending if t != tokenizer.eos_id]
+    if not ids or ids[-1] != eot:
+        ids.append(eot)
+    return ids
+
+
+def user_turn_ids(tokenizer, text: str) -> list[int]:
+    """``\\n<start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n`` (after a
+    closed answer), ready for the model's next answer."""
+    return tokenizer.encode(f"\n<start_of_turn>user\n{text.strip()}<end_of_turn>\n"
+                            "<start_of_turn>model\n", add_bos=False)

@@ -1,0 +1,188 @@
+"""State snapshots: save a State to a file, load it back, fork it.
+
+A snapshot is one safetensors file:
+
+* tensors: every tensor of the State under its ``State.tensors()`` name
+  (``num_tokens``, ``doc_start``, ``layers.{i}.{conv,h,k,v}``), plus
+  ``rng.{row}`` (uint8) for rows whose sampling generator state was saved, so
+  a seeded run continues exactly;
+* metadata (JSON strings): ``format`` ("rgemma.state"), ``format_version``,
+  ``rgemma_version``, ``config_fingerprint`` (``GriffinConfig.fingerprint()``),
+  ``config`` (the architecture), ``layout`` (name -> shape, dtype),
+  ``num_tokens`` (tokens seen per row), ``batch_size`` and ``extra``: the
+  caller's JSON metadata (e.g. the token ids of the history, the pending
+  token, chat messages).
+
+Files are written atomically (a temporary file in the same directory, then
+``os.replace``): a crash never leaves a half-written snapshot under the name.
+Loading checks the format, the config fingerprint against the model and the
+tensor layout; any mismatch or a corrupt / truncated file raises
+``SnapshotError`` with a one-line reason.
+
+Forking a conversation is ``state.clone()`` (``fork``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Sequence
+
+import torch
+
+from .state import State
+
+FORMAT = "rgemma.state"
+FORMAT_VERSION = 1
+
+
+class SnapshotError(ValueError):
+    """A state file that cannot be used with this model (corrupt, truncated, other model)."""
+
+
+def fork(state: State) -> State:
+    """An independent copy of ``state`` (branch a conversation)."""
+    return state.clone()
+
+
+def save_state(path: str | os.PathLike, state: State, *, model_config,
+               extra: dict[str, Any] | None = None,
+               rng_states: Sequence[torch.Tensor | None] | None = None) -> str:
+    """Writes ``state`` to ``path`` (safetensors + JSON metadata), atomically.
+
+    Args:
+      state: the State to save (any batch size).
+      model_config: the GriffinConfig of the model that made the state.
+      extra: JSON-serialisable metadata kept with it (history ids, text...).
+      rng_states: per row, a ``torch.Generator.get_state()`` or None.
+    Returns:
+      the path written.
+    """
+    from safetensors.torch import save_file
+
+    from . import __version__
+    path = os.fspath(path)
+    tensors = {name: t.detach().to("cpu").contiguous().clone()
+               for name, t in state.tensors().items()}
+    for row, rng in enumerate(rng_states or []):
+        if rng is not None:
+            tensors[f"rng.{row}"] = rng.detach().to("cpu", torch.uint8).contiguous().clone()
+    layout = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+              for name, t in state.tensors().items()}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "rgemma_version": __version__,
+        "config_fingerprint": model_config.fingerprint(),
+        "config": json.dumps(model_config.to_dict()),
+        "layout": json.dumps(layout),
+        "num_tokens": json.dumps(state.num_tokens.tolist()),
+        "batch_size": str(state.batch_size),
+        "extra": json.dumps(extra or {}),
+    }
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
+                               suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The raw metadata of a snapshot; SnapshotError if it is not one."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise SnapshotError(f"{path}: no such state file")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+    except Exception as e:  # safetensors raises several error types
+        raise SnapshotError(f"{path}: not a valid state file, corrupt or truncated "
+                            f"({_first_line(e)})") from None
+    if metadata.get("format") != FORMAT:
+        raise SnapshotError(f"{path}: not an rgemma state file (no '{FORMAT}' format marker)")
+    if metadata.get("format_version") != str(FORMAT_VERSION):
+        raise SnapshotError(f"{path}: state file format version "
+                            f"{metadata.get('format_version')!r}; this rgemma reads "
+                            f"{FORMAT_VERSION}")
+    return metadata
+
+
+def load_state(path: str | os.PathLike, model, *,
+               device: torch.device | str | None = None) -> tuple[State, dict[str, Any]]:
+    """Reads a snapshot for ``model``.
+
+    Returns:
+      (state, metadata): the State on ``device`` (default: the model's), K/V
+      and conv in the model's dtype; metadata is the ``extra`` dict plus
+      ``rgemma_version``, ``config_fingerprint``, ``num_tokens``, ``batch_size``
+      and ``rng_states`` (a list with a uint8 tensor or None per row).
+    Raises:
+      SnapshotError: a corrupt / truncated file, or a state of another model.
+    """
+    from safetensors.torch import load_file
+    path = os.fspath(path)
+    raw = read_metadata(path)
+    mine = model.config.fingerprint()
+    if raw.get("config_fingerprint") != mine:
+        raise SnapshotError(
+            f"{path}: the state comes from another model (config fingerprint "
+            f"{raw.get('config_fingerprint')}, this model's is {mine})")
+    try:
+        tensors = load_file(path)
+        batch_size = int(raw["batch_size"])
+        extra = json.loads(raw.get("extra", "{}"))
+    except Exception as e:
+        raise SnapshotError(f"{path}: not a valid state file, corrupt or truncated "
+                            f"({_first_line(e)})") from None
+    expected = model.init_state(batch_size, device="meta").tensors()
+    state = _assemble(path, tensors, expected, model, batch_size,
+                      torch.device(device) if device is not None else model.device)
+    metadata = dict(extra) if isinstance(extra, dict) else {"extra": extra}
+    metadata.update(
+        rgemma_version=raw.get("rgemma_version"), config_fingerprint=mine,
+        num_tokens=state.num_tokens.tolist(), batch_size=batch_size,
+        rng_states=[tensors.get(f"rng.{b}") for b in range(batch_size)])
+    return state, metadata
+
+
+def _assemble(path: str, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
+              model, batch_size: int, device: torch.device) -> State:
+    """A State of ``model`` from the file's tensors, checking every name and shape."""
+    missing = [n for n in expected if n not in tensors]
+    if missing:
+        raise SnapshotError(f"{path}: the state file lacks {len(missing)} tensors "
+                            f"(e.g. {missing[0]}); it does not fit this model")
+    for name, want in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise SnapshotError(f"{path}: tensor {name} has shape {tuple(got.shape)}, this "
+                                f"model needs {tuple(want.shape)}")
+        if got.is_floating_point() != want.is_floating_point():
+            raise SnapshotError(f"{path}: tensor {name} has dtype {got.dtype}, expected "
+                                f"{want.dtype}")
+    state = model.init_state(batch_size, device=device)
+    for name, t in state.tensors().items():
+        t.copy_(tensors[name])
+    n, d = state.num_tokens, state.doc_start
+    if bool((n < 0).any() or (d < 0).any() or (d > n).any()):
+        raise SnapshotError(f"{path}: token counts are inconsistent (corrupt file)")
+    if any(not bool(torch.isfinite(t).all()) for t in state.tensors().values()
+           if t.is_floating_point()):
+        raise SnapshotError(f"{path}: the state holds NaN or infinite values (corrupt file)")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
