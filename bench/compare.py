@@ -36,6 +36,14 @@ def quantized_copy(base: Griffin, bits: int) -> Griffin:
     return quantize_model(model, bits=bits, group_size=128 if base.config.width % 128 == 0 else 64)
 
 
+def _shared_copy(base: Griffin) -> Griffin:
+    """Another Griffin object on the same weight tensors."""
+    with torch.device("meta"):
+        model = Griffin(base.config, dtype=base.dtype)
+    model.load_state_dict(base.state_dict(), assign=True)
+    return model.set_compute_dtype(base.compute_dtype).eval()
+
+
 # ----------------------------------------------------------------- drivers
 # Each driver returns (prefill seconds, decode seconds) for a greedy run of
 # `new` tokens after a prompt of shape [B, T].
@@ -96,6 +104,9 @@ def build_systems(args, cfg):
     systems = {"rgemma": (drive_rgemma, base)}
     for bits in args.quantize:
         systems[f"rgemma-int{bits}"] = (drive_rgemma, quantized_copy(base, bits))
+    if args.compile:
+        compiled = _shared_copy(base)
+        systems["rgemma-compiled"] = (drive_rgemma, compiled.compile_step())
     if "transformers" in args.peers:
         systems["transformers"] = (drive_transformers, transformers_from(base, dtype))
     if "official" in args.peers:
@@ -112,6 +123,8 @@ def main() -> None:
     p.add_argument("--peers", nargs="*", default=["transformers", "official"],
                    choices=["transformers", "official"])
     p.add_argument("--quantize", nargs="*", type=int, default=[8, 4], choices=[8, 4])
+    p.add_argument("--compile", action="store_true",
+                   help="add rgemma-compiled (torch.compile'd decode step; compile time excluded)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--contexts", nargs="+", type=int, default=[16, 4096],
                    help="prompt lengths before the decode measurement")
@@ -132,6 +145,9 @@ def main() -> None:
     systems = build_systems(args, cfg)
     print(f"shape {args.shape}, weights {args.dtype}, systems {list(systems)}", flush=True)
 
+    for name, (drive, model) in systems.items():              # warm-up (and compile), not timed
+        for B in args.batches:
+            drive(model, torch.randint(3, cfg.vocab_size, (B, 8)), 2)
     samples: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.rounds):
         for name, (drive, model) in systems.items():      # interleaved: drift hits all alike
