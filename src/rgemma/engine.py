@@ -56,6 +56,7 @@ import torch
 from .generate import TextStream
 from .sampling import Sampler, SamplingError, SamplingParams
 from .state import State
+from .tokenizer import common_prefix_length
 
 log = logging.getLogger(__name__)
 
@@ -299,7 +300,7 @@ class PrefixCache:
         """A prefix length in (start, len(ids)) shared with a recent prompt, worth caching."""
         best = 0
         for other in self._recent:
-            best = max(best, _common_prefix(ids, other))
+            best = max(best, common_prefix_length(ids, other))
         self._recent.append(tuple(ids))
         worth = best >= self.min_tokens and start < best < len(ids)
         return best if worth and tuple(ids[:best]) not in self._entries else None
@@ -322,15 +323,6 @@ class PrefixCache:
         self._lengths[len(key)] -= 1
         if not self._lengths[len(key)]:
             del self._lengths[len(key)]
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 # ============================================================ engine internals

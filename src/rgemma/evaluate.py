@@ -59,6 +59,7 @@ import torch
 
 from .perplexity import (DEFAULT_CHUNK_SIZE, LOGITS_BUDGET, document_ids, right_padded,
                          sum_logprobs, target_logprobs)
+from .tokenizer import common_prefix_length
 
 try:  # the optional extra rgemma[eval]; without it the scorers below still work
     from lm_eval.api.model import LM as _LMBase
@@ -79,16 +80,6 @@ log = logging.getLogger(__name__)
 def encode_text(tokenizer, text: str) -> list[int]:
     """Token ids of a prompt, with ``<bos>`` first (once, even if the text starts with it)."""
     return tokenizer.encode(text, add_bos=not text.startswith(tokenizer.bos_token))
-
-
-def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
-    """Number of leading tokens that ``a`` and ``b`` share."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:

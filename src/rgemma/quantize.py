@@ -24,9 +24,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Linear
+from .model import _VOCAB_BLOCK
 
 _DECODE_ROWS = 16          # at most this many rows: use the packed kernels
-_VOCAB_BLOCK = 16384
 
 
 class QuantizationError(ValueError):
@@ -196,30 +196,24 @@ class QuantEmbedding(nn.Module):
         super().__init__()
         self.table = table        # [V, D] as a linear layer: logits = x @ table.T
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def rows(self, index, dtype=torch.float32) -> torch.Tensor:
+        """Dequantized table rows ``index`` (an index tensor or a slice) -> [n, D]."""
         t = self.table
-        flat = tokens.reshape(-1)
         if isinstance(t, Int8Linear):
-            rows = dequantize_int8(t.qweight[flat], t.scale[flat])
-        else:
-            rows = dequantize_int4(unpack_nibbles(t.qweight[flat]), t.scale[flat], t.minimum[flat])
-        return rows.reshape(*tokens.shape, -1)
+            return dequantize_int8(t.qweight[index], t.scale[index], dtype)
+        return dequantize_int4(unpack_nibbles(t.qweight[index]), t.scale[index],
+                               t.minimum[index], dtype)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.rows(tokens.reshape(-1)).reshape(*tokens.shape, -1)
 
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V]."""
         if x.numel() // x.shape[-1] <= _DECODE_ROWS:
             return self.table(x)
-        t, V = self.table, self.table.out_features
-        parts = []
-        for i in range(0, V, _VOCAB_BLOCK):     # dequantize the table block by block
-            if isinstance(t, Int8Linear):
-                w = dequantize_int8(t.qweight[i:i + _VOCAB_BLOCK], t.scale[i:i + _VOCAB_BLOCK],
-                                    x.dtype)
-            else:
-                w = dequantize_int4(unpack_nibbles(t.qweight[i:i + _VOCAB_BLOCK]),
-                                    t.scale[i:i + _VOCAB_BLOCK], t.minimum[i:i + _VOCAB_BLOCK],
-                                    x.dtype)
-            parts.append(x @ w.T)
+        V = self.table.out_features
+        parts = [x @ self.rows(slice(i, i + _VOCAB_BLOCK), x.dtype).T   # block by block
+                 for i in range(0, V, _VOCAB_BLOCK)]
         return torch.cat(parts, dim=-1)
 
 

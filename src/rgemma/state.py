@@ -180,11 +180,7 @@ class State:
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "State":
         """Moves the state; ``dtype`` applies to conv/K/V (h stays float32)."""
-        def move(t: torch.Tensor) -> torch.Tensor:
-            if dtype is not None and t.is_floating_point() and t.dtype != torch.float32:
-                t = t.to(dtype)
-            return t.to(device) if device is not None else t
-        out = self._map(move)
+        out = self._map(lambda t: t.to(device) if device is not None else t)
         if dtype is not None:
             for layer in out.layers:
                 if isinstance(layer, RecurrentLayerState):
