@@ -104,9 +104,13 @@ def current_rss_mb() -> float:
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """Wall seconds of fn() (waiting for the GPU, if one is in use)."""
     gc.collect()
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    sync()
     t0 = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t0
 
 

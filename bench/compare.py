@@ -54,11 +54,12 @@ def drive_rgemma(model: Griffin, prompt: torch.Tensor, new: int) -> tuple[float,
     out = {}
 
     def prefill():
-        out["logits"], _ = model(prompt, torch.arange(T).expand(B, T), state, logits="last")
+        positions = torch.arange(T, device=prompt.device).expand(B, T)
+        out["logits"], _ = model(prompt, positions, state, logits="last")
 
     def decode():
         logits = out["logits"]
-        pos = torch.full((B, 1), T)
+        pos = torch.full((B, 1), T, device=prompt.device)
         for _ in range(new):
             tok = logits.argmax(-1, keepdim=True)
             logits, _ = model(tok, pos, state, logits="last")
@@ -82,13 +83,13 @@ def drive_official(om, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     out = {}
 
     def prefill():
-        out["logits"], out["cache"] = om(prompt, torch.arange(T).expand(B, T))
+        out["logits"], out["cache"] = om(prompt, torch.arange(T, device=prompt.device).expand(B, T))
 
     def decode():
         logits, cache = out["logits"][:, -1], out["cache"]
         for i in range(new):
             tok = logits.argmax(-1, keepdim=True)
-            logits, cache = om(tok, torch.full((B, 1), T + i), cache)
+            logits, cache = om(tok, torch.full((B, 1), T + i, device=prompt.device), cache)
             logits = logits[:, -1]
 
     with torch.inference_mode():
@@ -98,20 +99,22 @@ def drive_official(om, prompt: torch.Tensor, new: int) -> tuple[float, float]:
 # ------------------------------------------------------------------- main
 
 def build_systems(args, cfg):
-    dtype = DTYPES[args.dtype]
+    dtype, device = DTYPES[args.dtype], args.device
     base = random_rgemma(cfg, dtype)
-    base.set_compute_dtype(torch.float32)
+    # CPU: multiply in float32 whatever the weights are held in; GPU: in their dtype
+    base.set_compute_dtype(torch.float32 if device == "cpu" else None)
     systems = {"rgemma": (drive_rgemma, base)}
     for bits in args.quantize:
         systems[f"rgemma-int{bits}"] = (drive_rgemma, quantized_copy(base, bits))
     if args.compile:
         compiled = _shared_copy(base)
-        systems["rgemma-compiled"] = (drive_rgemma, compiled.compile_step())
+        mode = {"mode": "reduce-overhead"} if device == "cuda" else {}   # CUDA graphs
+        systems["rgemma-compiled"] = (drive_rgemma, compiled.compile_step(**mode))
     if "transformers" in args.peers:
         systems["transformers"] = (drive_transformers, transformers_from(base, dtype))
     if "official" in args.peers:
         systems["official"] = (drive_official, official_from(base, DTYPES[args.official_dtype]))
-    return systems
+    return {name: (drive, model.to(device)) for name, (drive, model) in systems.items()}
 
 
 def main() -> None:
@@ -133,6 +136,8 @@ def main() -> None:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="cuda: every system on the GPU, rgemma multiplying in --dtype")
     p.add_argument("--out", default="bench/results/compare")
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few tokens (CI)")
     args = p.parse_args()
@@ -147,17 +152,17 @@ def main() -> None:
 
     for name, (drive, model) in systems.items():              # warm-up (and compile), not timed
         for B in args.batches:
-            drive(model, torch.randint(3, cfg.vocab_size, (B, 8)), 2)
+            drive(model, torch.randint(3, cfg.vocab_size, (B, 8), device=args.device), 2)
     samples: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.rounds):
         for name, (drive, model) in systems.items():      # interleaved: drift hits all alike
             for T in args.prefill:
-                prompt = torch.randint(3, cfg.vocab_size, (1, T))
+                prompt = torch.randint(3, cfg.vocab_size, (1, T), device=args.device)
                 pre, _ = drive(model, prompt, 1)
                 samples.setdefault((name, f"prefill T={T}", "tok/s"), []).append(T / pre)
             for ctx in args.contexts:
                 for B in args.batches:
-                    prompt = torch.randint(3, cfg.vocab_size, (B, ctx))
+                    prompt = torch.randint(3, cfg.vocab_size, (B, ctx), device=args.device)
                     _, dec = drive(model, prompt, args.new_tokens)
                     samples.setdefault((name, f"decode b={B} ctx={ctx}", "tok/s"), []).append(
                         B * args.new_tokens / dec)
@@ -166,6 +171,7 @@ def main() -> None:
     results = [Result(s, m, u, v) for (s, m, u), v in samples.items()]
     print(table(results))
     meta = {"shape": args.shape, "dtype": args.dtype, "official_dtype": args.official_dtype,
+            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
             "new_tokens": args.new_tokens, "rounds": args.rounds}
     save(results, args.out + ".json", meta)
     bar_plot(results, args.out + ".png", f"{args.shape} shape, weights {args.dtype} (tok/s)")

@@ -21,3 +21,23 @@ def test_compare_smoke(tmp_path):
     assert {"rgemma", "rgemma-int8", "rgemma-int4", "transformers", "official"} <= systems
     assert all(r["median"] > 0 for r in data["results"])
     assert "rgemma/transformers" in proc.stdout
+
+
+def test_memory_growth_smoke(tmp_path):
+    out = tmp_path / "memory_growth"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "memory_growth.py"), "--smoke",
+                           "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads((tmp_path / "memory_growth.json").read_text())
+    assert (tmp_path / "memory_growth.png").stat().st_size > 0
+    results = data["results"]
+    for system in ("rgemma", "gemma"):
+        rows = results[system]
+        assert [r["length"] for r in rows] == [64, 128, 256]
+        assert all("error" not in r and r["tok_s"] > 0 and r["mem_mb"] > 0 for r in rows), rows
+    cache = [r["state_bytes"] for r in results["gemma"]]
+    assert cache[0] < cache[1] < cache[2] and cache[2] >= 3 * cache[0]    # the KV cache grows
+    state = [r["state_bytes"] for r in results["rgemma"]]
+    assert state[0] > 0 and len(set(state)) == 1                          # a fixed-size state
+    assert "last/first" in proc.stdout

@@ -18,10 +18,11 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import RECURRENT, GriffinConfig
-from .layers import Chunk, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNorm
+from .layers import Chunk, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNorm, mixed_linear
 from .state import AttentionLayerState, State, clone_layer
 
 LogitsMode = Literal["all", "last", "none"]
@@ -204,10 +205,10 @@ class Griffin(nn.Module):
         if hasattr(self.embed_tokens, "attend"):     # quantized table
             z = self.embed_tokens.attend(x)
         elif self.embed_tokens.weight.dtype == x.dtype:
-            z = x @ self.embed_tokens.weight.T
-        else:  # convert the (large) table block by block, never all at once
+            z = F.linear(x, self.embed_tokens.weight)
+        else:  # held in another dtype: the (large) table block by block
             table = self.embed_tokens.weight
-            z = torch.cat([x @ table[i:i + _VOCAB_BLOCK].to(x.dtype).T
+            z = torch.cat([mixed_linear(x, table[i:i + _VOCAB_BLOCK])
                            for i in range(0, table.shape[0], _VOCAB_BLOCK)], dim=-1)
         c = self.config.logits_soft_cap
         return torch.tanh(z / c) * c if c else z

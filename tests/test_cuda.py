@@ -1,0 +1,196 @@
+"""The GPU paths: model, scan, state, compiled decode (CUDA graphs), generation,
+engine and training on CUDA, each against the same computation on the CPU.
+
+Skipped where no CUDA device is present (CI has none); run by hand on a GPU
+machine with ``python -m pytest tests/test_cuda.py``. Matmuls run in float32
+(no TF32) so CPU and GPU agree to rounding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rgemma.generate import generate
+from rgemma.scan import linear_scan, linear_scan_reference
+
+from conftest import arange_positions, random_model, tiny_config
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+ATOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _cpu_and_gpu(cfg, seed: int = 0):
+    cpu = random_model(cfg, seed)
+    gpu = random_model(cfg, seed).cuda()
+    return cpu, gpu
+
+
+def test_model_matches_cpu_with_padding_chunks_and_window_wrap():
+    """Left padding, a document reset, chunked prefill past the window and decode
+    steps: the GPU model equals the CPU model token for token."""
+    cfg = tiny_config(attention_window=8)
+    cpu, gpu = _cpu_and_gpu(cfg)
+    B, T = 3, 40
+    tokens = torch.randint(0, cfg.vocab_size, (B, T))
+    positions = arange_positions(B, T)
+    positions[1, :5] = -1                       # left padding
+    positions[1, 5:] = torch.arange(T - 5)
+    positions[2, 20:] = torch.arange(T - 20)    # a second document in row 2
+    with torch.no_grad():
+        ref_state = cpu.init_state(B)
+        ref, _ = cpu(tokens, positions, ref_state)
+        state = gpu.init_state(B)
+        parts = [gpu(tokens[:, s:e].cuda(), positions[:, s:e].cuda(), state)[0]
+                 for s, e in ((0, 13), (13, 14), (14, 40))]
+        out = torch.cat(parts, dim=1).cpu()
+        real = positions >= 0
+        assert (out - ref)[real].abs().max().item() <= ATOL
+        # decode steps (the T == 1 path) on both devices
+        nxt = torch.randint(0, cfg.vocab_size, (B, 1))
+        for i in range(5):
+            pos = positions[:, -1:] + 1 + i
+            a, _ = cpu(nxt, pos, ref_state)
+            b, _ = gpu(nxt.cuda(), pos.cuda(), state)
+            assert (b.cpu() - a).abs().max().item() <= ATOL
+            nxt = a[:, -1].argmax(-1, keepdim=True)
+    gpu_tensors = state.tensors()
+    for name, t in ref_state.tensors().items():          # the states agree too
+        assert torch.allclose(gpu_tensors[name].cpu(), t, atol=ATOL), name
+
+
+def test_scan_matches_reference_and_gradients():
+    """The chunked scan on CUDA: values and gradients of the sequential loop."""
+    torch.manual_seed(0)
+    B, T, L = 2, 300, 48
+    a = torch.rand(B, T, L, dtype=torch.float64) * 0.5 + 0.5
+    x = torch.randn(B, T, L, dtype=torch.float64)
+    h0 = torch.randn(B, L, dtype=torch.float64)
+    ref_y, ref_h = linear_scan_reference(a, x, h0)
+    ag, xg, hg = (t.cuda().requires_grad_() for t in (a, x, h0))
+    y, h = linear_scan(ag, xg, hg)
+    assert torch.allclose(y.cpu(), ref_y, atol=1e-10) and torch.allclose(h.cpu(), ref_h, atol=1e-10)
+    w = torch.randn_like(y)
+    (y * w).sum().backward()
+    ac, xc, hc = (t.detach().clone().requires_grad_() for t in (a, x, h0))
+    yc, _ = linear_scan_reference(ac, xc, hc)
+    (yc * w.cpu()).sum().backward()
+    for got, want in ((ag, ac), (xg, xc), (hg, hc)):
+        assert torch.allclose(got.grad.cpu(), want.grad, atol=1e-8)
+
+
+def test_state_moves_between_devices_mid_stream():
+    """Prefill on the GPU, move the state to the CPU and continue there: equal to
+    an uninterrupted CPU run (snapshots are device-portable)."""
+    cfg = tiny_config(attention_window=8)
+    cpu, gpu = _cpu_and_gpu(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 30))
+    positions = arange_positions(2, 30)
+    with torch.no_grad():
+        ref, _ = cpu(tokens, positions)
+        state = gpu.init_state(2)
+        first, _ = gpu(tokens[:, :17].cuda(), positions[:, :17].cuda(), state)
+        moved = state.to("cpu")
+        rest, _ = cpu(tokens[:, 17:], positions[:, 17:], moved)
+    out = torch.cat([first.cpu(), rest], dim=1)
+    assert (out - ref).abs().max().item() <= ATOL
+
+
+def test_compiled_step_with_cuda_graphs_equals_eager():
+    """compile_step(mode="reduce-overhead") (CUDA graphs, state updated in place)
+    decodes the same logits as the eager step, across two batch sizes."""
+    cfg = tiny_config(attention_window=8)
+    eager = random_model(cfg).cuda()
+    compiled = random_model(cfg).cuda().compile_step(mode="reduce-overhead")
+    for B in (1, 4):
+        prompt = torch.randint(0, cfg.vocab_size, (B, 12), device="cuda")
+        pos = torch.arange(12, device="cuda").expand(B, 12)
+        with torch.inference_mode():
+            s1, s2 = eager.init_state(B), compiled.init_state(B)
+            a, _ = eager(prompt, pos, s1, logits="last")
+            b, _ = compiled(prompt, pos, s2, logits="last")
+            for i in range(12):                  # past the window: the ring wraps
+                tok = a.argmax(-1, keepdim=True)
+                p = torch.full((B, 1), 12 + i, device="cuda")
+                a, _ = eager(tok, p, s1, logits="last")
+                b, _ = compiled(tok, p, s2, logits="last")
+                assert (a - b).abs().max().item() <= 1e-3, (B, i)
+
+
+def test_generate_on_gpu_equals_cpu():
+    """Batched greedy generation with the bundled demo model: same tokens on both devices."""
+    from rgemma import demo
+    cpu, tok = demo.load(dtype=torch.float32)
+    gpu, _ = demo.load(dtype=torch.float32, device="cuda")
+    prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):"]
+    a = generate(cpu, tok, prompts, max_new_tokens=24)
+    b = generate(gpu, tok, prompts, max_new_tokens=24)
+    assert [c.token_ids for c in b] == [c.token_ids for c in a]
+    assert b[0].state.device.type == "cuda"
+
+
+def test_engine_on_gpu_batched_equals_alone():
+    """The continuous-batching engine drives a GPU model: requests together equal alone."""
+    from rgemma import demo
+    from rgemma.engine import Engine, EngineConfig, Request
+    model, tok = demo.load(dtype=torch.float32, device="cuda")
+    prompts = ["def main():", "import sys\n", "for i in range(10):", "# a comment"]
+    requests = [Request(prompt_ids=tok.encode(p), max_tokens=12 + 3 * i, stop_ids=[])
+                for i, p in enumerate(prompts)]
+    with Engine(model, tok, EngineConfig(max_batch=4, prefill_chunk=8)) as engine:
+        alone = [engine.submit(r).result(timeout=120)[0][0].token_ids for r in requests]
+        handles = [engine.submit(r) for r in requests]
+        together = [h.result(timeout=120)[0][0].token_ids for h in handles]
+    assert together == alone
+    assert [len(t) for t in together] == [r.max_tokens for r in requests]
+
+
+def test_training_gradients_match_cpu():
+    """Loss and gradients of a training step (scan backward, activation
+    checkpointing) on the GPU equal the CPU's."""
+    cfg = tiny_config(attention_window=8)
+    cpu, gpu = _cpu_and_gpu(cfg)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    positions = arange_positions(2, 24)
+    positions[1, 10:] = torch.arange(14)          # packed: a second document
+    losses = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        model.train()
+        model.gradient_checkpointing = True
+        logits, _ = model(tokens.to(dev), positions.to(dev))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size),
+                                                 tokens[:, 1:].reshape(-1).to(dev))
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= 1e-5
+    for (name, p), q in zip(cpu.named_parameters(), gpu.parameters()):
+        assert torch.allclose(q.grad.cpu(), p.grad, atol=1e-4, rtol=1e-3), name
+
+
+def test_bf16_on_gpu_close_to_fp32():
+    """bf16 weights and activations on the GPU (the official numerics there): close
+    to float32, and prefill + steps equal one call to bf16 rounding."""
+    cfg = tiny_config(attention_window=8)
+    ref_model = random_model(cfg)
+    model = random_model(cfg).to(torch.bfloat16).cuda()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 20))
+    positions = arange_positions(2, 20)
+    with torch.no_grad():
+        ref, _ = ref_model(tokens, positions)
+        out, _ = model(tokens.cuda(), positions.cuda())
+        state = model.init_state(2)
+        model(tokens[:, :19].cuda(), positions[:, :19].cuda(), state)
+        last, _ = model(tokens[:, 19:].cuda(), positions[:, 19:].cuda(), state)
+    scale = ref.abs().max().item()
+    assert out.dtype == torch.bfloat16
+    assert (out.float().cpu() - ref).abs().max().item() <= 0.05 * scale
+    assert (last.float() - out[:, 19:].float()).abs().max().item() <= 0.02 * scale
