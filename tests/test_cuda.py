@@ -126,6 +126,41 @@ def test_compiled_step_with_cuda_graphs_equals_eager():
                 assert (a - b).abs().max().item() <= 1e-3, (B, i)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_captured_step_equals_eager(compiled):
+    """capture_step (the decode step replayed as CUDA graphs, alone or over
+    compile_step): the eager step's logits and states, for two batch sizes and
+    two live states at once, past the window, with a document reset."""
+    cfg = tiny_config(attention_window=8)
+    eager = random_model(cfg).cuda()
+    graphed = random_model(cfg).cuda()
+    if compiled:
+        graphed.compile_step()
+    graphed.capture_step()
+    with torch.inference_mode():
+        runs = []
+        for B in (1, 3, 3):                      # the second B=3 state: its own graph
+            prompt = torch.randint(0, cfg.vocab_size, (B, 10), device="cuda")
+            pos = torch.arange(10, device="cuda").expand(B, 10)
+            s1, s2 = eager.init_state(B), graphed.init_state(B)
+            a, _ = eager(prompt, pos, s1, logits="last")
+            graphed(prompt, pos, s2, logits="last")
+            runs.append((B, s1, s2, a))
+        for i in range(14):                       # interleaved: graphs replayed in turn
+            for B, s1, s2, a in runs:
+                tok = torch.full((B, 1), 5 + i, device="cuda")
+                p = torch.full((B, 1), 10 + i, device="cuda")
+                if i == 9:
+                    p[0] = 0                       # row 0 starts a new document
+                a, _ = eager(tok, p, s1, logits="last")
+                b, _ = graphed(tok, p, s2, logits="last")
+                assert (a - b).abs().max().item() <= 1e-4, (B, i)
+        for B, s1, s2, _ in runs:
+            for name, t in s1.tensors().items():
+                assert torch.allclose(t, s2.tensors()[name], atol=1e-4), name
+    assert len(graphed._graphed_step.graphs) == 3
+
+
 def test_generate_on_gpu_equals_cpu():
     """Batched greedy generation with the bundled demo model: same tokens on both devices."""
     from rgemma import demo
@@ -134,7 +169,9 @@ def test_generate_on_gpu_equals_cpu():
     prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):"]
     a = generate(cpu, tok, prompts, max_new_tokens=24)
     b = generate(gpu, tok, prompts, max_new_tokens=24)
-    assert [c.token_ids for c in b] == [c.token_ids for c in a]
+    c = generate(gpu, tok, prompts, max_new_tokens=24, compile=True)   # compiled + CUDA graphs
+    assert [x.token_ids for x in b] == [x.token_ids for x in a]
+    assert [x.token_ids for x in c] == [x.token_ids for x in a]
     assert b[0].state.device.type == "cuda"
 
 

@@ -200,10 +200,12 @@ def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor,
 
 def _make_step(model, compile: bool) -> Callable:
     """The decode step; with ``compile`` the model's step function is captured by
-    torch.compile (``Griffin.compile_step``: CPU C++ codegen, or CUDA graphs on CUDA)."""
+    torch.compile (``Griffin.compile_step``), and on CUDA recorded as CUDA graphs
+    (``Griffin.capture_step``)."""
     if compile and model._compiled_step is None:
-        mode = "reduce-overhead" if model.device.type == "cuda" else None
-        model.compile_step(mode=mode)
+        model.compile_step()
+        if model.device.type == "cuda":
+            model.capture_step()
     return lambda tokens, positions, state: decode_step(model, tokens, positions, state)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import threading
 
 import torch
@@ -95,13 +96,24 @@ def _cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-# Up to this many rows, a product with low-precision weights runs in the
-# weights' dtype: it is bound by reading the weights, and converting them
-# first costs more than the product. Past it, the weights are converted to the
-# activations' dtype (a reused buffer, see `workspace`) and multiplied there.
-# Without native bf16 (AVX2), bf16 products run at ~18 GFLOP/s against fp32's
-# ~140, so the crossover is a few rows; with it, bf16 wins at any size.
-FEW_ROWS = 16 if _cpu_has_native_bf16() else 4
+NATIVE_BF16 = _cpu_has_native_bf16()
+
+# Up to this many rows, a product with weights held in bf16 runs in bf16 (x
+# rounded to bf16, float32 accumulation inside the kernel); past it, the weights
+# are converted to the activations' dtype (a reused buffer, see `workspace`) and
+# multiplied there. Without native bf16 (AVX2) bf16 products run at ~18 GFLOP/s
+# against fp32's ~140: only few-row products (decode), bound by reading the
+# weights, gain. With native bf16 (AVX512-BF16: ~430 GFLOP/s against fp32's
+# ~185, measured) every product does. Tests and users may set it.
+LOW_PRECISION_ROWS = sys.maxsize if NATIVE_BF16 else 4
+
+
+def low_precision_matmul_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
+    """The dtype to multiply ``rows`` rows of x in against weights stored below
+    x's precision (quantized, or held in bf16): bf16 where that is faster."""
+    if x.device.type == "cpu" and rows <= LOW_PRECISION_ROWS and not torch.is_grad_enabled():
+        return torch.bfloat16
+    return x.dtype
 
 _workspaces = threading.local()
 
@@ -133,13 +145,13 @@ def converted(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def mixed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w.T + b, x [..., K] in its dtype, w [N, K] held in another: -> [..., N] in x's dtype.
 
-    Reference: F.linear(x, w.to(x.dtype), b.to(x.dtype)). Few rows (decode,
-    ≤ FEW_ROWS): x is rounded to w's dtype and multiplied there (the
-    accumulation stays float32 inside the kernel), bias added in x's dtype.
-    Many rows (prefill): w is converted to x's dtype and multiplied there.
+    Reference: F.linear(x, w.to(x.dtype), b.to(x.dtype)). Where
+    ``low_precision_matmul_dtype`` says so (few rows, or a CPU with native
+    bf16), x is rounded to w's dtype and multiplied there, the bias added in
+    x's dtype; else w is converted to x's dtype and multiplied there.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    if rows <= FEW_ROWS and w.device.type == "cpu" and not torch.is_grad_enabled():
+    if w.dtype == torch.bfloat16 and low_precision_matmul_dtype(x, rows) == torch.bfloat16:
         y = F.linear(x.to(w.dtype), w).to(x.dtype)
         return y if b is None else y + b.to(x.dtype)
     return F.linear(x, converted(w, x.dtype), None if b is None else b.to(x.dtype))

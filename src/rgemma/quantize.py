@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear
+from .layers import Linear, low_precision_matmul_dtype, workspace
 from .model import _VOCAB_BLOCK
 
 _DECODE_ROWS = 16          # at most this many rows: use the packed kernels
@@ -118,8 +118,15 @@ class Int8Linear(nn.Module):
                                                    self.scale.to(torch.bfloat16))
             y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         else:
-            y = F.linear(x, dequantize_int8(self.qweight, self.scale, x.dtype))
+            dtype = low_precision_matmul_dtype(x, rows)
+            y = F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """q * scale [N, K] in ``dtype`` (into a reused buffer while autograd is off)."""
+        if torch.is_grad_enabled() or self.qweight.device.type != "cpu":
+            return dequantize_int8(self.qweight, self.scale, dtype)
+        return torch.mul(self.qweight, self.scale[:, None], out=workspace(self.qweight, dtype))
 
 
 class Int4Linear(nn.Module):
@@ -180,7 +187,8 @@ class Int4Linear(nn.Module):
                                                            scales_zeros)
             y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         else:
-            y = F.linear(x, self.dequantized(x.dtype))
+            dtype = low_precision_matmul_dtype(x, rows)
+            y = F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def _apply(self, fn, recurse=True):  # moving the module drops the kernel cache
@@ -212,9 +220,11 @@ class QuantEmbedding(nn.Module):
         if x.numel() // x.shape[-1] <= _DECODE_ROWS:
             return self.table(x)
         V = self.table.out_features
-        parts = [x @ self.rows(slice(i, i + _VOCAB_BLOCK), x.dtype).T   # block by block
+        dtype = low_precision_matmul_dtype(x, x.numel() // x.shape[-1])
+        xd = x.to(dtype)
+        parts = [F.linear(xd, self.rows(slice(i, i + _VOCAB_BLOCK), dtype))   # block by block
                  for i in range(0, V, _VOCAB_BLOCK)]
-        return torch.cat(parts, dim=-1)
+        return torch.cat(parts, dim=-1).to(x.dtype)
 
 
 # --------------------------------------------------------------------------
