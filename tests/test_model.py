@@ -301,21 +301,25 @@ def test_2b_preset_parameter_count_on_meta():
     assert nine.num_parameters() == 8_579_977_216
 
 
+def _bf16_held_and_rounded():
+    """(float32 model on bf16-rounded weights, the same weights held in bf16 with
+    float32 activations, tokens, positions)."""
+    cfg = tiny_config(attention_window=8)
+    rounded = random_model(cfg)
+    with torch.no_grad():
+        for p in rounded.parameters():
+            p.copy_(p.bfloat16().float())
+    held = random_model(cfg).to(torch.bfloat16).set_compute_dtype(torch.float32)
+    return (rounded, held, torch.randint(0, cfg.vocab_size, (2, 30)), arange_positions(2, 30))
+
+
 def test_bf16_held_weights_with_fp32_compute(monkeypatch):
     """Weights held in bfloat16, activations in float32: many-row calls are the
     float32 model's numbers on the bf16-rounded weights (chunking still exact);
     few-row calls (decode) multiply in bf16, within bf16 rounding of them. (As on
     a CPU without native bf16; with it, every call multiplies in bf16: below.)"""
     monkeypatch.setattr(layers, "LOW_PRECISION_ROWS", 4)
-    cfg = tiny_config(attention_window=8)
-    model = random_model(cfg)
-    rounded = random_model(cfg)
-    with torch.no_grad():
-        for p in rounded.parameters():
-            p.copy_(p.bfloat16().float())
-    held = random_model(cfg).to(torch.bfloat16).set_compute_dtype(torch.float32)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 30))
-    positions = arange_positions(2, 30)
+    rounded, held, tokens, positions = _bf16_held_and_rounded()
     with torch.no_grad():
         ref, _ = rounded(tokens, positions)
         out, state = held(tokens, positions)
@@ -334,14 +338,7 @@ def test_bf16_held_weights_multiplied_in_bf16_everywhere(monkeypatch):
     """The native-bf16 CPU policy (every product in bf16): within bf16 rounding of
     the float32 model on the rounded weights, and bf16 products really happen."""
     monkeypatch.setattr(layers, "LOW_PRECISION_ROWS", sys.maxsize)
-    cfg = tiny_config(attention_window=8)
-    rounded = random_model(cfg)
-    with torch.no_grad():
-        for p in rounded.parameters():
-            p.copy_(p.bfloat16().float())
-    held = random_model(cfg).to(torch.bfloat16).set_compute_dtype(torch.float32)
-    tokens = torch.randint(0, cfg.vocab_size, (2, 30))
-    positions = arange_positions(2, 30)
+    rounded, held, tokens, positions = _bf16_held_and_rounded()
     with torch.no_grad():
         ref, _ = rounded(tokens, positions)
         out, _ = held(tokens, positions)

@@ -383,12 +383,8 @@ def autocast_context(cfg: TrainConfig):
 def bf16_supported(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    from .layers import NATIVE_BF16
+    return NATIVE_BF16
 
 
 # --------------------------------------------------------------------------
