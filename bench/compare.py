@@ -111,6 +111,9 @@ def build_systems(args, cfg):
         if device == "cuda":
             compiled.capture_step()                  # and replayed as CUDA graphs
         systems["rgemma-compiled"] = (drive_rgemma, compiled)
+        for bits in args.quantize:
+            systems[f"rgemma-int{bits}-compiled"] = (drive_rgemma,
+                                                     quantized_copy(base, bits).compile_step())
     if "transformers" in args.peers:
         systems["transformers"] = (drive_transformers, transformers_from(base, dtype))
     if "official" in args.peers:
@@ -128,8 +131,8 @@ def main() -> None:
                    choices=["transformers", "official"])
     p.add_argument("--quantize", nargs="*", type=int, default=[8, 4], choices=[8, 4])
     p.add_argument("--compile", action="store_true",
-                   help="add rgemma-compiled (torch.compile'd decode step, on CUDA replayed as "
-                        "CUDA graphs; compile time excluded)")
+                   help="add rgemma-compiled and rgemma-intN-compiled (torch.compile'd decode "
+                        "step, on CUDA replayed as CUDA graphs; compile time excluded)")
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
     p.add_argument("--contexts", nargs="+", type=int, default=[16, 4096],
                    help="prompt lengths before the decode measurement")

@@ -99,6 +99,7 @@ class Int8Linear(nn.Module):
                                                     device=device))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        self._scale_bf16: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -115,12 +116,27 @@ class Int8Linear(nn.Module):
         if rows <= _DECODE_ROWS and x.device.type == "cpu" and _has_op("_weight_int8pack_mm"):
             flat = x.reshape(rows, -1)
             y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight,
-                                                   self.scale.to(torch.bfloat16))
+                                                   self._kernel_scale())
             y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         else:
             dtype = low_precision_matmul_dtype(x, rows)
             y = F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _kernel_scale(self) -> torch.Tensor:
+        """The scales in bf16, as the packed kernel takes them (built once, lazily: a
+        tensor, not an expression, so torch.compile can lower the kernel)."""
+        if self._scale_bf16 is None:
+            self._scale_bf16 = self.scale.to(torch.bfloat16)
+        return self._scale_bf16
+
+    def _apply(self, fn, recurse=True):  # moving the module drops the kernel cache
+        self._scale_bf16 = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # so does loading new weights
+        self._scale_bf16 = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """q * scale [N, K] in ``dtype`` (into a reused buffer while autograd is off)."""
@@ -194,6 +210,10 @@ class Int4Linear(nn.Module):
     def _apply(self, fn, recurse=True):  # moving the module drops the kernel cache
         self._packed = None
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # so does loading new weights
+        self._packed = None
+        return super()._load_from_state_dict(*args, **kwargs)
 
 
 class QuantEmbedding(nn.Module):
