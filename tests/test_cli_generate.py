@@ -74,6 +74,18 @@ def test_generate_streams_the_api_output(model_dir, loaded, tmp_path, capsys):
     assert capsys.readouterr().out == chat.text + "\n"
 
 
+def test_generate_quantized_at_load(model_dir, capsys):
+    """--quantize 8: the output of the model quantized by checkpoint.load."""
+    model, tok = checkpoint.load(model_dir, quantize=8)
+    want = generate(model, tok, ["the quick brown fox"], max_new_tokens=12)[0]
+    assert main(["generate", "the quick brown fox", "--model", str(model_dir),
+                 "--max-tokens", "12", "--quantize", "8"]) == 0
+    assert capsys.readouterr().out == want.text + "\n"
+    with pytest.raises(SystemExit):                       # argparse: invalid choice
+        main(["generate", "hi", "--model", str(model_dir), "--quantize", "5"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
 def test_generate_save_then_load_continues_exactly(model_dir, loaded, tmp_path, capsys):
     model, tok = loaded
     prompt, kw = "once upon a time", ["--temp", "1.0", "--top-p", "0.9"]

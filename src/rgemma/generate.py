@@ -492,6 +492,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "Orbax directory (default: the bundled demo model)")
     p.add_argument("--dtype", choices=DTYPES, default=None,
                    help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
+                   help="quantize the weights to int8 / int4 at load time (CPU decode reads "
+                        "2-4x fewer bytes per token; with --compile, int4 is the fastest)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -571,7 +574,8 @@ def load_model(args):
     device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
     try:
-        model, tokenizer = checkpoint.load(path, dtype=dtype, device=device)
+        model, tokenizer = checkpoint.load(path, dtype=dtype, device=device,
+                                           quantize=getattr(args, "quantize", None))
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise CLIError(f"cannot load model {path!r}: {_one_line(e)}") from None
     if tokenizer is None:
