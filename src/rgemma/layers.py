@@ -118,28 +118,29 @@ def low_precision_matmul_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
 _workspaces = threading.local()
 
 
-def workspace(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A reused buffer of ``like``'s shape in ``dtype`` (per thread).
+def workspace(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """A reused buffer of ``like``'s shape in ``dtype`` (per thread), or None where
+    one must not be used: while autograd is on (the buffer is overwritten by the
+    next layer, so it must not be saved for backward) or off the CPU.
 
     Converting a large weight into a fresh tensor costs ~10x the copy itself
     (the allocator maps new pages and the kernel zeroes them); a buffer kept
-    from call to call is only written. Only while autograd is off: the
-    buffer is overwritten by the next layer, so it must not be saved for
-    backward.
+    from call to call is only written.
     """
+    if torch.is_grad_enabled() or like.device.type != "cpu":
+        return None
     cache = _workspaces.__dict__.setdefault("buffers", {})
-    key = (tuple(like.shape), dtype, like.device)
+    key = (tuple(like.shape), dtype)
     buf = cache.get(key)
     if buf is None:
-        buf = cache[key] = torch.empty(like.shape, dtype=dtype, device=like.device)
+        buf = cache[key] = torch.empty(like.shape, dtype=dtype)
     return buf
 
 
 def converted(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``w.to(dtype)``, through a reused buffer when autograd is off."""
-    if torch.is_grad_enabled() or w.device.type != "cpu":
-        return w.to(dtype)
-    return workspace(w, dtype).copy_(w)
+    """``w.to(dtype)``, through a reused buffer where one may be used."""
+    buf = workspace(w, dtype)
+    return w.to(dtype) if buf is None else buf.copy_(w)
 
 
 def mixed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:

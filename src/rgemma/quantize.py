@@ -87,7 +87,40 @@ def _has_op(name: str) -> bool:
 # Modules
 # --------------------------------------------------------------------------
 
-class Int8Linear(nn.Module):
+class _QuantLinear(nn.Module):
+    """What the int8 and int4 layers share. Few rows (decode) on the CPU go
+    through PyTorch's packed kernel, whose weights a subclass builds once,
+    lazily (``_kernel_weights``), and which are dropped when the module moves or
+    loads new weights; many rows multiply the dequantized weights densely."""
+
+    bias: torch.Tensor | None
+
+    def __init__(self):
+        super().__init__()
+        self._kernel: tuple[torch.Tensor, ...] | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows <= _DECODE_ROWS and x.device.type == "cpu" and self._has_kernel():
+            if self._kernel is None:
+                self._kernel = self._kernel_weights()
+            flat = x.reshape(rows, -1).to(torch.bfloat16)
+            y = self._kernel_mm(flat, *self._kernel).to(x.dtype).reshape(*x.shape[:-1], -1)
+        else:
+            dtype = low_precision_matmul_dtype(x, rows)
+            y = F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
+        return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _apply(self, fn, recurse=True):  # moving the module drops the kernel's weights
+        self._kernel = None
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):  # so does loading new weights
+        self._kernel = None
+        return super()._load_from_state_dict(*args, **kwargs)
+
+
+class Int8Linear(_QuantLinear):
     """y = x @ (q * scale).T + b with q int8 [N, K], scale [N]."""
 
     bits = 8
@@ -99,7 +132,6 @@ class Int8Linear(nn.Module):
                                                     device=device))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._scale_bf16: torch.Tensor | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
@@ -111,41 +143,26 @@ class Int8Linear(nn.Module):
             m.bias = lin.bias.detach().float().clone()
         return m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if rows <= _DECODE_ROWS and x.device.type == "cpu" and _has_op("_weight_int8pack_mm"):
-            flat = x.reshape(rows, -1)
-            y = torch.ops.aten._weight_int8pack_mm(flat.to(torch.bfloat16), self.qweight,
-                                                   self._kernel_scale())
-            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
-        else:
-            dtype = low_precision_matmul_dtype(x, rows)
-            y = F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def _kernel_scale(self) -> torch.Tensor:
-        """The scales in bf16, as the packed kernel takes them (built once, lazily: a
-        tensor, not an expression, so torch.compile can lower the kernel)."""
-        if self._scale_bf16 is None:
-            self._scale_bf16 = self.scale.to(torch.bfloat16)
-        return self._scale_bf16
-
-    def _apply(self, fn, recurse=True):  # moving the module drops the kernel cache
-        self._scale_bf16 = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # so does loading new weights
-        self._scale_bf16 = None
-        return super()._load_from_state_dict(*args, **kwargs)
-
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
-        """q * scale [N, K] in ``dtype`` (into a reused buffer while autograd is off)."""
-        if torch.is_grad_enabled() or self.qweight.device.type != "cpu":
+        """q * scale [N, K] in ``dtype`` (into a reused buffer where one may be used)."""
+        buf = workspace(self.qweight, dtype)
+        if buf is None:
             return dequantize_int8(self.qweight, self.scale, dtype)
-        return torch.mul(self.qweight, self.scale[:, None], out=workspace(self.qweight, dtype))
+        return torch.mul(self.qweight, self.scale[:, None], out=buf)
+
+    def _has_kernel(self) -> bool:
+        return _has_op("_weight_int8pack_mm")
+
+    def _kernel_weights(self) -> tuple[torch.Tensor]:
+        """The scales in bf16, as the kernel takes them (a tensor, not an
+        expression, so torch.compile can lower the kernel)."""
+        return (self.scale.to(torch.bfloat16),)
+
+    def _kernel_mm(self, flat: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int8pack_mm(flat, self.qweight, scale)
 
 
-class Int4Linear(nn.Module):
+class Int4Linear(_QuantLinear):
     """y = x @ W.T + b with W stored as int4 groups (q * scale + min)."""
 
     bits = 4
@@ -163,7 +180,6 @@ class Int4Linear(nn.Module):
         self.register_buffer("scale", torch.zeros(out_features, n_groups, device=device))
         self.register_buffer("minimum", torch.zeros(out_features, n_groups, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
-        self._packed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, group_size: int) -> "Int4Linear":
@@ -180,40 +196,24 @@ class Int4Linear(nn.Module):
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         return dequantize_int4(unpack_nibbles(self.qweight), self.scale, self.minimum, dtype)
 
+    def _has_kernel(self) -> bool:
+        return self.out_features % 16 == 0 and _has_op("_weight_int4pack_mm_for_cpu")
+
     def _kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Weights in the layout of PyTorch's CPU int4 kernel (built once, lazily).
+        """Weights in the layout of PyTorch's CPU int4 kernel.
 
         That kernel computes W = (q - 8) * scale + zero, so zero = min + 8 * scale.
         """
-        if self._packed is None:
-            q = unpack_nibbles(self.qweight).to(torch.int32)
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            zero = self.minimum + 8 * self.scale
-            scales_zeros = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
-            self._packed = (packed, scales_zeros.to(torch.bfloat16))
-        return self._packed
+        q = unpack_nibbles(self.qweight).to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        zero = self.minimum + 8 * self.scale
+        scales_zeros = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
+        return packed, scales_zeros.to(torch.bfloat16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (rows <= _DECODE_ROWS and x.device.type == "cpu" and self.out_features % 16 == 0
-                and _has_op("_weight_int4pack_mm_for_cpu")):
-            packed, scales_zeros = self._kernel_weights()
-            flat = x.reshape(rows, -1).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size,
-                                                           scales_zeros)
-            y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
-        else:
-            dtype = low_precision_matmul_dtype(x, rows)
-            y = F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
-
-    def _apply(self, fn, recurse=True):  # moving the module drops the kernel cache
-        self._packed = None
-        return super()._apply(fn, recurse)
-
-    def _load_from_state_dict(self, *args, **kwargs):  # so does loading new weights
-        self._packed = None
-        return super()._load_from_state_dict(*args, **kwargs)
+    def _kernel_mm(self, flat: torch.Tensor, packed: torch.Tensor,
+                   scales_zeros: torch.Tensor) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size,
+                                                          scales_zeros)
 
 
 class QuantEmbedding(nn.Module):
