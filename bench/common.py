@@ -62,13 +62,19 @@ def transformers_from(model: Griffin, dtype: torch.dtype):
     hf.load_state_dict(sd, strict=False, assign=True)
     hf.lm_head.weight = hf.model.embed_tokens.weight
     # buffers built on the meta device (RoPE frequencies, the embedding normalizer): rebuild
-    for name, module in list(hf.named_modules()):
-        if type(module).__name__.endswith("RotaryEmbedding"):
-            parent, _, attr = name.rpartition(".")
-            setattr(hf.get_submodule(parent), attr, type(module)(hf.config))
+    rebuild_rotary_embeddings(hf, "cpu")
     hf.model.normalizer = torch.tensor(model.config.width ** 0.5, dtype=torch.bfloat16)
     hf.generation_config.pad_token_id = 0
     return hf.eval()
+
+
+def rebuild_rotary_embeddings(hf, device) -> None:
+    """A transformers model built on the meta device has no RoPE frequencies:
+    replace each rotary-embedding module by a fresh one on ``device``."""
+    for name, module in list(hf.named_modules()):
+        if type(module).__name__.endswith("RotaryEmbedding"):
+            parent, _, attr = name.rpartition(".")
+            setattr(hf.get_submodule(parent), attr, type(module)(hf.config).to(device))
 
 
 def official_from(model: Griffin, dtype: torch.dtype):

@@ -62,6 +62,7 @@ def random_gemma(config, dtype, device, seed: int = 0):
     """GemmaForCausalLM with N(0, 1/fan_in) weights, made directly in ``dtype`` on ``device``."""
     import torch
     import transformers
+    from common import rebuild_rotary_embeddings
     torch.manual_seed(seed)
     with torch.device("meta"):
         model = transformers.GemmaForCausalLM(config).to(dtype)
@@ -70,11 +71,9 @@ def random_gemma(config, dtype, device, seed: int = 0):
         for p in model.parameters():                     # tied lm_head: filled once
             p.normal_(0.0, (p.shape[-1] if p.ndim > 1 else config.hidden_size) ** -0.5)
         # buffers made on the meta device: rebuild them
-        for name, module in list(model.named_modules()):
-            if type(module).__name__.endswith("RotaryEmbedding"):
-                parent, _, attr = name.rpartition(".")
-                setattr(model.get_submodule(parent), attr, type(module)(config).to(device))
-            elif isinstance(getattr(module, "embed_scale", None), torch.Tensor):
+        rebuild_rotary_embeddings(model, device)
+        for module in model.modules():
+            if isinstance(getattr(module, "embed_scale", None), torch.Tensor):
                 module.embed_scale = torch.tensor(config.hidden_size ** 0.5, device=device)
     return model.eval()
 
