@@ -127,13 +127,20 @@ def workspace(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     (the allocator maps new pages and the kernel zeroes them); a buffer kept
     from call to call is only written.
     """
-    if torch.is_grad_enabled() or like.device.type != "cpu":
+    if like.device.type != "cpu":
+        return None
+    return workspace_like(tuple(like.shape), dtype)
+
+
+def workspace_like(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """A reused CPU buffer of ``shape`` in ``dtype`` (per thread); None while autograd is on."""
+    if torch.is_grad_enabled():
         return None
     cache = _workspaces.__dict__.setdefault("buffers", {})
-    key = (tuple(like.shape), dtype)
+    key = (tuple(shape), dtype)
     buf = cache.get(key)
     if buf is None:
-        buf = cache[key] = torch.empty(like.shape, dtype=dtype)
+        buf = cache[key] = torch.empty(shape, dtype=dtype)
     return buf
 
 

@@ -11,10 +11,14 @@ int4, per group of G input columns, asymmetric:
     scale = (max - min) / 15,   q = round((W - min) / scale) in [0, 15],
     W ~ q * scale + min
 
-Matmuls: a decode step (few rows) uses PyTorch's packed weight-only kernels
-where the CPU build has them (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``),
-reading 1 or 0.5 bytes per weight; many rows (prefill) dequantize the layer to
-the activation dtype once and run a dense matmul.
+Matmuls: a decode step (few rows) reads 1 or 0.5 bytes per weight through a
+kernel that widens the packed weights in registers: int8 through rgemma's own
+(``rgemma.kernels``: float32 activations, fastest), else PyTorch's packed
+kernels where the CPU build has them (``_weight_int8pack_mm``,
+``_weight_int4pack_mm_for_cpu``; bf16 activations). Many rows (prefill)
+convert the layer into a reused buffer once and run a dense matmul: int8 as
+``(x @ q.T) * scale`` (q is exact in bf16, the scale applied to the output),
+int4 dequantized.
 """
 
 from __future__ import annotations
@@ -23,10 +27,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Linear, low_precision_matmul_dtype, workspace
+from . import kernels
+from .layers import Linear, converted, low_precision_matmul_dtype, workspace_like
 from .model import _VOCAB_BLOCK
 
 _DECODE_ROWS = 16          # at most this many rows: use the packed kernels
+# Inside a compiled step a call to rgemma's kernel (a custom op) costs ~13 us
+# against ~6 us for PyTorch's; below ~1M weights that outweighs the faster
+# streaming, so small layers (the demo model's) keep PyTorch's kernel there.
+_NATIVE_MIN_WEIGHTS_COMPILED = 1 << 20
 
 
 class QuantizationError(ValueError):
@@ -89,9 +98,10 @@ def _has_op(name: str) -> bool:
 
 class _QuantLinear(nn.Module):
     """What the int8 and int4 layers share. Few rows (decode) on the CPU go
-    through PyTorch's packed kernel, whose weights a subclass builds once,
-    lazily (``_kernel_weights``), and which are dropped when the module moves or
-    loads new weights; many rows multiply the dequantized weights densely."""
+    through a packed kernel (``_few_rows``, None where there is none): rgemma's
+    own for int8, else PyTorch's, whose weights a subclass builds once, lazily
+    (``_kernel_weights``), and which are dropped when the module moves or loads
+    new weights. Many rows multiply densely (``_many_rows``)."""
 
     bias: torch.Tensor | None
 
@@ -101,15 +111,25 @@ class _QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
-        if rows <= _DECODE_ROWS and x.device.type == "cpu" and self._has_kernel():
-            if self._kernel is None:
-                self._kernel = self._kernel_weights()
-            flat = x.reshape(rows, -1).to(torch.bfloat16)
-            y = self._kernel_mm(flat, *self._kernel).to(x.dtype).reshape(*x.shape[:-1], -1)
-        else:
-            dtype = low_precision_matmul_dtype(x, rows)
-            y = F.linear(x.to(dtype), self.dequantized(dtype)).to(x.dtype)
+        y = None
+        if rows <= _DECODE_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
+            y = self._few_rows(x.reshape(rows, -1))
+        if y is None:
+            y = self._many_rows(x, low_precision_matmul_dtype(x, rows))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def _few_rows(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """[rows, K] -> [rows, N] through PyTorch's packed kernel, or None without one."""
+        if not self._has_kernel():
+            return None
+        if self._kernel is None:
+            self._kernel = self._kernel_weights()
+        return self._kernel_mm(flat.to(torch.bfloat16), *self._kernel)
+
+    def _many_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[..., K] -> [..., N]: the dequantized weights, multiplied in ``dtype``."""
+        return F.linear(x.to(dtype), self.dequantized(dtype))
 
     def _apply(self, fn, recurse=True):  # moving the module drops the kernel's weights
         self._kernel = None
@@ -144,11 +164,18 @@ class Int8Linear(_QuantLinear):
         return m
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
-        """q * scale [N, K] in ``dtype`` (into a reused buffer where one may be used)."""
-        buf = workspace(self.qweight, dtype)
-        if buf is None:
-            return dequantize_int8(self.qweight, self.scale, dtype)
-        return torch.mul(self.qweight, self.scale[:, None], out=buf)
+        """q * scale [N, K] in ``dtype``."""
+        return dequantize_int8(self.qweight, self.scale, dtype)
+
+    def _few_rows(self, flat: torch.Tensor) -> torch.Tensor | None:
+        large = self.qweight.numel() >= _NATIVE_MIN_WEIGHTS_COMPILED
+        if kernels.available() and (large or not torch.compiler.is_compiling()):
+            return kernels.int8_matmul(flat.float(), self.qweight, self.scale)
+        return super()._few_rows(flat)
+
+    def _many_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """(x @ q.T) * scale: q converted exactly (int8 fits bf16), the scale on the output."""
+        return F.linear(x.to(dtype), converted(self.qweight, dtype)) * self.scale.to(dtype)
 
     def _has_kernel(self) -> bool:
         return _has_op("_weight_int8pack_mm")
@@ -194,7 +221,21 @@ class Int4Linear(_QuantLinear):
         return m
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
-        return dequantize_int4(unpack_nibbles(self.qweight), self.scale, self.minimum, dtype)
+        """q * scale + min [N, K] in ``dtype``: ``dequantize_int4``, computed in place
+        in reused buffers where they may be used (~10x faster than the reference's
+        temporaries at 2B shapes, bit for bit the same)."""
+        N, K = self.out_features, self.in_features
+        on_cpu = self.qweight.device.type == "cpu"
+        w = workspace_like((N, K), dtype) if on_cpu else None
+        nibbles = workspace_like((N, K // 2), torch.uint8) if on_cpu else None
+        if w is None or nibbles is None:
+            return dequantize_int4(unpack_nibbles(self.qweight), self.scale, self.minimum, dtype)
+        pairs = w.view(N, K // 2, 2)                   # even column: low nibble
+        pairs[..., 0].copy_(torch.bitwise_and(self.qweight, 0xF, out=nibbles))
+        pairs[..., 1].copy_(torch.bitwise_right_shift(self.qweight, 4, out=nibbles))
+        groups = w.view(N, -1, self.group_size)
+        groups.mul_(self.scale.to(dtype)[..., None]).add_(self.minimum.to(dtype)[..., None])
+        return w
 
     def _has_kernel(self) -> bool:
         return self.out_features % 16 == 0 and _has_op("_weight_int4pack_mm_for_cpu")
@@ -242,9 +283,16 @@ class QuantEmbedding(nn.Module):
         V = self.table.out_features
         dtype = low_precision_matmul_dtype(x, x.numel() // x.shape[-1])
         xd = x.to(dtype)
-        parts = [F.linear(xd, self.rows(slice(i, i + _VOCAB_BLOCK), dtype))   # block by block
+        parts = [self._block_logits(xd, slice(i, i + _VOCAB_BLOCK), dtype)   # block by block
                  for i in range(0, V, _VOCAB_BLOCK)]
         return torch.cat(parts, dim=-1).to(x.dtype)
+
+    def _block_logits(self, x: torch.Tensor, index: slice, dtype: torch.dtype) -> torch.Tensor:
+        """x [..., D] against table rows ``index``; int8 as (x @ q.T) * scale."""
+        t = self.table
+        if isinstance(t, Int8Linear):
+            return F.linear(x, t.qweight[index].to(dtype)) * t.scale[index].to(dtype)
+        return F.linear(x, self.rows(index, dtype))
 
 
 # --------------------------------------------------------------------------
@@ -282,8 +330,19 @@ def quantize_model(model, bits: int = 8, group_size: int = 128, *,
             model.embed_tokens = QuantEmbedding(_quantized(lin, bits, group_size))
     model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None,
                           "embedding": embedding}
-    model.set_compute_dtype(torch.float32)
-    return model
+    return _float32_remnants(model)
+
+
+def _float32_remnants(model):
+    """What stays unquantized (RG-LRU gates and a, conv, norms, biases: ~1% of a
+    model) is held in float32, the dtype the model then computes in, so a decode
+    step does not convert it on every call."""
+    with torch.no_grad():
+        for module in model.modules():
+            for name, p in list(module.named_parameters(recurse=False)):
+                if p.is_floating_point() and p.dtype != torch.float32:
+                    setattr(module, name, nn.Parameter(p.float(), requires_grad=p.requires_grad))
+    return model.set_compute_dtype(torch.float32)
 
 
 def quantized_bytes(model) -> int:
@@ -357,7 +416,7 @@ def load_quantized(directory, *, device="cpu"):
             f"unexpected, {len(bad)} mis-shaped: {(missing + unexpected + bad)[:5]})")
     model.load_state_dict(stored, assign=True)
     model.quantization = spec
-    return model.to(device).set_compute_dtype(torch.float32)
+    return _float32_remnants(model.to(device))
 
 
 # --------------------------------------------------------------------------
