@@ -141,3 +141,14 @@ def test_quantized_model_keeps_the_rest_in_float32():
     assert floats and set(floats.values()) == {torch.float32}
     assert any(".rg_lru." in n or "lru" in n for n in floats)
     assert model.activation_dtype == torch.float32
+
+
+@needs_native
+def test_int8_kernel_takes_any_float_dtype_and_layout():
+    """The wrapper hands C what it expects (float32, contiguous): a bf16 scale,
+    a bf16 or strided x give the float32 product of their values."""
+    x, q, scale = _operands(2, 96, 10)
+    xt = torch.randn(96, 2).T                                  # not contiguous
+    for xi, si in ((x.bfloat16(), scale), (x, scale.bfloat16()), (xt, scale)):
+        y = kernels.int8_matmul(xi, q, si)
+        _check_against_float64(y, xi.float(), q, si.float())

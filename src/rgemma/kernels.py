@@ -66,7 +66,7 @@ def _compiler() -> str | None:
     return shutil.which(cc) or shutil.which("gcc")
 
 
-def build(verbose: bool = False) -> Path:
+def build() -> Path:
     """Compiles kernels.c into the cache (atomically) and returns the library's path.
 
     Raises RuntimeError, saying what failed, when no compiler works.
@@ -89,8 +89,6 @@ def build(verbose: bool = False) -> Path:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
             os.replace(tmp, target)                  # complete or absent, never half-written
-            if verbose:
-                print(f"rgemma: built {target}")
             return target
         os.unlink(tmp)
         errors.append(f"{' '.join(cmd)}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -119,7 +117,8 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """True where the native kernel is built (or can be) and loads. The first
     call builds it; under torch.compile (which cannot trace a build) only an
-    earlier call counts, so ``Griffin.compile_step`` calls this first."""
+    earlier call counts, so the int8 models' constructors (``quantize_model``,
+    ``load_quantized``) call this first."""
     global _lib, _loaded
     if not _loaded and not torch.compiler.is_compiling():
         _lib, _loaded = _load(), True
@@ -129,7 +128,7 @@ def available() -> bool:
 def _int8_matmul_native(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = q.shape[0]
-    x = x.contiguous()
+    x, q, scale = x.float().contiguous(), q.contiguous(), scale.float().contiguous()  # the C contract
     y = torch.empty(M, N, dtype=torch.float32)
     threads = 1 if M * N * K < _SMALL_WORK else torch.get_num_threads()
     _lib.rgemma_int8_matmul(x.data_ptr(), M, K, q.data_ptr(), N, scale.data_ptr(),
@@ -148,8 +147,8 @@ def _(x, q, scale):
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(x @ q.T) * scale: x [M, K] float32, q [N, K] int8, scale [N] float32 (CPU,
-    contiguous q and scale) -> [M, N] float32. Needs ``available()``."""
+    """(x @ q.T) * scale: x [M, K], q [N, K] int8, scale [N] (CPU) -> [M, N] float32,
+    computed in float32. Needs ``available()``."""
     if torch.compiler.is_compiling():
         return _int8_matmul_op(x, q, scale)
     return _int8_matmul_native(x, q, scale)

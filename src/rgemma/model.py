@@ -191,8 +191,6 @@ class Griffin(nn.Module):
         compiler; CUDA: add ``capture_step()`` to replay it as CUDA graphs, since
         ``mode="reduce-overhead"`` skips graphs for steps that update their inputs
         in place, as this one does). The first steps are slow while it compiles."""
-        from . import kernels
-        kernels.available()                      # builds the native kernel before tracing
         self._compiled_step = (torch.compile(self._step_eager, dynamic=False, **compile_kwargs)
                                if enable else None)
         if self._graphed_step is not None:       # recorded graphs hold the old function

@@ -78,6 +78,13 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
     return w.reshape(N, K)
 
 
+def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """x [..., K] @ dequantize_int8(q, scale).T in ``dtype``, computed as (x @ q.T) * scale:
+    q converted exactly (int8 fits bf16, through a reused buffer), the scale on the output."""
+    return F.linear(x.to(dtype), converted(q, dtype)) * scale.to(dtype)
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] of values 0..15 -> uint8 [N, K/2] (even column in the low nibble)."""
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
@@ -170,12 +177,11 @@ class Int8Linear(_QuantLinear):
     def _few_rows(self, flat: torch.Tensor) -> torch.Tensor | None:
         large = self.qweight.numel() >= _NATIVE_MIN_WEIGHTS_COMPILED
         if kernels.available() and (large or not torch.compiler.is_compiling()):
-            return kernels.int8_matmul(flat.float(), self.qweight, self.scale)
+            return kernels.int8_matmul(flat, self.qweight, self.scale)
         return super()._few_rows(flat)
 
     def _many_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(x @ q.T) * scale: q converted exactly (int8 fits bf16), the scale on the output."""
-        return F.linear(x.to(dtype), converted(self.qweight, dtype)) * self.scale.to(dtype)
+        return int8_linear(x, self.qweight, self.scale, dtype)
 
     def _has_kernel(self) -> bool:
         return _has_op("_weight_int8pack_mm")
@@ -291,7 +297,7 @@ class QuantEmbedding(nn.Module):
         """x [..., D] against table rows ``index``; int8 as (x @ q.T) * scale."""
         t = self.table
         if isinstance(t, Int8Linear):
-            return F.linear(x, t.qweight[index].to(dtype)) * t.scale[index].to(dtype)
+            return int8_linear(x, t.qweight[index], t.scale[index], dtype)
         return F.linear(x, self.rows(index, dtype))
 
 
@@ -330,18 +336,22 @@ def quantize_model(model, bits: int = 8, group_size: int = 128, *,
             model.embed_tokens = QuantEmbedding(_quantized(lin, bits, group_size))
     model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None,
                           "embedding": embedding}
-    return _float32_remnants(model)
+    return _ready(model)
 
 
-def _float32_remnants(model):
-    """What stays unquantized (RG-LRU gates and a, conv, norms, biases: ~1% of a
-    model) is held in float32, the dtype the model then computes in, so a decode
-    step does not convert it on every call."""
+def _ready(model):
+    """The last step of ``quantize_model`` and ``load_quantized``. What stays
+    unquantized (RG-LRU gates and a, conv, norms, biases: ~1% of a model) is
+    held in float32, the dtype the model then computes in, so a decode step does
+    not convert it on every call; an int8 model builds rgemma's kernel now (once
+    per machine), not inside a compiled step, which cannot trace the build."""
     with torch.no_grad():
         for module in model.modules():
             for name, p in list(module.named_parameters(recurse=False)):
                 if p.is_floating_point() and p.dtype != torch.float32:
                     setattr(module, name, nn.Parameter(p.float(), requires_grad=p.requires_grad))
+    if int(model.quantization["bits"]) == 8:
+        kernels.available()
     return model.set_compute_dtype(torch.float32)
 
 
@@ -416,7 +426,7 @@ def load_quantized(directory, *, device="cpu"):
             f"unexpected, {len(bad)} mis-shaped: {(missing + unexpected + bad)[:5]})")
     model.load_state_dict(stored, assign=True)
     model.quantization = spec
-    return _float32_remnants(model.to(device))
+    return _ready(model.to(device))
 
 
 # --------------------------------------------------------------------------
