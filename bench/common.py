@@ -30,7 +30,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def _demo_config() -> GriffinConfig:
-    from rgemma import demo
+    from rgemma.io import demo
     return GriffinConfig.from_json_file(os.path.join(demo.path(), "config.json"))
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from rgemma import weights
-from rgemma.checkpoint import INDEX_FILE, parse_size, plan_shards, shard_file_name
+from rgemma.io.checkpoint import INDEX_FILE, parse_size, plan_shards, shard_file_name
 from rgemma.config import GriffinConfig
 
 
@@ -60,7 +60,7 @@ def write_random_checkpoint(out: Path, config: GriffinConfig, dtype: torch.dtype
 MEASURE = textwrap.dedent("""
     import json, resource, sys, threading, time
     import torch
-    import rgemma.checkpoint as C
+    import rgemma.io.checkpoint as C
 
     def rss_kb(field):
         with open("/proc/self/status") as f:

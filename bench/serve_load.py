@@ -43,7 +43,7 @@ def random_checkpoint(directory: Path) -> str:
     import sentencepiece
     import torch
 
-    from rgemma import checkpoint
+    from rgemma.io import checkpoint
     from rgemma.config import GriffinConfig, griffin_pattern
     from rgemma.model import Griffin
     rng = random.Random(0)
@@ -174,7 +174,7 @@ def main() -> int:
             if args.random:
                 path = random_checkpoint(Path(tmp))
             elif path is None:
-                import rgemma.demo
+                import rgemma.io.demo
                 try:
                     path = rgemma.demo.path()
                 except FileNotFoundError as e:

@@ -18,8 +18,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from rgemma import checkpoint as C
-from rgemma import convert as convert_verb
+from rgemma.io import checkpoint as C
+from rgemma.cli import convert as convert_verb
+from rgemma.cli import main as rgemma_main
 from rgemma import weights as W
 from rgemma.config import GriffinConfig
 
@@ -209,7 +210,7 @@ def test_convert_verb_through_argparse(official_pt, tmp_path, capsys):
     assert convert_verb.run(parser.parse_args(["convert", str(official_pt), str(dst)])) == 2
     assert "already exists" in capsys.readouterr().err
     back = tmp_path / "back.pth"
-    assert convert_verb.main(["convert", str(dst), str(back)]) == 0
+    assert rgemma_main(["convert", str(dst), str(back)]) == 0
     sd = torch.load(back, weights_only=True)
     assert sd["embedder.input_embedding"].dtype == torch.float16
 
@@ -404,7 +405,7 @@ def test_failed_save_leaves_nothing(official_pt, tmp_path, monkeypatch):
 def test_killed_conversion_leaves_no_loadable_destination(official_pt, tmp_path):
     script = textwrap.dedent(f"""
         import os, safetensors.torch
-        from rgemma import checkpoint
+        from rgemma.io import checkpoint
         real, calls = safetensors.torch.save_file, []
         def dying(*args, **kwargs):
             calls.append(1)

@@ -15,11 +15,11 @@ import sys
 import pytest
 import torch
 
-from rgemma import checkpoint
-from rgemma.chat import ChatSession, Repl
+from rgemma.io import checkpoint
+from rgemma.inference.chat import ChatSession, Repl
 from rgemma.cli import main
-from rgemma.generate import generate
-from rgemma.snapshot import save_state
+from rgemma.inference.generate import generate
+from rgemma.io.snapshot import save_state
 from test_generate import tiny_config, tiny_model, train_tokenizer
 
 
@@ -99,7 +99,7 @@ def test_generate_save_then_load_continues_exactly(model_dir, loaded, tmp_path, 
     assert main(["generate", "--model", str(model_dir), "--load-state", state_file,
                  "--max-tokens", "20", *kw, "--save-state", state_file]) == 0
     second = capsys.readouterr().out
-    from rgemma.snapshot import load_state
+    from rgemma.io.snapshot import load_state
     _, meta = load_state(state_file, model)
     history = meta["token_ids"]
     stops = tok.stop_ids

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rgemma.generate import generate
+from rgemma.inference.generate import generate
 from rgemma.scan import linear_scan, linear_scan_reference
 
 from conftest import arange_positions, random_model, tiny_config
@@ -163,7 +163,7 @@ def test_captured_step_equals_eager(compiled):
 
 def test_generate_on_gpu_equals_cpu():
     """Batched greedy generation with the bundled demo model: same tokens on both devices."""
-    from rgemma import demo
+    from rgemma.io import demo
     cpu, tok = demo.load(dtype=torch.float32)
     gpu, _ = demo.load(dtype=torch.float32, device="cuda")
     prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):"]
@@ -177,8 +177,8 @@ def test_generate_on_gpu_equals_cpu():
 
 def test_engine_on_gpu_batched_equals_alone():
     """The continuous-batching engine drives a GPU model: requests together equal alone."""
-    from rgemma import demo
-    from rgemma.engine import Engine, EngineConfig, Request
+    from rgemma.io import demo
+    from rgemma.inference.engine import Engine, EngineConfig, Request
     model, tok = demo.load(dtype=torch.float32, device="cuda")
     prompts = ["def main():", "import sys\n", "for i in range(10):", "# a comment"]
     requests = [Request(prompt_ids=tok.encode(p), max_tokens=12 + 3 * i, stop_ids=[])

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from rgemma import data
+from rgemma.training import data
 from rgemma.config import GriffinConfig, griffin_pattern
 from rgemma.model import Griffin
-from rgemma.tokenizer import Tokenizer
+from rgemma.io.tokenizer import Tokenizer
 
 CODE = '''def add(a, b):
     """Adds two numbers."""

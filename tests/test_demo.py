@@ -13,8 +13,8 @@ import zipfile
 import pytest
 import torch
 
-import rgemma.demo as demo
-from rgemma import checkpoint
+import rgemma.io.demo as demo
+from rgemma.io import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_BYTES = 40 * 2**20

@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 
-from rgemma import checkpoint
+from rgemma.io import checkpoint
 from rgemma.config import GriffinConfig, griffin_pattern
-from rgemma.engine import (ERROR, Engine, EngineConfig, EngineError, PrefixCache, QueueFull,
+from rgemma.inference.engine import (ERROR, Engine, EngineConfig, EngineError, PrefixCache, QueueFull,
                            Request, RequestError, sampling_params)
 from rgemma.model import Griffin
-from rgemma.tokenizer import Tokenizer
+from rgemma.io.tokenizer import Tokenizer
 
 SPECIALS = [f"<unused{i}>" for i in range(102)] + ["<start_of_turn>", "<end_of_turn>"]
 PROMPTS = ["the quick brown fox", "hello", "once upon a time there was a lazy dog",

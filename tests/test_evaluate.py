@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 import torch
 
+import rgemma
+
 from conftest import random_model, tiny_config
-from rgemma import evaluate
-from rgemma.evaluate import encode_pair, loglikelihoods
+from rgemma.evaluation import harness
+from rgemma.evaluation.harness import encode_pair, loglikelihoods
 
 DATA = Path(__file__).parent / "data"
 WINDOW = 16
@@ -46,8 +48,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A 600-piece SentencePiece tokenizer with Gemma's special ids, trained here."""
-    from rgemma.data import train_tokenizer
-    from rgemma.tokenizer import Tokenizer
+    from rgemma.training.data import train_tokenizer
+    from rgemma.io.tokenizer import Tokenizer
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer([TRAINING_TEXT * 20], str(path), vocab_size=600)
     return Tokenizer.from_file(path)
@@ -62,7 +64,7 @@ def model(tokenizer):
 def checkpoint(model, tokenizer, tmp_path_factory):
     """The random model and its tokenizer as a Hugging Face checkpoint directory."""
     path = tmp_path_factory.mktemp("ckpt") / "model"
-    model.save(path)
+    rgemma.save(model, path)
     shutil.copy(tokenizer._backend.path, path / "tokenizer.model")
     return path
 
@@ -155,7 +157,7 @@ def test_loglikelihoods_equal_teacher_forcing(model, share_context, batch_size):
 
 def test_logits_budget_splits_calls_not_results(model, monkeypatch):
     """With room for only a few logits per call, batches and chunks shrink; scores do not."""
-    from rgemma import perplexity
+    from rgemma.evaluation import perplexity
     budget = 3 * model.config.vocab_size
     monkeypatch.setattr(evaluate, "LOGITS_BUDGET", budget)
     monkeypatch.setattr(perplexity, "LOGITS_BUDGET", budget)
@@ -331,7 +333,7 @@ def test_registered_model_runs_local_tasks_and_agrees_with_direct(checkpoint, mo
 
 def _demo_path():
     try:
-        import rgemma.demo
+        import rgemma.io.demo
         return rgemma.demo.path()
     except (ImportError, FileNotFoundError) as e:   # demo.DemoMissingError is a FileNotFoundError
         pytest.skip(f"the bundled demo model is not there yet ({type(e).__name__})")

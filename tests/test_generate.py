@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from rgemma.config import GriffinConfig, griffin_pattern
-from rgemma.generate import (Completion, GenerationError, TextStream, continue_from, generate,
+from rgemma.inference.generate import (Completion, GenerationError, TextStream, continue_from, generate,
                              prefill, stream)
 from rgemma.model import Griffin
-from rgemma.tokenizer import Tokenizer
+from rgemma.io.tokenizer import Tokenizer
 
 GEMMA_SPECIALS = [f"<unused{i}>" for i in range(102)] + ["<start_of_turn>", "<end_of_turn>"]
 EMOJI_CJK = "fire 🔥 rocket 🚀 你好世界 模型 😀 日本語"
@@ -344,9 +344,9 @@ def test_completion_fields(model, tok):
 MEMORY_SCRIPT = r"""
 import json, sys, torch
 from rgemma.config import GriffinConfig
-from rgemma.generate import stream
+from rgemma.inference.generate import stream
 from rgemma.model import Griffin
-from rgemma.tokenizer import Tokenizer
+from rgemma.io.tokenizer import Tokenizer
 torch.set_num_threads(1)
 tok = Tokenizer.from_dir(sys.argv[1])
 n = int(sys.argv[2])

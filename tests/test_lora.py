@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rgemma import lora
+from rgemma.training import lora
 from rgemma.config import GriffinConfig, griffin_pattern
 from rgemma.model import Griffin
 

@@ -10,9 +10,11 @@ import shutil
 import pytest
 import torch
 
+import rgemma
+
 from conftest import random_model, tiny_config
-from rgemma import perplexity
-from rgemma.perplexity import score_texts, sum_logprobs
+from rgemma.evaluation import perplexity
+from rgemma.evaluation.perplexity import score_texts, sum_logprobs
 
 WINDOW = 16
 TEXT = (
@@ -34,8 +36,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A 600-piece SentencePiece tokenizer with Gemma's special ids, trained here."""
-    from rgemma.data import train_tokenizer
-    from rgemma.tokenizer import Tokenizer
+    from rgemma.training.data import train_tokenizer
+    from rgemma.io.tokenizer import Tokenizer
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer([TEXT * 20], str(path), vocab_size=600)
     return Tokenizer.from_file(path)
@@ -104,7 +106,7 @@ def test_score_texts_reports_perplexity_and_bits_per_byte(model, tokenizer):
 @pytest.fixture(scope="module")
 def checkpoint(model, tokenizer, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "model"
-    model.save(path)
+    rgemma.save(model, path)
     shutil.copy(tokenizer._backend.path, path / "tokenizer.model")
     return path
 
@@ -148,7 +150,8 @@ def test_cli_reports_missing_file(checkpoint, tmp_path, capsys):
 def test_matches_training_eval_loss(model, tokenizer):
     """With --append-eos the mean NLL is the training stack's eval loss on the same text
     (one document packed into one row, so the training eval sees it whole)."""
-    from rgemma import data, train
+    from rgemma.training import data
+    from rgemma.training import train
     text = TEXT * 2
     corpus = data.tokenize([data.Document(name="held.txt", text=text)], tokenizer)
     rows = data.PackedRows(corpus, seq_len=corpus.num_tokens - 1)
@@ -161,13 +164,13 @@ def test_matches_training_eval_loss(model, tokenizer):
 
 def test_demo_model_held_out_perplexity():
     try:
-        import rgemma.demo
+        import rgemma.io.demo
         demo_dir = rgemma.demo.path()
     except (ImportError, FileNotFoundError) as e:   # demo.DemoMissingError is a FileNotFoundError
         pytest.skip(f"the bundled demo model is not there yet ({type(e).__name__})")
     from pathlib import Path
 
-    from rgemma.checkpoint import load
+    from rgemma.io.checkpoint import load
     demo_model, demo_tokenizer = load(demo_dir, dtype=torch.float32)
     held = Path(__file__).parent / "data" / "local_text.jsonl"
     texts = [json.loads(line)["text"] for line in held.read_text().splitlines()]

@@ -84,7 +84,7 @@ def test_quantized_model_close_to_float(bits, ratio, monkeypatch):
 
 def test_quantize_cli_round_trip(tmp_path):
     """`rgemma quantize` writes a directory that loads back quantized with equal logits."""
-    from rgemma import checkpoint
+    from rgemma.io import checkpoint
     from rgemma.cli import main
     cfg = tiny_config(width=128, mlp_width=256, num_heads=2, vocab_size=128)
     model = random_model(cfg)

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rgemma.sampling import (Sampler, SamplingError, SamplingParams, apply_min_p,
+from rgemma.inference.sampling import (Sampler, SamplingError, SamplingParams, apply_min_p,
                              apply_repetition_penalty, apply_temperature, apply_top_k_top_p,
                              sample_inverse_cdf)
 

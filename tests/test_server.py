@@ -18,8 +18,8 @@ import httpx
 import pytest
 import torch
 
-from rgemma.engine import Engine, EngineConfig, Request
-from rgemma.server import ServerConfig, ServerThread, create_app, register
+from rgemma.inference.engine import Engine, EngineConfig, Request
+from rgemma.serving.app import ServerConfig, ServerThread, create_app, register
 from test_engine import PROMPTS, teacher_forced_logprobs, tiny_checkpoint, wait_until
 
 openai = pytest.importorskip("openai")
@@ -502,7 +502,7 @@ def test_lm_eval_local_completions_matches_direct_scoring(url, tiny):
     completions = pytest.importorskip("lm_eval.models.openai_completions")
     from lm_eval.api.instance import Instance
 
-    from rgemma.evaluate import RgemmaLM
+    from rgemma.evaluation.harness import RgemmaLM
     model, tok, _ = tiny
     pairs = [("<bos>the quick brown", " fox jumps"), ("<bos>hello", " world"),
              ("<bos>once upon a time", " there was a lazy dog")]
@@ -525,7 +525,7 @@ def test_bundled_demo_model_is_the_default():
         path = demo.path()
     except FileNotFoundError:
         pytest.skip("this installation has no bundled demo model")
-    from rgemma.server import _load
+    from rgemma.serving.app import _load
     parser = argparse.ArgumentParser(prog="rgemma")
     register(parser.add_subparsers(dest="verb"))
     model, tok, found = _load(parser.parse_args(["serve", "--threads", "0"]))

@@ -10,9 +10,9 @@ import sys
 import pytest
 import torch
 
-from rgemma import checkpoint
-from rgemma.generate import generate
-from rgemma.snapshot import SnapshotError, fork, load_state, read_metadata, save_state
+from rgemma.io import checkpoint
+from rgemma.inference.generate import generate
+from rgemma.io.snapshot import SnapshotError, fork, load_state, read_metadata, save_state
 from test_generate import tiny_config, tiny_model, train_tokenizer
 
 
@@ -80,9 +80,9 @@ def test_fork_is_independent(loaded):
 CONTINUE_SCRIPT = r"""
 import json, sys
 import torch
-from rgemma import checkpoint
-from rgemma.generate import generate
-from rgemma.snapshot import load_state
+from rgemma.io import checkpoint
+from rgemma.inference.generate import generate
+from rgemma.io.snapshot import load_state
 torch.set_num_threads(1)
 model, tok = checkpoint.load(sys.argv[1])
 out = {}

@@ -18,7 +18,7 @@ import sys
 import pytest
 import sentencepiece
 
-from rgemma.tokenizer import (
+from rgemma.io.tokenizer import (
     ChatTemplateError,
     IncrementalDecoder,
     Tokenizer,

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgemma import data, train
+from rgemma.training import data
+from rgemma.training import train
 from rgemma.config import GriffinConfig, griffin_pattern
 from rgemma.layers import RGLRU, Chunk
 from rgemma.model import Griffin
@@ -220,7 +221,7 @@ def reference_run(corpus, tmp_path_factory):
 
 
 def test_training_run_outputs(reference_run):
-    from rgemma import checkpoint
+    from rgemma.io import checkpoint
     cfg, summary = reference_run
     records = train.read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(1, 21))
@@ -245,7 +246,7 @@ def test_training_run_outputs(reference_run):
 
 _KILLER = """
 import json, os, signal, sys
-from rgemma import train
+from rgemma.training import train
 cfg = train.TrainConfig(**json.loads(sys.argv[1]))
 def on_step(step, record):
     if step == 13:                         # after the checkpoint of step 10
@@ -321,7 +322,8 @@ def test_torchrun_two_processes_match_one(corpus, five_steps, tmp_path):
 
 
 def test_lora_fine_tuning_on_chat_jsonl_exports_a_merged_model(corpus, reference_run, tmp_path):
-    from rgemma import checkpoint, lora
+    from rgemma.io import checkpoint
+    from rgemma.training import lora
     _, ref_summary = reference_run
     chats = tmp_path / "chat.jsonl"
     with open(chats, "w") as f:

@@ -18,11 +18,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .scan import linear_scan
-from .state import AttentionLayerState, RecurrentLayerState
+from rgemma.scan import linear_scan
+from rgemma.state import AttentionLayerState, RecurrentLayerState
 
 _MASKED = -2.3819763e38          # the official code's "minus infinity" for masked logits
 _MAX_SQRT_GRADIENT = 1000.0      # bound on d sqrt(x) / dx during training
+VOCAB_BLOCK = 16384              # logits of a table held in another dtype: rows per product
+
+
+def normal_(p: torch.Tensor, variance: float, generator: torch.Generator | None = None) -> None:
+    """Fills ``p`` with N(0, variance), drawn in float32 on the CPU (the same numbers
+    whatever ``p``'s dtype and device, for a given generator)."""
+    with torch.no_grad():
+        p.copy_(torch.randn(p.shape, generator=generator) * math.sqrt(variance))
 
 
 def gelu(x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,21 @@ class Linear(nn.Linear):
     """nn.Linear that multiplies in the input's dtype: weights may be held in
     bfloat16 (half the memory) while activations are float32 (fast on CPUs
     without native bf16); see ``mixed_linear``. With equal dtypes it is
-    exactly nn.Linear."""
+    exactly nn.Linear.
+
+    Initialised as in the Griffin paper: W ~ N(0, init_scale / in_features),
+    b = 0 (``init_scale`` < 1 for the projections that end a residual branch).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
+                 init_scale: float = 1.0, **factory):
+        self.init_scale = init_scale      # before nn.Linear.__init__ calls reset_parameters
+        super().__init__(in_features, out_features, bias, **factory)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        normal_(self.weight, self.init_scale / self.in_features, generator)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.weight.dtype != x.dtype:
@@ -177,13 +199,35 @@ class Linear(nn.Linear):
         return F.linear(x, self.weight, self.bias)
 
 
+class Embedding(nn.Embedding):
+    """The tied token table [V, D]: rows for the inputs, ``attend`` for the logits.
+
+    Initialised as N(0, 1 / D).
+    """
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        normal_(self.weight, 1.0 / self.embedding_dim, generator)
+
+    def attend(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> [..., V] = x @ table.T; a table held in another dtype than x is
+        multiplied VOCAB_BLOCK rows at a time (see ``mixed_linear``)."""
+        table = self.weight
+        if table.dtype == x.dtype:
+            return F.linear(x, table)
+        return torch.cat([mixed_linear(x, table[i:i + VOCAB_BLOCK])
+                          for i in range(0, table.shape[0], VOCAB_BLOCK)], dim=-1)
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm(x) = x * rsqrt(mean(x^2) + eps) * (1 + w)."""
+    """RMSNorm(x) = x * rsqrt(mean(x^2) + eps) * (1 + w); w starts at 0."""
 
     def __init__(self, width: int, eps: float = 1e-6, **factory):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.zeros(width, **factory))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        nn.init.zeros_(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         var = torch.mean(torch.square(x), dim=-1, keepdim=True)
@@ -191,13 +235,16 @@ class RMSNorm(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    """GeGLU: down( gelu_tanh(gate(x)) * up(x) ), all with bias. [B,T,D] -> [B,T,D]."""
+    """GeGLU: down( gelu_tanh(gate(x)) * up(x) ), all with bias. [B,T,D] -> [B,T,D].
 
-    def __init__(self, width: int, mlp_width: int, **factory):
+    final_init_scale: the init scale of ``down_proj``, which ends the branch.
+    """
+
+    def __init__(self, width: int, mlp_width: int, final_init_scale: float = 1.0, **factory):
         super().__init__()
         self.gate_proj = Linear(width, mlp_width, **factory)
         self.up_proj = Linear(width, mlp_width, **factory)
-        self.down_proj = Linear(mlp_width, width, **factory)
+        self.down_proj = Linear(mlp_width, width, init_scale=final_init_scale, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(gelu(self.gate_proj(x)) * self.up_proj(x))
@@ -255,6 +302,11 @@ class Conv1D(nn.Module):
         self.weight = nn.Parameter(torch.zeros(width, 1, temporal_width, **factory))
         self.bias = nn.Parameter(torch.zeros(width, **factory))
 
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """w ~ N(0, 0.01 / K), b = 0."""
+        normal_(self.weight, 0.01 / self.temporal_width, generator)
+        nn.init.zeros_(self.bias)
+
     def forward(self, u: torch.Tensor, tail: torch.Tensor, chunk: Chunk
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """u: [B, T, L]; tail: [B, K-1, L] -> (out [B, T, L], new tail [B, K-1, L])."""
@@ -271,7 +323,6 @@ class Conv1D(nn.Module):
             out = out + x_s * w[K - 1 - s] * keep[..., None].to(u.dtype)
         out = out + self.bias.to(u.dtype)
         return out, ext[:, T:]
-
 
     def step(self, u: torch.Tensor, tail: torch.Tensor, chunk: Chunk) -> torch.Tensor:
         """One token: u [B, 1, L] -> out [B, 1, L]; updates ``tail`` in place.
@@ -308,6 +359,19 @@ class RGLRU(nn.Module):
         self.input_gate_bias = nn.Parameter(torch.zeros(num_heads, bw, **factory))
         self.recurrent_gate_weight = nn.Parameter(torch.zeros(num_heads, bw, bw, **factory))
         self.recurrent_gate_bias = nn.Parameter(torch.zeros(num_heads, bw, **factory))
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Gate weights ~ N(0, 1 / block width), biases 0; softplus(recurrent_param) =
+        -log(r) with r^2 uniform in [0.9^2, 0.999^2] (the paper's init)."""
+        bw = self.input_gate_weight.shape[-1]
+        normal_(self.input_gate_weight, 1.0 / bw, generator)
+        normal_(self.recurrent_gate_weight, 1.0 / bw, generator)
+        nn.init.zeros_(self.input_gate_bias)
+        nn.init.zeros_(self.recurrent_gate_bias)
+        a2 = torch.rand(self.recurrent_param.shape, generator=generator) * (0.999**2 - 0.9**2)
+        neg_log_a = -0.5 * torch.log(a2 + 0.9**2)
+        with torch.no_grad():
+            self.recurrent_param.copy_(torch.log(torch.expm1(neg_log_a)))
 
     def _block_diag(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[B, T, H*bw] -> [B, T, H*bw]: y_h = x_h @ w_h + b_h per head h."""
@@ -352,11 +416,12 @@ class RGLRU(nn.Module):
 class RecurrentBlock(nn.Module):
     """out = linear_out( RG_LRU(conv1d(linear_x(x))) * gelu_tanh(linear_y(x)) )."""
 
-    def __init__(self, width: int, lru_width: int, num_heads: int, conv1d_width: int, **factory):
+    def __init__(self, width: int, lru_width: int, num_heads: int, conv1d_width: int,
+                 final_init_scale: float = 1.0, **factory):
         super().__init__()
         self.linear_y = Linear(width, lru_width, **factory)
         self.linear_x = Linear(width, lru_width, **factory)
-        self.linear_out = Linear(lru_width, width, **factory)
+        self.linear_out = Linear(lru_width, width, init_scale=final_init_scale, **factory)
         self.conv_1d = Conv1D(lru_width, conv1d_width, **factory)
         self.rg_lru = RGLRU(lru_width, num_heads, **factory)
 
@@ -417,7 +482,7 @@ class LocalAttentionBlock(nn.Module):
     """
 
     def __init__(self, width: int, num_heads: int, window: int, rope_base: float,
-                 query_block: int = 512, **factory):
+                 query_block: int = 512, final_init_scale: float = 1.0, **factory):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = width // num_heads
@@ -427,7 +492,7 @@ class LocalAttentionBlock(nn.Module):
         self.q_proj = Linear(width, width, bias=False, **factory)
         self.k_proj = Linear(width, self.head_dim, bias=False, **factory)
         self.v_proj = Linear(width, self.head_dim, bias=False, **factory)
-        self.o_proj = Linear(width, width, bias=True, **factory)
+        self.o_proj = Linear(width, width, bias=True, init_scale=final_init_scale, **factory)
 
     def forward(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk,
                 ring_index: torch.Tensor) -> torch.Tensor:

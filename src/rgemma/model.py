@@ -21,12 +21,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import RECURRENT, GriffinConfig
-from .layers import Chunk, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNorm, mixed_linear
-from .state import AttentionLayerState, State, clone_layer
+from rgemma import weights
+from rgemma.config import RECURRENT, GriffinConfig
+from rgemma.layers import Chunk, Embedding, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNorm
+from rgemma.state import State, clone_layer
 
 LogitsMode = Literal["all", "last", "none"]
-_VOCAB_BLOCK = 16384
 
 
 class InputError(ValueError):
@@ -34,21 +34,28 @@ class InputError(ValueError):
 
 
 class ResidualBlock(nn.Module):
-    """x + temporal(norm(x)), then + MLP(norm(.))."""
+    """x + temporal(norm(x)), then + MLP(norm(.)).
+
+    The projections that end each branch start smaller (init scale 2 / layers),
+    so the residual stream's variance does not grow with depth.
+    """
 
     def __init__(self, config: GriffinConfig, kind: str, **factory):
         super().__init__()
         self.kind = kind
+        final = 2.0 / config.num_layers
         self.temporal_pre_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
         if kind == RECURRENT:
             self.temporal_block = RecurrentBlock(config.width, config.lru_width, config.num_heads,
-                                                 config.conv1d_width, **factory)
+                                                 config.conv1d_width, final_init_scale=final,
+                                                 **factory)
         else:
             self.temporal_block = LocalAttentionBlock(config.width, config.num_heads,
                                                       config.attention_window, config.rope_base,
-                                                      **factory)
+                                                      final_init_scale=final, **factory)
         self.channel_pre_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
-        self.mlp_block = MLPBlock(config.width, config.mlp_width, **factory)
+        self.mlp_block = MLPBlock(config.width, config.mlp_width, final_init_scale=final,
+                                  **factory)
 
     def forward(self, x: torch.Tensor, layer_state, chunk: Chunk,
                 ring_index: torch.Tensor | None, step: bool = False) -> torch.Tensor:
@@ -74,7 +81,7 @@ class Griffin(nn.Module):
         super().__init__()
         self.config = config
         factory = {"dtype": dtype, "device": device}
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.width, **factory)
+        self.embed_tokens = Embedding(config.vocab_size, config.width, **factory)
         self.layers = nn.ModuleList(ResidualBlock(config, kind, **factory)
                                     for kind in config.block_types)
         self.final_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
@@ -219,15 +226,7 @@ class Griffin(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V]: final norm, tied embeddings, soft-cap."""
-        x = self.final_norm(x)
-        if hasattr(self.embed_tokens, "attend"):     # quantized table
-            z = self.embed_tokens.attend(x)
-        elif self.embed_tokens.weight.dtype == x.dtype:
-            z = F.linear(x, self.embed_tokens.weight)
-        else:  # held in another dtype: the (large) table block by block
-            table = self.embed_tokens.weight
-            z = torch.cat([mixed_linear(x, table[i:i + _VOCAB_BLOCK])
-                           for i in range(0, table.shape[0], _VOCAB_BLOCK)], dim=-1)
+        z = self.embed_tokens.attend(self.final_norm(x))    # tied table (maybe quantized)
         c = self.config.logits_soft_cap
         return torch.tanh(z / c) * c if c else z
 
@@ -251,45 +250,18 @@ class Griffin(nn.Module):
     # ------------------------------------------------------------ weights
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> "Griffin":
-        """Random initialisation with the Griffin paper's scales (for training)."""
+        """Random initialisation for training: every module's ``reset_parameters``
+        (the Griffin paper's scales), drawn from one generator seeded by ``seed``."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        cfg = self.config
-        final_scale = 2.0 / cfg.num_layers
-
-        def normal_(p: torch.Tensor, var: float) -> None:
-            p.copy_(torch.randn(p.shape, generator=gen) * math.sqrt(var))
-
-        normal_(self.embed_tokens.weight, 1.0 / cfg.width)
-        for block in self.layers:
-            for name, p in block.named_parameters():
-                p.zero_()
-            tb = block.temporal_block
-            if block.kind == RECURRENT:
-                normal_(tb.linear_x.weight, 1.0 / cfg.width)
-                normal_(tb.linear_y.weight, 1.0 / cfg.width)
-                normal_(tb.linear_out.weight, final_scale / cfg.lru_width)
-                normal_(tb.conv_1d.weight, 0.01 / cfg.conv1d_width)
-                bw = cfg.lru_width // cfg.num_heads
-                normal_(tb.rg_lru.input_gate_weight, 1.0 / bw)
-                normal_(tb.rg_lru.recurrent_gate_weight, 1.0 / bw)
-                # softplus(param) = -log(r), r^2 uniform in [0.9^2, 0.999^2]
-                r2 = torch.rand(cfg.lru_width, generator=gen) * (0.999 ** 2 - 0.9 ** 2) + 0.9 ** 2
-                neg_log_r = -0.5 * torch.log(r2)
-                tb.rg_lru.recurrent_param.copy_(torch.log(torch.expm1(neg_log_r)))
-            else:
-                for proj in (tb.q_proj, tb.k_proj, tb.v_proj):
-                    normal_(proj.weight, 1.0 / cfg.width)
-                normal_(tb.o_proj.weight, final_scale / cfg.width)
-            normal_(block.mlp_block.gate_proj.weight, 1.0 / cfg.width)
-            normal_(block.mlp_block.up_proj.weight, 1.0 / cfg.width)
-            normal_(block.mlp_block.down_proj.weight, final_scale / cfg.mlp_width)
-        self.final_norm.weight.zero_()
+        for module in self.modules():
+            if next(module.parameters(recurse=False), None) is not None:
+                module.reset_parameters(generator=gen)
         return self
 
     @classmethod
     def from_hf_state_dict(cls, sd, config: GriffinConfig, *, dtype=None, device=None) -> "Griffin":
         """A model from a Hugging Face state dict (with or without ``model.``)."""
-        from . import weights
+
         sd = weights.strip_hf_prefix(sd)
         weights.check_state_dict(sd, config, source="Hugging Face state dict")
         return cls._from_our_state_dict(sd, config, dtype=dtype, device=device)
@@ -298,7 +270,7 @@ class Griffin(nn.Module):
     def from_official_state_dict(cls, sd, config: GriffinConfig, *, dtype=None,
                                  device=None) -> "Griffin":
         """A model from the official ``recurrentgemma.torch.Griffin`` state dict."""
-        from . import weights
+
         sd = weights.official_to_hf(sd)
         weights.check_state_dict(sd, config, source="official state dict")
         return cls._from_our_state_dict(sd, config, dtype=dtype, device=device)
@@ -314,11 +286,6 @@ class Griffin(nn.Module):
             for name, p in model.state_dict().items():
                 p.copy_(sd[name])
         return model
-
-    def save(self, directory, **kwargs) -> None:
-        """Writes a Hugging Face checkpoint directory (``transformers`` opens it)."""
-        from . import checkpoint
-        checkpoint.save_hf(self, directory, **kwargs)
 
 
 class _GraphedStep:

@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import kernels
-from .layers import Linear, converted, low_precision_matmul_dtype, workspace_like
-from .model import _VOCAB_BLOCK
+from rgemma import kernels
+from rgemma.layers import (VOCAB_BLOCK, Linear, converted, low_precision_matmul_dtype,
+                           workspace_like)
 
 _DECODE_ROWS = 16          # at most this many rows: use the packed kernels
 # Inside a compiled step a call to rgemma's kernel (a custom op) costs ~13 us
@@ -289,8 +289,8 @@ class QuantEmbedding(nn.Module):
         V = self.table.out_features
         dtype = low_precision_matmul_dtype(x, x.numel() // x.shape[-1])
         xd = x.to(dtype)
-        parts = [self._block_logits(xd, slice(i, i + _VOCAB_BLOCK), dtype)   # block by block
-                 for i in range(0, V, _VOCAB_BLOCK)]
+        parts = [self._block_logits(xd, slice(i, i + VOCAB_BLOCK), dtype)   # block by block
+                 for i in range(0, V, VOCAB_BLOCK)]
         return torch.cat(parts, dim=-1).to(x.dtype)
 
     def _block_logits(self, x: torch.Tensor, index: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -336,11 +336,11 @@ def quantize_model(model, bits: int = 8, group_size: int = 128, *,
             model.embed_tokens = QuantEmbedding(_quantized(lin, bits, group_size))
     model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None,
                           "embedding": embedding}
-    return _ready(model)
+    return ready_quantized(model)
 
 
-def _ready(model):
-    """The last step of ``quantize_model`` and ``load_quantized``. What stays
+def ready_quantized(model):
+    """The last step of ``quantize_model`` and of loading a quantized checkpoint. What stays
     unquantized (RG-LRU gates and a, conv, norms, biases: ~1% of a model) is
     held in float32, the dtype the model then computes in, so a decode step does
     not convert it on every call; an int8 model builds rgemma's kernel now (once
@@ -359,108 +359,3 @@ def quantized_bytes(model) -> int:
     """Bytes of all parameters and buffers (what the weights occupy in memory)."""
     tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-# --------------------------------------------------------------------------
-# Quantized checkpoints: rgemma's own directory format
-# --------------------------------------------------------------------------
-# config.json (Hugging Face fields + "rgemma_quantization": {bits, group_size,
-# embedding}), model.safetensors with the quantized buffers (qweight, scale,
-# minimum) and the float tensors that stay unquantized, and the tokenizer files.
-
-QUANT_KEY = "rgemma_quantization"
-
-
-def save_quantized(model, directory, *, tokenizer_dir=None, overwrite: bool = False) -> None:
-    """Writes a quantized model atomically (temp dir beside it, then rename)."""
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    from . import checkpoint
-    if not getattr(model, "quantization", None):
-        raise QuantizationError("model is not quantized: call quantize_model first")
-    dst = Path(directory)
-    tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    config = {**model.config.to_hf_dict(), QUANT_KEY: model.quantization}
-    with checkpoint._atomic_dir(dst, overwrite) as tmp:
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        if tokenizer_dir is not None:
-            checkpoint._copy_tokenizer(Path(tokenizer_dir), tmp)
-        checkpoint._write_json(tmp / "config.json", config)     # last: marks it complete
-
-
-def load_quantized(directory, *, device="cpu"):
-    """A quantized Griffin from a directory written by ``save_quantized``."""
-    import json
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    from . import checkpoint
-    from .config import GriffinConfig
-    from .model import Griffin
-    directory = Path(directory)
-    with open(directory / "config.json", encoding="utf-8") as f:
-        raw = json.load(f)
-    spec = raw[QUANT_KEY]
-    config = GriffinConfig.from_hf_dict(raw)
-    with torch.device("meta"):
-        model = Griffin(config, dtype=torch.bfloat16)
-        quantize_model(model, bits=int(spec["bits"]), group_size=int(spec.get("group_size") or 128),
-                       embedding=bool(spec.get("embedding", True)))
-    expected = model.state_dict()
-    path = directory / "model.safetensors"
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            stored = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for damaged files
-        raise checkpoint.CheckpointError(f"{path}: cannot read ({e})") from None
-    missing = sorted(set(expected) - set(stored))
-    unexpected = sorted(set(stored) - set(expected))
-    bad = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(stored[k].shape)}"
-           for k in expected if k in stored and stored[k].shape != expected[k].shape]
-    if missing or unexpected or bad:
-        raise checkpoint.CheckpointError(
-            f"{path}: does not match its config ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(bad)} mis-shaped: {(missing + unexpected + bad)[:5]})")
-    model.load_state_dict(stored, assign=True)
-    model.quantization = spec
-    return _ready(model.to(device))
-
-
-# --------------------------------------------------------------------------
-# CLI: rgemma quantize SRC DST --bits 8|4
-# --------------------------------------------------------------------------
-
-def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "quantize", help="write a weight-only int8 / int4 copy of a checkpoint",
-        description="Quantizes the linear layers and the embedding of a checkpoint "
-                    "(weight-only; RG-LRU parameters, norms and the state stay in full "
-                    "precision) and writes rgemma's quantized directory format, which "
-                    "`rgemma generate/chat/serve --model DST` open directly.")
-    p.add_argument("src", help="checkpoint to quantize (any layout `rgemma convert` reads)")
-    p.add_argument("dst", help="output directory (must not exist unless --overwrite)")
-    p.add_argument("--bits", type=int, choices=[8, 4], default=8,
-                   help="8: per-channel int8; 4: group-wise int4 (default 8)")
-    p.add_argument("--group-size", type=int, default=128,
-                   help="int4 group size along the input dimension (default 128)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    import sys
-
-    from . import checkpoint
-    try:
-        model, tokenizer = checkpoint.load(args.src, dtype=torch.float32)
-        quantize_model(model, bits=args.bits, group_size=args.group_size)
-        src_dir = checkpoint.open_checkpoint(args.src).directory
-        save_quantized(model, args.dst, tokenizer_dir=src_dir, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"rgemma quantize: error: {str(e).splitlines()[0]}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.dst} (int{args.bits}, {quantized_bytes(model) / 1e6:.1f} MB of weights)")
-    return 0

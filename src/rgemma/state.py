@@ -65,7 +65,7 @@ class State:
     def empty(cls, config, batch_size: int, dtype: torch.dtype = torch.float32,
               device: torch.device | str = "cpu") -> "State":
         """An empty state (no tokens seen) for ``batch_size`` rows."""
-        from .config import RECURRENT
+        from rgemma.config import RECURRENT
         layers: list[LayerState] = []
         for kind in config.block_types:
             if kind == RECURRENT:

@@ -15,8 +15,7 @@ encoded as it is.
 are always whole characters and that concatenate to exactly
 ``Tokenizer.decode(all_ids)``.
 
-:func:`render_chat` writes the Gemma chat format, or renders a Jinja2 chat
-template the way ``transformers`` does.
+The chat format itself is ``rgemma.io.chat_template``.
 """
 
 from __future__ import annotations
@@ -26,8 +25,9 @@ import json
 import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from datetime import datetime
 from typing import Any
+
+from rgemma.io.chat_template import ChatTemplateError, next_turn_text, render_chat  # noqa: F401
 
 PAD, EOS, BOS, UNK = "<pad>", "<eos>", "<bos>", "<unk>"
 START_OF_TURN, END_OF_TURN = "<start_of_turn>", "<end_of_turn>"
@@ -51,15 +51,10 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 REPLACEMENT_CHAR = "\ufffd"
-CHAT_ROLES = ("system", "user", "assistant")
 
 
 class TokenizerError(ValueError):
     """A tokenizer file that is missing, unreadable or invalid, or a bad token id."""
-
-
-class ChatTemplateError(ValueError):
-    """Chat messages that the chat template cannot render."""
 
 
 # ---------------------------------------------------------------------------
@@ -493,6 +488,22 @@ class Tokenizer:
         """Token ids of :meth:`render_chat`; the rendered text carries its own ``<bos>``."""
         return self.encode(self.render_chat(messages, add_generation_prompt), add_bos=False)
 
+    def next_turn_ids(self, pending: Sequence[int], text: str) -> list[int]:
+        """The ids to feed a live conversation state for one more user turn ``text``.
+
+        ``pending``: the last answer's final token, not yet in the state (see
+        ``rgemma.inference.generate``). It is fed first unless it is ``<eos>``;
+        the answer is then closed as the chat template closes one (unless the
+        pending token already did), and the new turn follows.
+        """
+        close, turn = next_turn_text(text, chat_template=self.chat_template,
+                                     bos_token=self.bos_token, eos_token=self.eos_token)
+        ids = [t for t in pending if t != self.eos_id]
+        end_piece = self.id_to_piece(self.end_of_turn_id)
+        if ids and ids[-1] == self.end_of_turn_id and close.startswith(end_piece):
+            close = close[len(end_piece):]
+        return ids + self.encode(close + turn, add_bos=False)
+
     def __repr__(self) -> str:
         return f"Tokenizer({self._backend.path!r}, vocab_size={self.vocab_size})"
 
@@ -548,150 +559,6 @@ class IncrementalDecoder:
 
     def _decode(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special=self._skip_special)
-
-
-# ---------------------------------------------------------------------------
-# Chat template
-# ---------------------------------------------------------------------------
-
-
-def render_chat(
-    messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool = True,
-    *,
-    chat_template: str | None = None,
-    bos_token: str = BOS,
-    eos_token: str = EOS,
-) -> str:
-    """Render ``messages`` (dicts with "role" and "content") as a prompt string.
-
-    With ``chat_template`` (Jinja2 source, e.g. from tokenizer_config.json) it is
-    rendered as ``transformers`` does.  Otherwise the Gemma format is written::
-
-        <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n{text}<end_of_turn>\\n...
-
-    ending with ``<start_of_turn>model\\n`` when ``add_generation_prompt``.  As in
-    Gemma's official template, each message's content is stripped of surrounding
-    whitespace and "assistant" is written "model".  An optional first "system"
-    message is folded into the first user turn as ``system + "\\n\\n" + user``
-    (system text verbatim, like Gemma 3's template).  After it, roles must
-    alternate user/assistant starting with user.
-    """
-    if chat_template is not None:
-        return _render_template(chat_template, messages, add_generation_prompt, bos_token, eos_token)
-    turns = _gemma_turns(messages)
-    parts = [bos_token]
-    parts += [f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n" for role, text in turns]
-    if add_generation_prompt:
-        parts.append(f"{START_OF_TURN}model\n")
-    return "".join(parts)
-
-
-def _gemma_turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]:
-    """Validate ``messages`` and return (gemma_role, text) turns, system folded in."""
-    _check_messages(messages)
-    system = None
-    rest = list(enumerate(messages))
-    if rest and rest[0][1]["role"] == "system":
-        system = rest.pop(0)[1]["content"]
-        if not rest:
-            raise ChatTemplateError("message 0: a system message must be followed by a user message")
-    turns = []
-    for position, (index, message) in enumerate(rest):
-        role = message["role"]
-        if role == "system":
-            raise ChatTemplateError(f"message {index}: role 'system' is only allowed as the first message")
-        expected = "user" if position % 2 == 0 else "assistant"
-        if role != expected:
-            raise ChatTemplateError(
-                f"message {index}: role {role!r} where {expected!r} was expected; "
-                "roles must alternate user/assistant/user/... starting with user"
-            )
-        text = message["content"].strip()
-        if system is not None and position == 0:
-            text = f"{system}\n\n{text}"
-        turns.append(("model" if role == "assistant" else "user", text))
-    return turns
-
-
-def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
-    """Every message is a mapping with a known role and string content."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ChatTemplateError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    for index, message in enumerate(messages):
-        if not isinstance(message, Mapping) or "role" not in message or "content" not in message:
-            raise ChatTemplateError(f"message {index}: expected a dict with 'role' and 'content'")
-        role = message["role"]
-        if role not in CHAT_ROLES:
-            raise ChatTemplateError(
-                f"message {index}: unknown role {role!r} (expected one of {', '.join(CHAT_ROLES)})"
-            )
-        if not isinstance(message["content"], str):
-            raise ChatTemplateError(
-                f"message {index} ({role}): content must be a string, got {type(message['content']).__name__}"
-            )
-
-
-def _render_template(
-    source: str,
-    messages: Sequence[Mapping[str, Any]],
-    add_generation_prompt: bool,
-    bos_token: str,
-    eos_token: str,
-) -> str:
-    """Render a Jinja2 chat template; template errors become ChatTemplateError."""
-    import jinja2
-
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
-        raise ChatTemplateError(f"messages must be a list of dicts, got {type(messages).__name__}")
-    try:
-        return _compile_template(source).render(
-            messages=[dict(m) for m in messages],
-            add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token,
-            eos_token=eos_token,
-        )
-    except jinja2.TemplateError as exc:
-        raise ChatTemplateError(f"chat template: {exc}") from exc
-
-
-@functools.lru_cache(maxsize=8)
-def _compile_template(source: str):
-    """Compile a chat template in a sandboxed Jinja2 environment set up like transformers'."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    env = ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-    )
-    env.globals["raise_exception"] = _raise_template_exception
-    env.globals["strftime_now"] = _strftime_now
-    env.filters["tojson"] = _tojson
-    return env.from_string(source)
-
-
-def _raise_template_exception(message: str):
-    """``raise_exception(msg)`` inside a template."""
-    import jinja2
-
-    raise jinja2.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    """``strftime_now(fmt)`` inside a template: the current local time formatted."""
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(
-    value: Any,
-    ensure_ascii: bool = False,
-    indent: int | None = None,
-    separators: tuple[str, str] | None = None,
-    sort_keys: bool = False,
-) -> str:
-    """``tojson`` filter without HTML escaping (Jinja's default escapes for HTML)."""
-    return json.dumps(
-        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
-    )
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:

@@ -53,10 +53,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from .generate import TextStream
-from .sampling import Sampler, SamplingError, SamplingParams
-from .state import State
-from .tokenizer import common_prefix_length
+from rgemma.inference.generate import TextStream
+from rgemma.inference.sampling import Sampler, SamplingError, SamplingParams
+from rgemma.state import State
+from rgemma.io.tokenizer import common_prefix_length
 
 log = logging.getLogger(__name__)
 

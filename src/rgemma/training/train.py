@@ -37,8 +37,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import data as data_lib
-from .config import GriffinConfig, griffin_pattern
+from rgemma.training import data as data_lib
+from rgemma.config import GriffinConfig, griffin_pattern
 
 # Small shapes for training from scratch (vocab comes from the tokenizer).
 TRAIN_PRESETS: dict[str, dict[str, Any]] = {
@@ -178,7 +178,7 @@ def tokenizer_source(cfg: TrainConfig) -> str | None:
 
 
 def load_tokenizer(src: str):
-    from .tokenizer import Tokenizer
+    from rgemma.io.tokenizer import Tokenizer
     return Tokenizer.from_dir(src) if os.path.isdir(src) else Tokenizer.from_file(src)
 
 
@@ -288,9 +288,9 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GriffinConfig:
 
 def build_model(cfg: TrainConfig, vocab_size: int, log: Callable[[str], None]):
     """A freshly initialised model, or the ``--init`` checkpoint; LoRA applied."""
-    from .model import Griffin
+    from rgemma.model import Griffin
     if cfg.init:
-        from . import checkpoint
+        from rgemma.io import checkpoint
         model, _ = checkpoint.load(cfg.init, dtype=torch.float32)
         if model.config.vocab_size < vocab_size:
             raise TrainError(f"the tokenizer has {vocab_size} pieces but the model in "
@@ -302,7 +302,7 @@ def build_model(cfg: TrainConfig, vocab_size: int, log: Callable[[str], None]):
             f"{model.config.num_layers} layers, width {model.config.width}")
     model = model.float()
     if cfg.lora_rank:
-        from . import lora
+        from rgemma.training import lora
         adapted = lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets,
                                   seed=cfg.seed)
         n = sum(p.numel() for p in lora.lora_parameters(model))
@@ -313,10 +313,10 @@ def build_model(cfg: TrainConfig, vocab_size: int, log: Callable[[str], None]):
 
 def plain_model_like(config: GriffinConfig, cfg: TrainConfig):
     """An unsharded CPU model of this run's structure (LoRA layers included)."""
-    from .model import Griffin
+    from rgemma.model import Griffin
     model = Griffin(config)
     if cfg.lora_rank:
-        from . import lora
+        from rgemma.training import lora
         lora.apply_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
     return model
 
@@ -383,7 +383,7 @@ def autocast_context(cfg: TrainConfig):
 def bf16_supported(device_type: str) -> bool:
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    from .layers import NATIVE_BF16
+    from rgemma.layers import NATIVE_BF16
     return NATIVE_BF16
 
 
@@ -534,7 +534,8 @@ def export_hf(model, directory: str, tokenizer_paths: list[str], *,
     import copy
     import tempfile
 
-    from . import checkpoint, lora
+    from rgemma.io import checkpoint
+    from rgemma.training import lora
     if lora.has_lora(model):
         model = lora.merge(copy.deepcopy(model))
     with tempfile.TemporaryDirectory() as staging:

@@ -4,7 +4,7 @@
 
 or, from Python::
 
-    import rgemma.evaluate          # registers the lm-eval model name "rgemma"
+    import rgemma.evaluation.harness          # registers the lm-eval model name "rgemma"
     import lm_eval
     lm_eval.simple_evaluate(model="rgemma", model_args="pretrained=PATH,dtype=bfloat16",
                             tasks=["hellaswag"])
@@ -57,9 +57,10 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
-from .perplexity import (DEFAULT_CHUNK_SIZE, LOGITS_BUDGET, document_ids, right_padded,
+from rgemma.evaluation.perplexity import (DEFAULT_CHUNK_SIZE, LOGITS_BUDGET, document_ids, right_padded,
                          sum_logprobs, target_logprobs)
-from .tokenizer import common_prefix_length
+from rgemma.dtypes import as_dtype
+from rgemma.io.tokenizer import common_prefix_length
 
 try:  # the optional extra rgemma[eval]; without it the scorers below still work
     from lm_eval.api.model import LM as _LMBase
@@ -255,7 +256,7 @@ def generation_settings(gen_kwargs: dict[str, Any], default_max_tokens: int) -> 
 def generate_texts(model, tokenizer, prompts: Sequence[list[int]], settings: dict[str, Any], *,
                    batch_size: int, seed: int | None) -> list[str]:
     """Generated text per prompt (token ids), ``batch_size`` prompts per batch."""
-    from .generate import generate
+    from rgemma.inference.generate import generate
     out: list[str] = []
     for first in range(0, len(prompts), batch_size):
         batch = list(prompts[first:first + batch_size])
@@ -278,19 +279,6 @@ def _parse_batch_size(batch_size: Any, max_batch_size: Any) -> int:
     if size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
     return size
-
-
-def _parse_dtype(dtype: Any) -> torch.dtype | None:
-    """None / "auto" (the checkpoint's) / a torch.dtype / "bfloat16", "float32", "float16"."""
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    name = str(dtype).removeprefix("torch.")
-    if name == "auto":
-        return None
-    value = getattr(torch, name, None)
-    if not isinstance(value, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16")
-    return value
 
 
 def _pick_device(device: str | None) -> str:
@@ -345,11 +333,11 @@ class RgemmaLM(_LMBase):
     @staticmethod
     def _load(pretrained: str | None, dtype: Any, device: str | None, tokenizer):
         """(model, tokenizer) of a checkpoint path, or of the bundled demo model."""
-        from . import checkpoint
+        from rgemma.io import checkpoint
         if pretrained is None:
-            import rgemma.demo
+            import rgemma.io.demo
             pretrained = str(rgemma.demo.path())
-        model, found = checkpoint.load(pretrained, dtype=_parse_dtype(dtype),
+        model, found = checkpoint.load(pretrained, dtype=as_dtype(dtype),
                                        device=_pick_device(device))
         return model, tokenizer or found
 
@@ -463,7 +451,7 @@ _register()
 # ==================================================================== CLI
 def register(subparsers) -> None:
     """Adds the ``eval`` verb."""
-    from .generate import add_model_args
+    from rgemma.inference.generate import add_model_args
     p = subparsers.add_parser(
         "eval", help="benchmarks through lm-evaluation-harness",
         description="Runs lm-evaluation-harness tasks on an rgemma checkpoint "
@@ -507,7 +495,7 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """``rgemma eval``: lm_eval.simple_evaluate on a loaded checkpoint."""
-    from .generate import CLIError, load_model, report_error
+    from rgemma.inference.generate import CLIError, load_model, report_error
     try:
         if args.no_default_tasks and not args.include_path:
             raise CLIError("--no-default-tasks needs --include-path", 2)
@@ -543,7 +531,7 @@ def run(args) -> int:
 
 def _import_lm_eval():
     """(simple_evaluate, TaskManager, make_table), or CLIError saying how to install lm-eval."""
-    from .generate import CLIError
+    from rgemma.inference.generate import CLIError
     if register_model is None:
         raise CLIError(f"rgemma eval needs lm-evaluation-harness: {INSTALL_HINT} "
                        f"(import failed: {_LM_EVAL_ERROR})", 2)
@@ -590,5 +578,5 @@ def lm_eval_main() -> int:
 
 
 if __name__ == "__main__":   # python -m rgemma.evaluate --model rgemma --model_args ... --tasks ...
-    from rgemma.evaluate import lm_eval_main as _main   # the importable module registers "rgemma"
+    from rgemma.evaluation.harness import lm_eval_main as _main   # the importable module registers "rgemma"
     sys.exit(_main())

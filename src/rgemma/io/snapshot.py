@@ -24,6 +24,7 @@ Forking a conversation is ``state.clone()`` (``fork``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import tempfile
@@ -31,7 +32,8 @@ from typing import Any, Sequence
 
 import torch
 
-from .state import State
+from rgemma.errors import one_line
+from rgemma.state import State
 
 FORMAT = "rgemma.state"
 FORMAT_VERSION = 1
@@ -61,7 +63,7 @@ def save_state(path: str | os.PathLike, state: State, *, model_config,
     """
     from safetensors.torch import save_file
 
-    from . import __version__
+    from rgemma import __version__
     path = os.fspath(path)
     tensors = {name: t.detach().to("cpu").contiguous().clone()
                for name, t in state.tensors().items()}
@@ -108,7 +110,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises several error types
         raise SnapshotError(f"{path}: not a valid state file, corrupt or truncated "
-                            f"({_first_line(e)})") from None
+                            f"({one_line(e)})") from None
     if metadata.get("format") != FORMAT:
         raise SnapshotError(f"{path}: not an rgemma state file (no '{FORMAT}' format marker)")
     if metadata.get("format_version") != str(FORMAT_VERSION):
@@ -144,7 +146,7 @@ def load_state(path: str | os.PathLike, model, *,
         extra = json.loads(raw.get("extra", "{}"))
     except Exception as e:
         raise SnapshotError(f"{path}: not a valid state file, corrupt or truncated "
-                            f"({_first_line(e)})") from None
+                            f"({one_line(e)})") from None
     expected = model.init_state(batch_size, device="meta").tensors()
     state = _assemble(path, tensors, expected, model, batch_size,
                       torch.device(device) if device is not None else model.device)
@@ -183,6 +185,45 @@ def _assemble(path: str, tensors: dict[str, torch.Tensor], expected: dict[str, t
     return state
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
+# ------------------------------------------------------------ conversations
+@dataclasses.dataclass
+class Conversation:
+    """One row of state saved by ``rgemma generate --save-state`` or chat's ``/save``.
+
+    history_ids: every token the state has consumed, in order.
+    pending_ids: the last answer's final token, not yet consumed (fed first
+      when the conversation goes on).
+    rng_state: the sampling generator's state after its last draw, or None.
+    extra: the rest of the saved metadata (chat messages, system text...).
+    """
+
+    state: State
+    history_ids: list[int]
+    pending_ids: list[int]
+    rng_state: torch.Tensor | None = None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def save_conversation(path: str | os.PathLike, conversation: Conversation, *,
+                      model_config) -> str:
+    """Writes a one-row conversation (its ids go in the metadata as ``token_ids`` =
+    history + pending, and ``pending_ids``)."""
+    extra = {**conversation.extra,
+             "token_ids": list(conversation.history_ids) + list(conversation.pending_ids),
+             "pending_ids": list(conversation.pending_ids)}
+    return save_state(path, conversation.state, model_config=model_config, extra=extra,
+                      rng_states=[conversation.rng_state])
+
+
+def load_conversation(path: str | os.PathLike, model) -> Conversation:
+    """Reads a one-row conversation for ``model``; SnapshotError if it is not one."""
+    state, meta = load_state(path, model)
+    if state.batch_size != 1:
+        raise SnapshotError(f"{os.fspath(path)}: holds {state.batch_size} rows; a conversation "
+                            "continues one")
+    pending = [int(t) for t in meta.pop("pending_ids", [])]
+    ids = [int(t) for t in meta.pop("token_ids", [])]
+    rng_states = meta.pop("rng_states", None) or [None]
+    for key in ("rgemma_version", "config_fingerprint", "num_tokens", "batch_size"):
+        meta.pop(key, None)
+    return Conversation(state, ids[:len(ids) - len(pending)], pending, rng_states[0], meta)

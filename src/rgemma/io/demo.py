@@ -1,6 +1,6 @@
 """The demo model bundled with rgemma: a small RecurrentGemma trained by rgemma itself.
 
-    import rgemma.demo
+    import rgemma.io.demo
     model, tokenizer = rgemma.demo.load()
     print(rgemma.demo.complete(model, tokenizer, "def fibonacci(n):"))
 
@@ -57,10 +57,10 @@ def path() -> str:
 
 def load(**kwargs):
     """(model, tokenizer) of the demo model; keyword arguments go to ``checkpoint.load``."""
-    from . import checkpoint
+    from rgemma.io import checkpoint
     model, tokenizer = checkpoint.load(path(), **kwargs)
     if tokenizer is None:
-        from .tokenizer import Tokenizer
+        from rgemma.io.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_dir(path())
     return model.eval(), tokenizer
 
@@ -117,7 +117,7 @@ def _latest_train_config(run_dir: str) -> dict[str, Any]:
 
 def _corpus_bytes(cfg: dict[str, Any]) -> dict[str, int]:
     """Files and bytes of the corpus, train and held-out, as the run split them."""
-    from . import data
+    from rgemma.training import data
     files = data.find_files(cfg["data"], extensions=tuple(cfg["extensions"]),
                             exclude=cfg["exclude"])
     out = {"files": 0, "bytes": 0, "train_files": 0, "train_bytes": 0, "eval_files": 0,
@@ -142,7 +142,7 @@ def model_card(run_dir: str, sample: str, sampled: str) -> str:
     """MODEL_CARD.md text from a run folder's summary, data stats and metrics."""
     import torch
 
-    from .train import read_metrics
+    from rgemma.training.train import read_metrics
     with open(os.path.join(run_dir, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(run_dir, "data_stats.json")) as f:
@@ -271,7 +271,7 @@ def model_card(run_dir: str, sample: str, sampled: str) -> str:
 
 def install(run_dir: str, dest: str | None = None) -> str:
     """Copies ``run_dir/model`` into the package's demo folder and writes the card."""
-    from . import checkpoint
+    from rgemma.io import checkpoint
     src = os.path.join(run_dir, "model")
     dest = dest or os.fspath(_demo_dir())
     os.makedirs(dest, exist_ok=True)
@@ -279,11 +279,11 @@ def install(run_dir: str, dest: str | None = None) -> str:
         shutil.copyfile(os.path.join(src, name), os.path.join(dest, name))
     model, tokenizer = checkpoint.load(dest)
     if tokenizer is None:
-        from .tokenizer import Tokenizer
+        from rgemma.io.tokenizer import Tokenizer
         tokenizer = Tokenizer.from_dir(dest)
     sample = complete(model.eval(), tokenizer, SAMPLE_PROMPT)
     sampled = complete(model, tokenizer, SAMPLE_PROMPT, temperature=0.8, seed=0)
-    from .train import plot_metrics
+    from rgemma.training.train import plot_metrics
     with open(os.path.join(run_dir, "summary.json")) as f:
         baseline = json.load(f).get("unigram_eval_loss")
     plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(dest, "loss.png"), baseline)

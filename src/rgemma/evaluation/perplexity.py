@@ -19,7 +19,7 @@ Reported per document and in total:
 
 Library use::
 
-    from rgemma.perplexity import score_texts
+    from rgemma.evaluation.perplexity import score_texts
     result = score_texts(model, tokenizer, ["some text", "more text"])
     result.total.perplexity, result.total.bits_per_byte
 """
@@ -226,7 +226,7 @@ def _bytes_progress(ids: list[list[int]], nbytes: list[int],
 def read_texts(paths: Sequence[str]) -> list[tuple[str, str]]:
     """(name, text) of every document in files / folders (``rgemma.data`` rules:
     one per text file, one per JSONL line with a ``"text"``)."""
-    from . import data
+    from rgemma.training import data
     docs, skipped = data.find_documents(paths)
     if skipped:
         print(f"rgemma perplexity: skipped {skipped} file(s) that are not UTF-8", file=sys.stderr)
@@ -239,7 +239,7 @@ def read_texts(paths: Sequence[str]) -> list[tuple[str, str]]:
 
 def register(subparsers) -> None:
     """Adds the ``perplexity`` verb."""
-    from .generate import add_model_args
+    from rgemma.inference.generate import add_model_args
     p = subparsers.add_parser(
         "perplexity", help="token perplexity and bits per byte of text files",
         description="Scores raw text: each file (or JSONL line with a 'text') is one "
@@ -264,8 +264,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """``rgemma perplexity``."""
-    from .data import DataError
-    from .generate import CLIError, load_model, report_error
+    from rgemma.training.data import DataError
+    from rgemma.inference.generate import CLIError, load_model, report_error
     try:
         if args.chunk_size < 1 or args.batch_size < 1:
             raise CLIError("--chunk-size and --batch-size must be >= 1", 2)

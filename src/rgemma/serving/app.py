@@ -197,7 +197,7 @@ class _Common:
 
 def _common(body: dict, cfg: ServerConfig, max_n: int, vocab: int, *,
             max_tokens_default: int, min_max_tokens: int, max_tokens_names: tuple) -> _Common:
-    from .engine import sampling_params
+    from rgemma.inference.engine import sampling_params
     max_tokens = max_tokens_default
     for name in max_tokens_names:
         if body.get(name) is not None:
@@ -306,7 +306,7 @@ class _Run:
     """The engine requests of one HTTP request, their events funnelled into one asyncio queue."""
 
     def __init__(self, engine, requests: list, loop: asyncio.AbstractEventLoop):
-        from .engine import EngineError, QueueFull, RequestError
+        from rgemma.inference.engine import EngineError, QueueFull, RequestError
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles = []
@@ -407,7 +407,7 @@ class _Formatter:
     # -- events
     def apply(self, p: int, event) -> list[dict]:
         """Updates the choices with ``event`` of prompt ``p``; returns stream chunk choices."""
-        from .engine import ERROR, PROMPT
+        from rgemma.inference.engine import ERROR, PROMPT
         if event.kind == ERROR:
             self.error = event.error
             return []
@@ -722,7 +722,7 @@ class Server:
 
     def _chat_job(self, body: dict):
         cfg = self.config
-        from .tokenizer import ChatTemplateError
+        from rgemma.io.tokenizer import ChatTemplateError
         messages = _messages(body)
         common = _common(body, cfg, self.engine.config.max_batch, self.vocab,
                          max_tokens_default=cfg.max_tokens_limit, min_max_tokens=1,
@@ -745,7 +745,7 @@ class Server:
 
     def _tokenize(self, body: dict) -> list[int]:
         """``/tokenize`` (vLLM's shape): ``prompt`` text or chat ``messages``."""
-        from .tokenizer import ChatTemplateError
+        from rgemma.io.tokenizer import ChatTemplateError
         special = _bool(body, "add_special_tokens", True)
         if body.get("messages") is not None:
             try:
@@ -767,7 +767,7 @@ class Server:
                                "context_length_exceeded")
 
     def _requests(self, prompts: list, c: _Common, logprobs, prompt_logprobs) -> list:
-        from .engine import Request
+        from rgemma.inference.engine import Request
         return [Request(prompt_ids=ids, max_tokens=c.max_tokens, params=c.params, seed=c.seed,
                         n=c.n, stop_ids=[] if c.ignore_eos else None, stop_strings=c.stop,
                         logprobs=logprobs, prompt_logprobs=prompt_logprobs)
@@ -987,7 +987,7 @@ def _serve_cli(args) -> int:
         import fastapi  # noqa: F401
     except ImportError:
         raise _CLIError(f"the server needs fastapi and uvicorn: {INSTALL_HINT}") from None
-    from .engine import Engine, EngineConfig
+    from rgemma.inference.engine import Engine, EngineConfig
     model, tokenizer, path = _load(args)
     engine = Engine(model, tokenizer, EngineConfig(
         max_batch=args.max_batch, max_queue=args.max_queue, prefill_chunk=args.prefill_chunk,
@@ -1027,7 +1027,7 @@ def _load(args):
     """(model, tokenizer, path) for --model / --dtype / --device; _CLIError on failure."""
     import torch
 
-    from . import checkpoint
+    from rgemma.io import checkpoint
     path = args.model
     if not path or (path == DEMO_NAME and not os.path.exists(path)):
         path = _demo_path()
@@ -1051,7 +1051,7 @@ def _load(args):
 
 def _demo_path() -> str:
     try:
-        from . import demo
+        from rgemma.io import demo
         return str(demo.path())
     except (ImportError, OSError) as e:      # no demo module, or its files are missing
         raise _CLIError(f"no --model given and no bundled demo model ({e}); "

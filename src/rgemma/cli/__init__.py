@@ -12,14 +12,14 @@ import sys
 
 # verb -> module that implements it
 VERBS = {
-    "generate": "rgemma.generate",
-    "chat": "rgemma.chat",
-    "convert": "rgemma.convert",
-    "train": "rgemma.train",
-    "quantize": "rgemma.quantize",
-    "serve": "rgemma.server",
-    "eval": "rgemma.evaluate",
-    "perplexity": "rgemma.perplexity",
+    "generate": "rgemma.cli.generate",
+    "chat": "rgemma.cli.chat",
+    "convert": "rgemma.cli.convert",
+    "train": "rgemma.cli.train",
+    "quantize": "rgemma.cli.quantize",
+    "serve": "rgemma.cli.serve",
+    "eval": "rgemma.cli.evaluate",
+    "perplexity": "rgemma.cli.perplexity",
 }
 
 

@@ -1,17 +1,4 @@
-"""`rgemma chat`: multi-turn chat on a live, fixed-size state.
-
-Each turn feeds ONLY the new tokens on top of the state (the history is never
-re-prefilled), in the Gemma chat format:
-
-    <bos><start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n
-    ... the model answers until <end_of_turn> (or <eos>) ...
-    <end_of_turn>\\n<start_of_turn>user\\n{text}<end_of_turn>\\n<start_of_turn>model\\n
-
-After an answer, the state holds everything but the answer's last token
-(``pending``, see ``rgemma.generate``). The next turn starts by closing the
-answer: the pending token if it was ``<end_of_turn>`` or a content token (cut
-by the length limit or Ctrl-C) followed by ``<end_of_turn>``, never ``<eos>``
-(replaced by ``<end_of_turn>``); then ``\\n`` and the new user turn.
+"""``rgemma chat``: a multi-turn chat in the terminal (or through a pipe) on a live state.
 
 Commands: /save FILE, /load FILE, /reset, /help, /quit. Ctrl-C during an
 answer ends that answer (the state stays consistent); Ctrl-D / EOF exits.
@@ -23,11 +10,9 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Callable, Iterator
 
-from .generate import (CLIError, Delta, GenerationError, add_model_args, add_sampling_args,
-                       check_sampling_args, close_answer_ids, load_model, print_stats,
-                       report_error, sampling_kwargs, stream, user_turn_ids)
+from rgemma.cli.common import (CLIError, add_model_args, add_sampling_args, check_sampling_args,
+                               load_model, print_stats, report_error, sampling_kwargs)
 
 HELP = """commands:
   /save FILE   save the conversation state (continue it later with /load)
@@ -38,100 +23,6 @@ HELP = """commands:
 Ctrl-C stops the current answer."""
 
 
-class ChatSession:
-    """A Gemma-format conversation on a live State.
-
-    Args:
-      model, tokenizer: the model and its tokenizer.
-      sampling: keyword arguments for ``rgemma.generate.stream`` (max_new_tokens,
-        temperature, top_k, ...).
-      seed: seeds the first answer's sampling; later answers continue the
-        same generator.
-      system: optional system text, folded into the first user turn.
-    """
-
-    def __init__(self, model, tokenizer, *, sampling: dict | None = None, seed: int | None = None,
-                 system: str | None = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.sampling = dict(sampling or {})
-        self.seed = seed
-        self.system = system
-        self.stop_ids = sorted(set(tokenizer.stop_ids) | {tokenizer.eos_id,
-                                                           tokenizer.end_of_turn_id})
-        self.reset()
-
-    def reset(self) -> None:
-        """Forgets the conversation."""
-        self.state = None
-        self.pending: list[int] = []       # the last answer's token not yet in the state
-        self.history_ids: list[int] = []   # every token in the state, in order
-        self.messages: list[dict] = []
-        self.rng_state = None
-        self.last = None                   # the last Completion
-
-    @property
-    def num_tokens(self) -> int:
-        return 0 if self.state is None else int(self.state.num_tokens[0])
-
-    def turn_ids(self, text: str) -> list[int]:
-        """The tokens that a new user turn feeds on top of the state."""
-        if self.state is None:
-            messages = [{"role": "user", "content": text}]
-            if self.system:
-                messages.insert(0, {"role": "system", "content": self.system})
-            return self.tokenizer.encode_chat(messages)
-        return (close_answer_ids(self.tokenizer, self.pending)
-                + user_turn_ids(self.tokenizer, text))
-
-    def ask(self, text: str, should_stop: Callable[[], bool] | None = None) -> Iterator[Delta]:
-        """Streams the model's answer to ``text``; updates the conversation at the end."""
-        ids = self.turn_ids(text)
-        context = self.history_ids
-        last = None
-        for delta in stream(self.model, self.tokenizer, [ids], state=self.state,
-                            seed=self.seed, rng_states=[self.rng_state],
-                            context_ids=[context], stop_token_ids=self.stop_ids,
-                            should_stop=should_stop, add_bos=False, **self.sampling):
-            if delta.completion is not None:
-                last = delta.completion
-            yield delta
-        self.state, self.last = last.state, last
-        self.history_ids = context + ids + last.token_ids[:-1]
-        self.pending = last.pending_ids
-        self.rng_state = last.rng_state
-        self.messages += [{"role": "user", "content": text},
-                          {"role": "assistant", "content": last.text}]
-
-    def save(self, path: str) -> None:
-        from .snapshot import save_state
-        if self.state is None:
-            raise CLIError("nothing to save yet: the conversation is empty")
-        save_state(path, self.state, model_config=self.model.config,
-                   rng_states=[self.rng_state],
-                   extra={"kind": "chat", "messages": self.messages,
-                          "token_ids": self.history_ids + self.pending,
-                          "pending_ids": self.pending, "system": self.system})
-
-    def load(self, path: str) -> None:
-        from .snapshot import SnapshotError, load_state
-        try:
-            state, meta = load_state(path, self.model)
-        except SnapshotError as e:
-            raise CLIError(str(e)) from None
-        if state.batch_size != 1:
-            raise CLIError(f"{path}: holds {state.batch_size} conversations, chat continues one")
-        pending = [int(t) for t in meta.get("pending_ids", [])]
-        history = [int(t) for t in meta.get("token_ids", [])]
-        self.reset()
-        self.state, self.pending = state, pending
-        self.history_ids = history[:len(history) - len(pending)]
-        self.messages = list(meta.get("messages", []))
-        self.system = meta.get("system", self.system)
-        self.rng_state = (meta.get("rng_states") or [None])[0]
-
-
-# ======================================================================= CLI
 def register(subparsers) -> None:
     """Adds the ``chat`` verb."""
     p = subparsers.add_parser(
@@ -150,6 +41,8 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """``rgemma chat``: returns the exit status."""
+    from rgemma.inference.chat import ChatSession
+    from rgemma.io.snapshot import SnapshotError
     try:
         check_sampling_args(args)
         model, tokenizer = load_model(args)
@@ -157,7 +50,7 @@ def run(args) -> int:
                               system=args.system)
         if args.load_state:
             session.load(args.load_state)
-    except CLIError as e:
+    except (CLIError, SnapshotError) as e:
         return report_error("chat", e)
     return Repl(session, verbose=args.verbose).loop()
 
@@ -165,7 +58,7 @@ def run(args) -> int:
 class Repl:
     """The read-answer loop (terminal or pipe)."""
 
-    def __init__(self, session: ChatSession, *, verbose: bool = False,
+    def __init__(self, session, *, verbose: bool = False,
                  stdin=None, stdout=None, stderr=None):
         self.session = session
         self.verbose = verbose
@@ -237,7 +130,7 @@ class Repl:
                              f"{len(self.session.messages) // 2} turns)")
             else:
                 raise CLIError(f"unknown command {name}; /help lists them")
-        except CLIError as e:
+        except (CLIError, ValueError) as e:      # SnapshotError, GenerationError
             self.error(str(e))
         except OSError as e:
             self.error(f"{arg}: {e.strerror or e}")
@@ -251,7 +144,7 @@ class Repl:
                 if delta.text:
                     self.stdout.write(delta.text)
                     self.stdout.flush()
-        except GenerationError as e:
+        except ValueError as e:                  # GenerationError, ChatTemplateError
             self.error(str(e))
             return
         finally:

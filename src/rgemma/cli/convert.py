@@ -6,10 +6,10 @@ Tensors stream from SRC to DST one shard at a time; no model is built.
 from __future__ import annotations
 
 import argparse
-import sys
 
-OFFICIAL_SUFFIXES = (".pt", ".pth", ".ckpt")  # as rgemma.checkpoint (not imported: heavy)
-DTYPES = ("float32", "bfloat16", "float16")
+from rgemma.cli.common import report_error
+from rgemma.dtypes import DTYPE_NAMES
+
 
 DESCRIPTION = """\
 Convert a RecurrentGemma checkpoint.
@@ -37,10 +37,10 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("src", metavar="SRC", help="checkpoint to read (HF dir, .pt file, Orbax dir)")
     p.add_argument("dst", metavar="DST",
                    help="where to write; a name ending in "
-                        f"{'/'.join(OFFICIAL_SUFFIXES)} gives an official file, else a HF dir")
+                        ".pt/.pth/.ckpt gives an official file, else a HF dir")
     p.add_argument("--to", choices=("hf", "official"), default=None,
                    help="output layout (default: from DST's name)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="dtype of the written tensors (default: keep the source's)")
     p.add_argument("--shard-size", default="5GB", metavar="SIZE",
                    help="largest safetensors shard of a HF output, e.g. 5GB, 500MB "
@@ -57,26 +57,14 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion; returns 0, or 2 after a one-line error on stderr."""
-    from rgemma import checkpoint
+    from rgemma.io import checkpoint
     try:
         out = checkpoint.convert(
             args.src, args.dst, to=args.to,
-            dtype=checkpoint.as_dtype(args.dtype), shard_size=args.shard_size,
+            dtype=args.dtype, shard_size=args.shard_size,
             preset=args.preset, overwrite=args.overwrite)
     except (ValueError, OSError) as e:  # CheckpointError, WeightsError, ConfigError, I/O
-        message = " ".join(str(e).split())
-        print(f"rgemma convert: error: {message}", file=sys.stderr)
-        return 2
+        return report_error("convert", e, 2)
     print(f"wrote {out}")
     return 0
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rgemma")
-    register(parser.add_subparsers(dest="verb", required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,155 @@
+"""What the verbs share: the model and sampling flags, loading, and one-line errors.
+
+Nothing heavy is imported at module level: ``rgemma --help`` builds every
+verb's parser without importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rgemma.dtypes import DTYPE_NAMES
+from rgemma.errors import one_line
+
+
+class CLIError(Exception):
+    """A problem reported as one line ``rgemma VERB: error: ...`` (exit status ``code``)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+def report_error(verb: str, e: BaseException, code: int | None = None) -> int:
+    """Prints ``rgemma VERB: error: ...`` on one line; returns the exit status."""
+    print(f"rgemma {verb}: error: {one_line(e)}", file=sys.stderr)
+    return code if code is not None else getattr(e, "code", 1)
+
+
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads (default: torch's choice); 1 is often fastest "
+                        "for small models or on a busy machine")
+
+
+def set_threads(args) -> None:
+    """Applies ``--threads`` (CLIError for a negative count)."""
+    threads = getattr(args, "threads", 0) or 0
+    if threads < 0:
+        raise CLIError(f"--threads must be >= 0, got {threads}", 2)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="checkpoint: a Hugging Face directory, an official .pt file or an "
+                        "Orbax directory (default: the bundled demo model)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
+                   help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
+                   help="quantize the weights to int8 / int4 at load time (CPU decode reads "
+                        "2-4x fewer bytes per token; with --compile, int4 is the fastest)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("-m", "--max-tokens", type=int, default=max_tokens,
+                   help=f"maximum tokens to generate (default {max_tokens})")
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
+    p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 = off")
+    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, in [0, 1]; 0 = off")
+    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float,
+                   default=1.0, help="CTRL repetition penalty (> 0); 1 = off")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop string (repeatable); cut from the output")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step: the first tokens wait for the compiler "
+                        "(a minute or more), then small models decode several times faster")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_threads_arg(p)
+
+
+_SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p",
+                   "min_p": "--min-p", "repetition_penalty": "--repeat-penalty"}
+
+
+def check_sampling_args(args) -> None:
+    """Raises CLIError (exit 2) for out-of-range sampling flags."""
+    from rgemma.inference.sampling import SamplingError, SamplingParams
+    if getattr(args, "threads", 0) < 0:
+        raise CLIError(f"--threads must be >= 0, got {args.threads}", 2)
+    if args.max_tokens <= 0:
+        raise CLIError(f"--max-tokens must be > 0, got {args.max_tokens}", 2)
+    try:
+        SamplingParams(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty)
+    except SamplingError as e:
+        msg = str(e)
+        for name, flag in _SAMPLING_FLAGS.items():
+            if msg.startswith(name + " "):
+                msg = flag + msg[len(name):]
+                break
+        raise CLIError(msg, 2) from None
+    if any(not s for s in args.stop):
+        raise CLIError("--stop needs a non-empty string", 2)
+
+
+def sampling_kwargs(args) -> dict:
+    """``rgemma.inference.generate.stream`` keyword arguments of the sampling flags."""
+    return dict(max_new_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
+                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
+                stop_strings=list(args.stop), compile=args.compile)
+
+
+def resolve_model_path(path: str | None) -> str:
+    """``--model`` or the bundled demo model."""
+    if path:
+        return path
+    from rgemma.io import demo
+    try:
+        return demo.path()
+    except OSError as e:                 # demo.DemoMissingError is a FileNotFoundError
+        raise CLIError(f"no --model given and the bundled demo model is unavailable "
+                       f"({one_line(e)}); pass --model PATH (a Hugging Face RecurrentGemma "
+                       "directory)") from None
+
+
+def load_model(args, *, compute_dtype: str | None = None):
+    """(model, tokenizer) for ``--model`` / ``--dtype`` / ``--device`` / ``--quantize`` /
+    ``--threads``; CLIError on failure."""
+    import torch
+
+    from rgemma.dtypes import as_dtype
+    from rgemma.io import checkpoint
+    path = resolve_model_path(getattr(args, "model", None))
+    if not os.path.exists(path):
+        raise CLIError(f"model {path!r} not found: pass --model PATH to a checkpoint "
+                       "directory or file")
+    set_threads(args)
+    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        model, tokenizer = checkpoint.load(path, dtype=as_dtype(getattr(args, "dtype", None)),
+                                           device=device, quantize=getattr(args, "quantize", None))
+    except (ValueError, OSError, RuntimeError, KeyError) as e:
+        raise CLIError(f"cannot load model {path!r}: {one_line(e)}") from None
+    if tokenizer is None:
+        raise CLIError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) next to "
+                       "the checkpoint")
+    if compute_dtype:
+        model.set_compute_dtype(as_dtype(compute_dtype))
+    return model, tokenizer
+
+
+def print_stats(stats, file=None) -> None:
+    """Speed and state size of a generation (``GenerationStats``), on stderr."""
+    file = file or sys.stderr
+    print("=" * 10, file=file)
+    print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec",
+          file=file)
+    print(f"Generation: {stats.generated_tokens} tokens, {stats.decode_tps:.3f} tokens-per-sec",
+          file=file)
+    print(f"State: {stats.state_nbytes / 1e6:.3f} MB (fixed, whatever the length)", file=file)
