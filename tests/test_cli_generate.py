@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from rgemma.io import checkpoint
-from rgemma.inference.chat import ChatSession, Repl
+from rgemma.cli.chat import Repl
+from rgemma.inference.chat import ChatSession
 from rgemma.cli import main
 from rgemma.inference.generate import generate
 from rgemma.io.snapshot import save_state

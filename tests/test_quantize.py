@@ -55,14 +55,17 @@ def test_quantized_linear_matches_dequantized_reference(bits, rows):
     assert (out - exact).abs().max().item() <= (0.05 if bits == 8 else 0.3) * exact.abs().max()
 
 
-@pytest.mark.parametrize("bits,ratio", [(8, 4.0), (4, 60.0)])
+# Error ratios to bf16 over token seeds 0..9: int8 3.0-6.6, int4 41-76 (the max over
+# logits is noisy; the inputs were once unseeded, so the old bounds 4 and 60 held by
+# luck). The bounds below hold for all ten.
+@pytest.mark.parametrize("bits,ratio", [(8, 8.0), (4, 100.0)])
 def test_quantized_model_close_to_float(bits, ratio, monkeypatch):
     """Logit error against float32 stays within a stated multiple of the error that
     merely holding the weights in bfloat16 causes (prefill in float32)."""
     monkeypatch.setattr(layers, "LOW_PRECISION_ROWS", 4)
     cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
     model = random_model(cfg, noise=0.02)
-    tokens = torch.randint(0, cfg.vocab_size, (1, 24))
+    tokens = torch.randint(0, cfg.vocab_size, (1, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         ref, _ = model(tokens, arange_positions(1, 24))
         bf16 = random_model(cfg, noise=0.02).to(torch.bfloat16).set_compute_dtype(torch.float32)

@@ -419,8 +419,8 @@ class RecurrentBlock(nn.Module):
     def __init__(self, width: int, lru_width: int, num_heads: int, conv1d_width: int,
                  final_init_scale: float = 1.0, **factory):
         super().__init__()
-        self.linear_y = Linear(width, lru_width, **factory)
         self.linear_x = Linear(width, lru_width, **factory)
+        self.linear_y = Linear(width, lru_width, **factory)
         self.linear_out = Linear(lru_width, width, init_scale=final_init_scale, **factory)
         self.conv_1d = Conv1D(lru_width, conv1d_width, **factory)
         self.rg_lru = RGLRU(lru_width, num_heads, **factory)
