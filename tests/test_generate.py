@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from rgemma.config import GriffinConfig, griffin_pattern
-from rgemma.inference.generate import (Completion, GenerationError, TextStream, continue_from, generate,
+from rgemma.inference.stopping import TextStream
+from rgemma.inference.generate import (Completion, GenerationError, continue_from, generate,
                              prefill, stream)
 from rgemma.model import Griffin
 from rgemma.io.tokenizer import Tokenizer

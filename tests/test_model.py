@@ -402,3 +402,40 @@ def test_gradients_with_live_state_and_checkpointing(checkpointing):
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
     for name, g in grads[0].items():
         assert torch.allclose(grads[1][name], g, atol=1e-5), name
+
+
+def test_every_parameter_is_initialised_by_its_own_module():
+    """init_weights calls each module's reset_parameters: a parameter no module
+    initialises (a new layer without reset_parameters) would keep its NaN."""
+    cfg = tiny_config()
+    model = Griffin(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(float("nan"))
+    model.init_weights(0)
+    left = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    assert not left, f"not initialised: {left}"
+    owners = {type(m) for m in model.modules() if next(m.parameters(recurse=False), None) is not None}
+    assert all("reset_parameters" in vars(t) for t in owners), owners
+
+
+def test_init_follows_the_paper_scales():
+    """Hand-derived variances: inputs 1/fan_in, branch ends (2/L)/fan_in, conv 0.01/K, and
+    the RG-LRU decay r = exp(-softplus(param)) with r^2 in [0.9^2, 0.999^2]."""
+    cfg = tiny_config(width=256, mlp_width=512, num_heads=4)
+    model = Griffin(cfg).init_weights(0)
+    final = 2.0 / cfg.num_layers
+    rec, att = model.layers[0].temporal_block, model.layers[2].temporal_block
+    expected = {
+        rec.linear_x.weight: 1 / cfg.width, rec.linear_out.weight: final / cfg.lru_width,
+        att.q_proj.weight: 1 / cfg.width, att.o_proj.weight: final / cfg.width,
+        model.layers[0].mlp_block.down_proj.weight: final / cfg.mlp_width,
+        model.embed_tokens.weight: 1 / cfg.width,
+        rec.conv_1d.weight: 0.01 / cfg.conv1d_width,
+    }
+    for p, var in expected.items():
+        assert p.var().item() == pytest.approx(var, rel=0.15)
+    r = torch.exp(-torch.nn.functional.softplus(rec.rg_lru.recurrent_param))
+    assert r.min() >= 0.9 - 1e-6 and r.max() <= 0.999 + 1e-6
+    assert float(model.final_norm.weight.abs().max()) == 0.0
+    assert float(att.o_proj.bias.abs().max()) == 0.0

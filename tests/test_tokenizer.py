@@ -491,3 +491,24 @@ def test_bad_chat_template_config(model_dir, tmp_path):
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(TokenizerError, match="tokenizer_config.json: chat_template list has no entry"):
         Tokenizer.from_dir(directory)
+
+
+@pytest.mark.parametrize("template", [None, GEMMA_CHAT_TEMPLATE])
+@pytest.mark.parametrize("pending", ["end_of_turn", "eos", "content"])
+def test_next_turn_on_a_live_state_equals_the_whole_conversation(tok, template, pending):
+    """What a live conversation feeds (first turn, the answer's tokens, then next_turn_ids)
+    is the template's rendering of the whole conversation, whichever token ended the
+    answer: <end_of_turn>, <eos> (never fed), or a content token cut by the length limit."""
+    import copy
+    live = copy.copy(tok)
+    live.chat_template = template
+    answer = live.encode("A1 answer", add_bos=False)
+    ends = {"end_of_turn": [tok.end_of_turn_id], "eos": [tok.eos_id], "content": []}[pending]
+    generated = answer + ends                    # the state holds all but the last token
+    fed = (live.encode_chat([{"role": "user", "content": "Q1"}]) + generated[:-1]
+           + live.next_turn_ids(generated[-1:], " Q2 "))
+    whole = live.render_chat([{"role": "user", "content": "Q1"},
+                              {"role": "assistant", "content": "A1 answer"},
+                              {"role": "user", "content": "Q2"}])
+    assert live.decode(fed, skip_special=False) == whole
+    assert fed == live.encode(whole, add_bos=False)

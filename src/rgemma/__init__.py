@@ -9,7 +9,7 @@ The names below are imported on first use, so ``import rgemma`` (and
 ``rgemma --help``) does not import torch.
 """
 
-__version__ = "0.1.0"
+from rgemma.version import __version__
 
 __all__ = ["Griffin", "GriffinConfig", "State", "__version__", "load", "save"]
 

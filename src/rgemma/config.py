@@ -249,23 +249,26 @@ class GriffinConfig:
             raise ConfigError(f"{path}: {e}") from None
 
 
+def _recurrentgemma(width: int, num_heads: int, num_layers: int) -> dict[str, Any]:
+    """RecurrentGemma (the model card's shapes): the MLP 3x wide, the RG-LRU as wide as the
+    model, a 2048-token attention window, logits soft-capped at 30."""
+    return dict(width=width, mlp_width=3 * width, num_heads=num_heads, lru_width=width,
+                block_types=griffin_pattern(num_layers), attention_window=2048,
+                logits_soft_cap=30.0, embeddings_scale_by_sqrt_dim=True)
+
+
+def _paper_7b(block_types: tuple[str, ...]) -> dict[str, Any]:
+    """The Griffin paper's 7B models (Griffin, and Hawk without attention)."""
+    return dict(width=4096, mlp_width=3 * 4096, num_heads=32, lru_width=5632,
+                block_types=block_types, attention_window=1024, logits_soft_cap=0.0,
+                embeddings_scale_by_sqrt_dim=False)
+
+
 PRESETS: dict[str, dict[str, Any]] = {
-    "recurrentgemma-2b": dict(
-        width=2560, mlp_width=3 * 2560, num_heads=10, lru_width=2560,
-        block_types=griffin_pattern(26), attention_window=2048, logits_soft_cap=30.0,
-        embeddings_scale_by_sqrt_dim=True),
-    "recurrentgemma-9b": dict(
-        width=4096, mlp_width=3 * 4096, num_heads=16, lru_width=4096,
-        block_types=griffin_pattern(38), attention_window=2048, logits_soft_cap=30.0,
-        embeddings_scale_by_sqrt_dim=True),
-    "griffin-7b": dict(
-        width=4096, mlp_width=3 * 4096, num_heads=32, lru_width=5632,
-        block_types=griffin_pattern(32), attention_window=1024, logits_soft_cap=0.0,
-        embeddings_scale_by_sqrt_dim=False),
-    "hawk-7b": dict(
-        width=4096, mlp_width=3 * 4096, num_heads=32, lru_width=5632,
-        block_types=(RECURRENT,) * 32, attention_window=1024, logits_soft_cap=0.0,
-        embeddings_scale_by_sqrt_dim=False),
+    "recurrentgemma-2b": _recurrentgemma(2560, num_heads=10, num_layers=26),
+    "recurrentgemma-9b": _recurrentgemma(4096, num_heads=16, num_layers=38),
+    "griffin-7b": _paper_7b(griffin_pattern(32)),
+    "hawk-7b": _paper_7b((RECURRENT,) * 32),
 }
 
 

@@ -116,6 +116,17 @@ class _QuantLinear(nn.Module):
         super().__init__()
         self._kernel: tuple[torch.Tensor, ...] | None = None
 
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, *args):
+        """The quantized copy of ``lin`` (``args``: the subclass's settings, e.g. the int4
+        group size); a bias stays in float32."""
+        m = cls(lin.in_features, lin.out_features, lin.bias is not None, *args,
+                device=lin.weight.device)
+        m.set_weight(lin.weight.detach())
+        if lin.bias is not None:
+            m.bias = lin.bias.detach().float().clone()
+        return m
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         y = None
@@ -160,15 +171,11 @@ class Int8Linear(_QuantLinear):
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
-    @classmethod
-    def from_linear(cls, lin: nn.Linear) -> "Int8Linear":
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, device=lin.weight.device)
-        q, scale = quantize_int8(lin.weight.detach())
-        m.qweight.copy_(q)
-        m.scale.copy_(scale)
-        if lin.bias is not None:
-            m.bias = lin.bias.detach().float().clone()
-        return m
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Quantizes W [N, K] into the buffers."""
+        q, scale = quantize_int8(w)
+        self.qweight.copy_(q)
+        self.scale.copy_(scale)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """q * scale [N, K] in ``dtype``."""
@@ -214,17 +221,12 @@ class Int4Linear(_QuantLinear):
         self.register_buffer("minimum", torch.zeros(out_features, n_groups, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
-    @classmethod
-    def from_linear(cls, lin: nn.Linear, group_size: int) -> "Int4Linear":
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, group_size,
-                device=lin.weight.device)
-        q, scale, lo = quantize_int4(lin.weight.detach(), group_size)
-        m.qweight.copy_(pack_nibbles(q))
-        m.scale.copy_(scale)
-        m.minimum.copy_(lo)
-        if lin.bias is not None:
-            m.bias = lin.bias.detach().float().clone()
-        return m
+    def set_weight(self, w: torch.Tensor) -> None:
+        """Quantizes W [N, K] into the buffers."""
+        q, scale, lo = quantize_int4(w, self.group_size)
+        self.qweight.copy_(pack_nibbles(q))
+        self.scale.copy_(scale)
+        self.minimum.copy_(lo)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """q * scale + min [N, K] in ``dtype``: ``dequantize_int4``, computed in place

@@ -182,19 +182,23 @@ def official_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     memory-mapped or meta tensors. Raises WeightsError naming the tensors it
     does not know.
     """
+    return _map_tensors(sd, _official_tensor_to_hf, "an official RecurrentGemma state dict")
+
+
+def _map_tensors(sd: Mapping[str, torch.Tensor], map_one, layout: str
+                 ) -> dict[str, torch.Tensor]:
+    """Every tensor of ``sd`` through ``map_one(name, sd)`` (a dict of new tensors, or
+    None for a name it does not know); WeightsError naming the unknown ones."""
     out: dict[str, torch.Tensor] = {}
     unknown = []
     for name in sd:
-        if name.endswith(_OFF_UP_B):
-            continue  # converted together with ffw_up.w
-        mapped = _official_tensor_to_hf(name, sd)
+        mapped = map_one(name, sd)
         if mapped is None:
             unknown.append(name)
         else:
             out.update(mapped)
     if unknown:
-        raise WeightsError(f"not an official RecurrentGemma state dict: unknown tensors "
-                           f"{_short_list(unknown)}")
+        raise WeightsError(f"not {layout}: unknown tensors {_short_list(unknown)}")
     return out
 
 
@@ -212,6 +216,8 @@ def _official_tensor_to_hf(name: str, sd: Mapping[str, torch.Tensor]
         return {prefix + _BLOCK_RENAMES[rest]: sd[name]}
     if rest == _OFF_CONV_W:
         return {prefix + _OUR_CONV_W: conv_official_to_hf(sd[name])}
+    if rest == _OFF_UP_B:
+        return {}  # converted together with ffw_up.w
     if rest == _OFF_UP_W:
         bias = sd.get(f"blocks.{i}.{_OFF_UP_B}")
         parts = ffw_up_official_to_hf(sd[name], bias)
@@ -229,18 +235,7 @@ def hf_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """
     if any(k.startswith(HF_PREFIX) or k == LM_HEAD for k in sd):
         sd = strip_hf_prefix(sd)
-    out: dict[str, torch.Tensor] = {}
-    unknown = []
-    for name in sd:
-        mapped = _hf_tensor_to_official(name, sd)
-        if mapped is None:
-            unknown.append(name)
-        else:
-            out.update(mapped)
-    if unknown:
-        raise WeightsError("not a RecurrentGemma state dict: unknown tensors "
-                           f"{_short_list(unknown)}")
-    return out
+    return _map_tensors(sd, _hf_tensor_to_official, "a RecurrentGemma state dict")
 
 
 def _hf_tensor_to_official(name: str, sd: Mapping[str, torch.Tensor]

@@ -44,285 +44,28 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import itertools
 import logging
-import queue
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from rgemma.inference.generate import TextStream
-from rgemma.inference.sampling import Sampler, SamplingError, SamplingParams
+from rgemma.inference.batching import TopLogprobs, top_logprobs
+from rgemma.inference.prefix_cache import PrefixCache
+from rgemma.inference.requests import (ERROR, PROMPT, TOKEN, EngineConfig, EngineError, Event,
+                                       QueueFull, Request, RequestError, RequestHandle,
+                                       sampling_params)
+from rgemma.inference.sampling import Sampler, SamplingParams
+from rgemma.inference.stopping import StopChecker
 from rgemma.state import State
-from rgemma.io.tokenizer import common_prefix_length
+
+__all__ = ["ERROR", "PROMPT", "TOKEN", "Engine", "EngineConfig", "EngineError", "EngineStats",
+           "Event", "QueueFull", "Request", "RequestError", "RequestHandle", "sampling_params"]
 
 log = logging.getLogger(__name__)
 
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
 PROMPT_LOGITS_BYTES = 64 * 2**20    # largest [T, V] logits block when scoring prompts
-
-
-class EngineError(RuntimeError):
-    """The engine cannot take the request (stopped, or its queue is full)."""
-
-
-class QueueFull(EngineError):
-    """The waiting queue is at ``max_queue``: retry later (HTTP 503)."""
-
-
-class RequestError(ValueError):
-    """A request the engine cannot run (bad ids, n too large...)."""
-
-
-# ===================================================================== config
-@dataclasses.dataclass
-class EngineConfig:
-    """Sizes of the scheduler.
-
-    max_batch: rows of the batch State (sequences decoded together).
-    max_queue: requests waiting for rows at most; more are refused (QueueFull).
-    prefill_chunk: prompt tokens prefilled per step, all newcomers together.
-    prefix_cache_bytes: bytes of cached prefix states; 0 = no prefix cache.
-    prefix_min_tokens: shortest prefix worth caching.
-    """
-
-    max_batch: int = 8
-    max_queue: int = 64
-    prefill_chunk: int = 256
-    prefix_cache_bytes: int = 0
-    prefix_min_tokens: int = 16
-
-    def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "prefill_chunk"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EngineConfig.{name} must be >= 1")
-
-
-@dataclasses.dataclass
-class Request:
-    """One prompt to complete, with n choices.
-
-    prompt_ids: the prompt's token ids (BOS included if wanted).
-    max_tokens: tokens to generate per choice; 0 = only score the prompt.
-    params: sampling parameters (greedy by default).
-    seed: choice j samples with seed + j; None = random.
-    n: number of choices (each takes a row of the batch).
-    stop_ids: token ids that end a choice (None = the tokenizer's stop ids).
-    stop_strings: strings that end a choice (cut from its text).
-    logprobs: None, or report each generated token's logprob plus this many
-      top alternatives (0 = the chosen token only).
-    prompt_logprobs: None, or the same for every prompt token (the first
-      token gets None). Such requests skip the prefix cache.
-    """
-
-    prompt_ids: Sequence[int]
-    max_tokens: int = 16
-    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
-    seed: int | None = None
-    n: int = 1
-    stop_ids: Sequence[int] | None = None
-    stop_strings: Sequence[str] = ()
-    logprobs: int | None = None
-    prompt_logprobs: int | None = None
-
-
-# ===================================================================== events
-TOKEN, PROMPT, ERROR = "token", "prompt", "error"
-TopLogprobs = list[tuple[int, float]]          # (token id, logprob), best first
-
-
-@dataclasses.dataclass
-class Event:
-    """Something that happened to a request.
-
-    kind "prompt": once, after the prefill: ``prompt_tokens``,
-      ``cached_tokens`` (reused from the prefix cache) and, if asked,
-      ``prompt_logprobs`` (one per prompt token, None for the first) and
-      ``prompt_top_logprobs``.
-    kind "token": one sampled token of choice ``index``: ``token_id``,
-      ``text`` (new whole characters, stop strings held back; may be ""),
-      ``logprob`` / ``top_logprobs`` if asked; ``finish_reason`` ("stop" or
-      "length") on the choice's last token, with ``stop`` = the stop string
-      or stop token id that ended it.
-    kind "error": the request failed (``error`` says why); nothing follows.
-    """
-
-    kind: str
-    index: int = 0
-    text: str = ""
-    token_id: int | None = None
-    logprob: float | None = None
-    top_logprobs: TopLogprobs | None = None
-    finish_reason: str | None = None
-    stop: str | int | None = None
-    prompt_tokens: int = 0
-    cached_tokens: int = 0
-    prompt_logprobs: list[float | None] | None = None
-    prompt_top_logprobs: list[TopLogprobs | None] | None = None
-    error: str | None = None
-
-
-@dataclasses.dataclass
-class Choice:
-    """The whole output of one choice (see ``RequestHandle.result``)."""
-
-    index: int
-    text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list[TopLogprobs] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None
-    stop: str | int | None = None
-
-
-class RequestHandle:
-    """A submitted request: iterate it for Events, ``cancel()`` it, or wait for ``result()``.
-
-    Events go to ``on_event`` when given (called on the engine thread; it must
-    not block; ``None`` is passed once at the end), else to an internal queue
-    that iterating the handle reads (the iteration ends after the last event).
-    """
-
-    _ids = itertools.count(1)
-
-    def __init__(self, request: Request, on_event: Callable[[Event | None], None] | None = None,
-                 wake: Callable[[], None] | None = None):
-        self.id = next(self._ids)
-        self.request = request
-        self.submitted_at = time.perf_counter()
-        self.first_token_at: float | None = None
-        self.cancelled = False
-        self.finished = False
-        self._queue: queue.Queue | None = None if on_event else queue.Queue()
-        self._drained = False
-        self._on_event = on_event or self._queue.put
-        self._wake = wake
-
-    def cancel(self) -> None:
-        """Stops the request; its rows are free before the next decode step."""
-        if not self.finished and not self.cancelled:
-            self.cancelled = True
-            if self._wake:
-                self._wake()
-
-    def __iter__(self) -> Iterator[Event]:
-        return self.events()
-
-    def events(self, timeout: float | None = None) -> Iterator[Event]:
-        """The events until the request ends (once: a second iteration yields nothing).
-
-        Raises TimeoutError when no event comes within ``timeout`` seconds.
-        """
-        if self._queue is None:
-            raise RuntimeError("this handle delivers its events to on_event")
-        while not self._drained:
-            try:
-                event = self._queue.get(timeout=timeout)
-            except queue.Empty:
-                raise TimeoutError(f"request {self.id}: no event in {timeout} s") from None
-            if event is None:
-                self._drained = True
-                return
-            yield event
-
-    def result(self, timeout: float | None = None) -> tuple[list[Choice], Event | None]:
-        """Blocks until done: (choices, the "prompt" event); raises EngineError on "error"."""
-        choices = [Choice(i) for i in range(self.request.n)]
-        prompt = None
-        for event in self.events(timeout):
-            if event.kind == ERROR:
-                raise EngineError(event.error)
-            if event.kind == PROMPT:
-                prompt = event
-                continue
-            c = choices[event.index]
-            c.text += event.text
-            c.token_ids.append(event.token_id)
-            if event.logprob is not None:
-                c.logprobs.append(event.logprob)
-            if event.top_logprobs is not None:
-                c.top_logprobs.append(event.top_logprobs)
-            if event.finish_reason:
-                c.finish_reason, c.stop = event.finish_reason, event.stop
-        return choices, prompt
-
-    # -- engine side
-    def _emit(self, event: Event | None) -> None:
-        if event is not None and event.kind == TOKEN and self.first_token_at is None:
-            self.first_token_at = time.perf_counter()
-        try:
-            self._on_event(event)
-        except Exception:       # e.g. the consumer's event loop is closed: it is gone
-            self.cancelled = True
-
-    def _close(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._emit(None)
-
-
-# =============================================================== prefix cache
-class PrefixCache:
-    """Token-id prefix -> (1-row State after it, logits [1, V] after it); LRU, bounded bytes."""
-
-    def __init__(self, max_bytes: int, min_tokens: int = 16, recent: int = 16):
-        self.max_bytes = max_bytes
-        self.min_tokens = max(1, min_tokens)
-        self.bytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._entries: collections.OrderedDict[tuple, tuple[State, torch.Tensor, int]] = \
-            collections.OrderedDict()
-        self._lengths: collections.Counter[int] = collections.Counter()
-        self._recent: collections.deque[tuple] = collections.deque(maxlen=recent)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, ids: Sequence[int]) -> tuple[int, State, torch.Tensor] | None:
-        """The longest cached prefix of ``ids``: (its length, a state copy, logits copy)."""
-        for n in sorted(self._lengths, reverse=True):
-            if n > len(ids):
-                continue
-            key = tuple(ids[:n])
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                state, logits, _ = self._entries[key]
-                self.hits += 1
-                return n, state.clone(), logits.clone()
-        self.misses += 1
-        return None
-
-    def split_point(self, ids: Sequence[int], start: int) -> int | None:
-        """A prefix length in (start, len(ids)) shared with a recent prompt, worth caching."""
-        best = 0
-        for other in self._recent:
-            best = max(best, common_prefix_length(ids, other))
-        self._recent.append(tuple(ids))
-        worth = best >= self.min_tokens and start < best < len(ids)
-        return best if worth and tuple(ids[:best]) not in self._entries else None
-
-    def store(self, ids: Sequence[int], state: State, logits: torch.Tensor) -> None:
-        """Keeps copies of the state and logits after ``ids`` (evicting the oldest)."""
-        key = tuple(ids)
-        size = state.nbytes + logits.numel() * logits.element_size()
-        if len(key) < self.min_tokens or size > self.max_bytes or key in self._entries:
-            return
-        while self.bytes + size > self.max_bytes:
-            self._evict_oldest()
-        self._entries[key] = (state.clone(), logits.clone(), size)
-        self._lengths[len(key)] += 1
-        self.bytes += size
-
-    def _evict_oldest(self) -> None:
-        key, (_, _, size) = self._entries.popitem(last=False)
-        self.bytes -= size
-        self._lengths[len(key)] -= 1
-        if not self._lengths[len(key)]:
-            del self._lengths[len(key)]
 
 
 # ============================================================ engine internals
@@ -347,12 +90,11 @@ class _Job:
 class _Sequence:
     """One choice being decoded in a row of the batch."""
 
-    def __init__(self, job: _Job, index: int, sampler: Sampler, text: TextStream):
+    def __init__(self, job: _Job, index: int, sampler: Sampler, stopper: StopChecker):
         self.job = job
         self.index = index
         self.sampler = sampler
-        self.text = text
-        self.generated = 0
+        self.stopper = stopper
         self.next_token = 0        # sampled, not yet fed
         self.position = len(job.ids)
 
@@ -689,7 +431,7 @@ class Engine:
         lsm = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
         job.prompt_lp += lsm.gather(1, targets[:, None])[:, 0].tolist()
         k = job.request.prompt_logprobs
-        job.prompt_top += [_top(row, k) if k else [] for row in lsm]
+        job.prompt_top += top_logprobs(lsm, k) if k else [[] for _ in lsm]
 
     def _start_choices(self, job: _Job) -> None:
         """After the prefill: the first token of each choice; rows for those that go on."""
@@ -704,9 +446,9 @@ class Engine:
             return
         rows = []
         try:
-            for j in range(r.n):
-                seq = self._new_sequence(job, j)
-                if not self._sample(seq, job.logits):
+            seqs = [self._new_sequence(job, j) for j in range(r.n)]
+            for seq, ended in zip(seqs, self._sample(seqs, job.logits.expand(r.n, -1))):
+                if not ended:
                     rows.append(len(self._rows))
                     self._rows.append(seq)
             if rows:
@@ -721,7 +463,8 @@ class Engine:
         seed = None if r.seed is None else r.seed + index
         sampler = Sampler([r.params], self.vocab_size, self.model.device, seeds=[seed],
                           history=[job.ids] if r.params.repetition_penalty != 1 else None)
-        return _Sequence(job, index, sampler, TextStream(self.tokenizer, list(r.stop_strings)))
+        stopper = StopChecker(self.tokenizer, job.stop_ids, list(r.stop_strings), r.max_tokens)
+        return _Sequence(job, index, sampler, stopper)
 
     # ------------------------------------------------------------- decode
     def _decode(self) -> None:
@@ -740,19 +483,16 @@ class Engine:
                 self._fail(job.handle, f"decode failed: {e}")
             return
         self._stats.decode_steps += 1
-        finished: set[int] = set()
-        for i, seq in enumerate(self._rows):
+        for seq in self._rows:
             seq.position += 1
-            if seq.job.handle.finished:          # failed earlier in this step
-                finished.add(i)
-                continue
-            try:
-                if self._sample(seq, logits[i:i + 1]):
-                    finished.add(i)
-            except Exception as e:
-                log.warning("request %d failed in sampling: %s", seq.job.handle.id, e)
-                finished.add(i)
-                self._fail(seq.job.handle, f"sampling failed: {e}")
+        try:
+            ended = self._sample(self._rows, logits)
+        except Exception as e:                   # e.g. a NaN distribution: fails this step
+            log.warning("sampling failed: %s", e)
+            ended = [True] * k
+            for job in {id(s.job): s.job for s in self._rows}.values():
+                self._fail(job.handle, f"sampling failed: {e}")
+        finished = {i for i, end in enumerate(ended) if end}
         done_jobs = {id(self._rows[i].job): self._rows[i].job for i in finished}
         if finished:
             self._remove_rows(finished)
@@ -761,28 +501,33 @@ class Engine:
                 self._end(job.handle)
         self._rate.add(k)
 
-    def _sample(self, seq: _Sequence, logits: torch.Tensor) -> bool:
-        """Samples seq's next token from logits [1, V] and emits it; True if the choice ended."""
-        r = seq.job.request
-        want = r.logprobs is not None
-        tokens, lp = seq.sampler.sample(logits, logprobs=want)
-        token = int(tokens[0])
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[bool]:
+        """Samples the next token of every sequence from logits [len(seqs), V] in one call
+        (each row with its own parameters and generator) and emits them; True where the
+        choice ended."""
+        want_lp = any(s.job.request.logprobs is not None for s in seqs)
+        tokens, lps = Sampler.stack([s.sampler for s in seqs]).sample(logits, logprobs=want_lp)
+        ids, lps = tokens.tolist(), (lps.tolist() if lps is not None else [None] * len(seqs))
+        k = max((s.job.request.logprobs or 0) for s in seqs)
+        tops = top_logprobs(torch.log_softmax(logits.float(), -1), k) if k else None
+        ended = []
+        for i, seq in enumerate(seqs):
+            if seq.job.handle.finished:          # failed or cancelled meanwhile
+                ended.append(True)
+                continue
+            want = seq.job.request.logprobs
+            top = None if want is None else (tops[i][:want] if tops and want else [])
+            ended.append(self._emit_token(seq, ids[i], lps[i] if want is not None else None, top))
+        return ended
+
+    def _emit_token(self, seq: _Sequence, token: int, logprob: float | None,
+                    top: TopLogprobs | None) -> bool:
+        """Sends a sampled token to its request; True if the choice ended with it."""
         seq.next_token = token
-        seq.generated += 1
         self._stats.generated_tokens += 1
-        event = Event(TOKEN, index=seq.index, token_id=token,
-                      logprob=float(lp[0]) if want else None,
-                      top_logprobs=_top(torch.log_softmax(logits[0].float(), -1), r.logprobs)
-                      if r.logprobs else ([] if want else None))
-        if token in seq.job.stop_ids:
-            event.text, event.finish_reason, event.stop = seq.text.finish(), FINISH_STOP, token
-        else:
-            event.text = seq.text.push(token)
-            if seq.text.stopped_on is not None:
-                event.finish_reason, event.stop = FINISH_STOP, seq.text.stopped_on
-            elif seq.generated >= r.max_tokens:
-                event.text += seq.text.finish()
-                event.finish_reason = FINISH_LENGTH
+        text = seq.stopper.add(token)
+        event = Event(TOKEN, index=seq.index, token_id=token, logprob=logprob, top_logprobs=top,
+                      text=text, finish_reason=seq.stopper.finish_reason, stop=seq.stopper.stop)
         seq.job.handle._emit(event)
         if event.finish_reason:
             seq.job.open_choices -= 1
@@ -829,17 +574,3 @@ def _move_rows(state: State, src: Sequence[int], dst: Sequence[int]) -> None:
     dst_index = torch.tensor(list(dst), device=state.device)
     for t in state.tensors().values():
         t.index_copy_(0, dst_index, t.index_select(0, src_index))
-
-
-def _top(logprobs: torch.Tensor, k: int) -> TopLogprobs:
-    """The k best (token id, logprob) of a [V] row of log-probabilities."""
-    values, ids = torch.topk(logprobs, min(k, logprobs.shape[-1]))
-    return list(zip(ids.tolist(), values.tolist()))
-
-
-def sampling_params(**kwargs) -> SamplingParams:
-    """SamplingParams, with SamplingError turned into RequestError."""
-    try:
-        return SamplingParams(**kwargs)
-    except SamplingError as e:
-        raise RequestError(str(e)) from None

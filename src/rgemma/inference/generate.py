@@ -38,12 +38,10 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
+from rgemma.inference.batching import pad_batch
 from rgemma.inference.sampling import Sampler, SamplingError, SamplingParams
+from rgemma.inference.stopping import StopChecker
 from rgemma.state import State
-
-FINISH_STOP = "stop"
-FINISH_LENGTH = "length"
-FINISH_INTERRUPTED = "interrupted"
 
 
 class GenerationError(ValueError):
@@ -122,72 +120,17 @@ class Delta:
     completion: Completion | None = None
 
 
-# ============================================================== text of a row
-class TextStream:
-    """The text of one row, a token at a time: whole UTF-8 characters only, and
-    text that could be the start of a stop string held back until it is known
-    not to be one; a stop string found (even across tokens) ends the text there.
-    """
-
-    def __init__(self, tokenizer, stop_strings: Sequence[str] = ()):
-        self.decoder = tokenizer.stream_decoder()
-        self.stop_strings = [s for s in stop_strings if s]
-        self.held = ""
-        self.stopped_on: str | None = None
-
-    def push(self, token_id: int) -> str:
-        """New safe text after ``token_id``; sets ``stopped_on`` if a stop string appeared."""
-        return self._scan(self.decoder.feed(token_id))
-
-    def finish(self) -> str:
-        """The text still held or buffered (at the end of the row)."""
-        text = self._scan(self.decoder.flush())
-        if self.stopped_on is None:
-            text, self.held = text + self.held, ""
-        return text
-
-    def _scan(self, new: str) -> str:
-        if self.stopped_on is not None:
-            return ""
-        buf = self.held + new
-        found = [(buf.find(s), s) for s in self.stop_strings if s in buf]
-        if found:
-            at, self.stopped_on = min(found)
-            self.held = ""
-            return buf[:at]
-        keep = _longest_stop_prefix_suffix(buf, self.stop_strings)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
-
-
-def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best
-
-
 # ================================================================ model calls
 def prefill(model, prompt_ids: Sequence[Sequence[int]], state: State) -> torch.Tensor:
     """Runs every row's prompt on top of ``state`` in ONE call; returns logits [B, V].
 
-    Rows are left-padded to the longest prompt with position -1 (ignored by
-    the model). Segment positions continue from the state: a row that has seen
-    n tokens since its document start gets positions n, n+1, ...
+    Rows are left-padded to the longest prompt (``pad_batch``). Segment
+    positions continue from the state: a row that has seen n tokens since its
+    document start gets positions n, n+1, ...
     """
-    B, T = len(prompt_ids), max(len(p) for p in prompt_ids)
-    tokens = torch.zeros(B, T, dtype=torch.long)
-    positions = torch.full((B, T), -1, dtype=torch.long)
-    start = (state.num_tokens - state.doc_start).tolist()
-    for b, ids in enumerate(prompt_ids):
-        n = len(ids)
-        tokens[b, T - n:] = torch.as_tensor(list(ids), dtype=torch.long)
-        positions[b, T - n:] = torch.arange(start[b], start[b] + n)
-    logits, _ = model(tokens.to(model.device), positions.to(model.device), state, logits="last")
+    starts = (state.num_tokens - state.doc_start).tolist()
+    tokens, positions = pad_batch(prompt_ids, starts, side="left", device=model.device)
+    logits, _ = model(tokens, positions, state, logits="last")
     return logits
 
 
@@ -245,47 +188,35 @@ def _row_seeds(seed, B: int) -> list[int | None]:
 
 
 class _Row:
-    """Book-keeping of one row: ids, text, logprobs and why it stopped."""
+    """Book-keeping of one row: ids, text pieces and logprobs; ``stopper`` decides its end."""
 
-    def __init__(self, index: int, prompt_ids: list[int], tokenizer, stop_ids: frozenset,
-                 stop_strings: Sequence[str], max_new_tokens: int, logprobs: bool):
+    def __init__(self, index: int, prompt_ids: list[int], stopper: StopChecker, logprobs: bool):
         self.index = index
         self.prompt_ids = prompt_ids
         self.ids: list[int] = []
         self.text_parts: list[str] = []
         self.logprobs: list[float] | None = [] if logprobs else None
-        self.text = TextStream(tokenizer, stop_strings)
-        self.stop_ids = stop_ids
-        self.max_new_tokens = max_new_tokens
-        self.finish_reason: str | None = None
-        self.stop: str | int | None = None
+        self.stopper = stopper
         self.reported = 0                  # ids already sent in a Delta
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.stopper.finish_reason
 
     def add(self, token: int, logprob: float | None) -> str:
         """Records a sampled token; returns its new text; may finish the row."""
         self.ids.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
-        if token in self.stop_ids:
-            self.finish_reason, self.stop = FINISH_STOP, token
-            delta = self.text.finish()
-        else:
-            delta = self.text.push(token)
-            if self.text.stopped_on is not None:
-                self.finish_reason, self.stop = FINISH_STOP, self.text.stopped_on
-            elif len(self.ids) >= self.max_new_tokens:
-                self.finish_reason = FINISH_LENGTH
-                delta += self.text.finish()
-        if delta:
-            self.text_parts.append(delta)
-        return delta
+        return self._keep(self.stopper.add(token))
 
     def interrupt(self) -> str:
-        self.finish_reason = FINISH_INTERRUPTED
-        delta = self.text.finish()
-        if delta:
-            self.text_parts.append(delta)
-        return delta
+        return self._keep(self.stopper.interrupt())
+
+    def _keep(self, text: str) -> str:
+        if text:
+            self.text_parts.append(text)
+        return text
 
 
 def stream(model, tokenizer, prompts, *, max_new_tokens: int = 256,
@@ -353,8 +284,8 @@ def stream(model, tokenizer, prompts, *, max_new_tokens: int = 256,
     history = [list(c) + p for c, p in zip(context_ids or [[]] * B, prompt_ids)]
     sampler = Sampler(params, vocab, model.device, seeds=_row_seeds(seed, B),
                       rng_states=rng_states, history=history)
-    rows = [_Row(b, prompt_ids[b], tokenizer, stop_ids, stop_strings, max_new_tokens, logprobs)
-            for b in range(B)]
+    rows = [_Row(b, prompt_ids[b], StopChecker(tokenizer, stop_ids, stop_strings, max_new_tokens),
+                 logprobs) for b in range(B)]
     return _run(model, state, sampler, rows, logprobs, _make_step(model, compile), should_stop)
 
 
@@ -420,7 +351,7 @@ def _final_delta(row: _Row, text: str, state: State, sampler: Sampler,
         text="".join(row.text_parts), token_ids=row.ids, finish_reason=row.finish_reason,
         prompt_ids=row.prompt_ids, logprobs=row.logprobs,
         state=state if B == 1 else state.select([row.index]),
-        rng_state=sampler.rng_state(row.index), stop=row.stop, stats=stats)
+        rng_state=sampler.rng_state(row.index), stop=row.stopper.stop, stats=stats)
     return _delta(row, text, completion)
 
 

@@ -194,9 +194,7 @@ class Sampler:
         self.top_p = column("top_p", torch.float32)
         self.min_p = column("min_p", torch.float32)
         self.penalty = column("repetition_penalty", torch.float32)
-        self.sampled_rows = [b for b, p in enumerate(self.params) if not p.greedy]
-        self.uses_truncation = any(p.top_k > 0 or p.top_p < 1 for p in self.params if not p.greedy)
-        self.uses_min_p = any(p.min_p > 0 for p in self.params if not p.greedy)
+        self._parts: list[Sampler] | None = None
         self.generators: list[torch.Generator | None] = []
         for b, p in enumerate(self.params):
             if p.greedy:
@@ -213,9 +211,43 @@ class Sampler:
                 if ids:
                     self.seen[b, torch.as_tensor(list(ids), device=self.device)] = True
 
+    @classmethod
+    def stack(cls, samplers: Sequence["Sampler"]) -> "Sampler":
+        """One sampler over the rows of several, in order, to sample them in one call.
+
+        The generators are shared (each row draws from its own sampler's
+        generator) and the tokens picked are recorded in the parts' histories,
+        so a row samples the same tokens stacked or alone.
+        """
+        out = cls.__new__(cls)
+        out.params = [p for s in samplers for p in s.params]
+        out.vocab_size, out.device = samplers[0].vocab_size, samplers[0].device
+        for name in ("temperature", "top_k", "top_p", "min_p", "penalty"):
+            setattr(out, name, torch.cat([getattr(s, name) for s in samplers]))
+        out.generators = [g for s in samplers for g in s.generators]
+        out.seen = None
+        if any(s.seen is not None for s in samplers):
+            out.seen = torch.cat([s.seen if s.seen is not None else
+                                  torch.zeros(s.batch_size, s.vocab_size, dtype=torch.bool,
+                                              device=s.device) for s in samplers])
+        out._parts = list(samplers)
+        return out
+
     @property
     def batch_size(self) -> int:
         return len(self.params)
+
+    @property
+    def sampled_rows(self) -> list[int]:
+        return [b for b, p in enumerate(self.params) if not p.greedy]
+
+    @property
+    def uses_truncation(self) -> bool:
+        return any(p.top_k > 0 or p.top_p < 1 for p in self.params if not p.greedy)
+
+    @property
+    def uses_min_p(self) -> bool:
+        return any(p.min_p > 0 for p in self.params if not p.greedy)
 
     def rng_state(self, row: int) -> torch.Tensor | None:
         """The generator state of a sampled row (to resume it), None for greedy rows."""
@@ -262,10 +294,21 @@ class Sampler:
             drawn = sample_inverse_cdf(z.index_select(0, index), u.to(z.device))
             tokens = tokens.index_copy(0, index, drawn)
         if self.seen is not None:
-            mask = (torch.ones(B, dtype=torch.bool, device=z.device) if active is None
-                    else torch.tensor(list(active), dtype=torch.bool, device=z.device))
-            self.seen[mask, tokens[mask]] = True
+            self._record(tokens, active)
         lp = None
         if logprobs:
             lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, tokens[:, None])[:, 0]
         return tokens, lp
+
+    def _record(self, tokens: torch.Tensor, active: Sequence[bool] | None) -> None:
+        """Marks the tokens picked by active rows as seen (for the repetition penalty)."""
+        B = tokens.shape[0]
+        mask = (torch.ones(B, dtype=torch.bool, device=tokens.device) if active is None
+                else torch.tensor(list(active), dtype=torch.bool, device=tokens.device))
+        self.seen[mask, tokens[mask]] = True
+        first = 0
+        for part in self._parts or []:
+            rows = slice(first, first + part.batch_size)
+            if part.seen is not None:
+                part._record(tokens[rows], None if active is None else active[rows])
+            first += part.batch_size

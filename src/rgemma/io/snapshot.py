@@ -33,6 +33,7 @@ from typing import Any, Sequence
 import torch
 
 from rgemma.errors import one_line
+from rgemma.version import __version__
 from rgemma.state import State
 
 FORMAT = "rgemma.state"
@@ -63,7 +64,6 @@ def save_state(path: str | os.PathLike, state: State, *, model_config,
     """
     from safetensors.torch import save_file
 
-    from rgemma import __version__
     path = os.fspath(path)
     tensors = {name: t.detach().to("cpu").contiguous().clone()
                for name, t in state.tensors().items()}
