@@ -31,7 +31,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 def _demo_config() -> GriffinConfig:
     from rgemma.io import demo
-    return GriffinConfig.from_json_file(os.path.join(demo.path(), "config.json"))
+    from rgemma.io.files import read_config
+    return read_config(os.path.join(demo.path(), "config.json"))
 
 
 def random_rgemma(cfg: GriffinConfig, dtype: torch.dtype, seed: int = 0) -> Griffin:

@@ -23,6 +23,7 @@ from rgemma.cli import convert as convert_verb
 from rgemma.cli import main as rgemma_main
 from rgemma import weights as W
 from rgemma.config import GriffinConfig
+from rgemma.io.files import read_config
 
 try:
     from rgemma.model import Griffin  # noqa: F401
@@ -457,7 +458,7 @@ def test_hf_preset_check(tmp_path):
 
 def test_hf_config_round_trip_through_save(tmp_path, official_pt):
     out = C.convert(official_pt, tmp_path / "hf")
-    cfg = GriffinConfig.from_json_file(out / "config.json")
+    cfg = read_config(out / "config.json")
     source = C.open_checkpoint(official_pt)
     assert cfg == source.config
     assert os.path.getsize(out / C.SINGLE_FILE) > source.nbytes()

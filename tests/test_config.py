@@ -7,6 +7,7 @@ import json
 import pytest
 
 from rgemma.config import ConfigError, GriffinConfig, preset_names
+from rgemma.io.files import CheckpointError, read_config
 
 from conftest import official_config
 
@@ -42,7 +43,7 @@ def test_reads_both_block_type_spellings(tmp_path):
     del d["block_types"]
     path = tmp_path / "config.json"
     path.write_text(json.dumps(d))
-    assert GriffinConfig.from_json_file(path).block_types == \
+    assert read_config(path).block_types == \
         GriffinConfig.from_preset("recurrentgemma-2b").block_types
 
 
@@ -60,6 +61,6 @@ def test_validation_errors(tmp_path):
         GriffinConfig.from_hf_dict({**GriffinConfig().to_hf_dict(), "num_key_value_heads": 8})
     bad = tmp_path / "config.json"
     bad.write_text("{not json")
-    with pytest.raises(ConfigError, match="not valid JSON"):
-        GriffinConfig.from_json_file(bad)
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_config(bad)
     assert "recurrentgemma-2b-it" in preset_names()

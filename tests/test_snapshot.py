@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from rgemma.io import checkpoint
+from rgemma.io import checkpoint, snapshot
 from rgemma.inference.generate import generate
 from rgemma.io.snapshot import SnapshotError, fork, load_state, read_metadata, save_state
 from test_generate import tiny_config, tiny_model, train_tokenizer
@@ -162,6 +162,7 @@ def test_wrong_tensor_shapes_are_rejected(loaded, tmp_path):
     raw = read_metadata(path)
     tensors = load_file(path)
     tensors["layers.0.h"] = torch.zeros(1, 7)
+    raw["sha256"] = snapshot._checksum(tensors)      # a consistent, crafted file
     save_file(tensors, path, metadata=raw)
     with pytest.raises(SnapshotError, match="layers.0.h"):
         load_state(path, model)

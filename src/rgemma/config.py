@@ -20,6 +20,27 @@ class ConfigError(ValueError):
     """A model configuration that cannot describe a valid model."""
 
 
+# Largest accepted value of each size: far above any published model (2B: vocabulary
+# 256,000, width 2,560, 26 layers, window 2,048), so that a corrupt or hostile config.json
+# is refused before anything is allocated from it.
+MAX_SIZES = {"vocab_size": 1 << 22, "width": 1 << 16, "mlp_width": 1 << 18,
+             "num_heads": 1 << 12, "lru_width": 1 << 16, "attention_window": 1 << 20,
+             "conv1d_width": 1 << 8, "num_layers": 1 << 12}
+
+
+def check_size(name: str, value: Any) -> int:
+    """``value`` as a positive int no larger than MAX_SIZES[name], else ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"GriffinConfig.{name} must be a positive integer, got {value!r}")
+    value = int(value)
+    if value <= 0:
+        raise ConfigError(f"GriffinConfig.{name} must be a positive integer, got {value!r}")
+    if value > MAX_SIZES[name]:
+        raise ConfigError(f"GriffinConfig.{name} is {value}; rgemma accepts at most "
+                          f"{MAX_SIZES[name]} (a larger value means a corrupt config)")
+    return value
+
+
 def griffin_pattern(num_layers: int) -> tuple[str, ...]:
     """(recurrent, recurrent, attention) repeated: layer i is attention iff i % 3 == 2."""
     return tuple(ATTENTION if i % 3 == 2 else RECURRENT for i in range(num_layers))
@@ -76,8 +97,10 @@ class GriffinConfig:
         for name in ("vocab_size", "width", "mlp_width", "num_heads", "lru_width",
                      "attention_window", "conv1d_width"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, int):
                 raise ConfigError(f"GriffinConfig.{name} must be a positive integer, got {value!r}")
+            check_size(name, value)
+        check_size("num_layers", len(self.block_types) or 1)
         if not self.block_types:
             raise ConfigError("GriffinConfig.block_types is empty: a model needs at least one block")
         bad = [b for b in self.block_types if b not in BLOCK_KINDS]
@@ -151,22 +174,23 @@ class GriffinConfig:
             raise ConfigError(
                 f"config.json has model_type {model_type!r}; rgemma reads only 'recurrent_gemma' "
                 "(RecurrentGemma / Griffin checkpoints)")
-        try:
-            num_layers = int(d["num_hidden_layers"])
-            width = int(d["hidden_size"])
-            heads = int(d["num_attention_heads"])
-            intermediate = int(d["intermediate_size"])
-        except KeyError as e:
-            raise ConfigError(f"config.json lacks the field {e.args[0]!r}") from None
+        missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                               "intermediate_size") if k not in d]
+        if missing:
+            raise ConfigError(f"config.json lacks the field {missing[0]!r}")
+        num_layers = check_size("num_layers", d["num_hidden_layers"])
+        width = check_size("width", d["hidden_size"])
+        heads = check_size("num_heads", d["num_attention_heads"])
+        intermediate = check_size("mlp_width", d["intermediate_size"])
         kv_heads = d.get("num_key_value_heads")
         if kv_heads is not None and int(kv_heads) != 1:
             raise ConfigError(
                 f"config.json: num_key_value_heads is {kv_heads}; RecurrentGemma's local "
                 "attention is multi-query (one K/V head): set it to 1")
         pattern = d.get("block_types", d.get("_block_types", [RECURRENT, RECURRENT, ATTENTION]))
-        pattern = list(pattern)
-        if not pattern:
-            raise ConfigError("config.json: block_types is empty")
+        if not isinstance(pattern, (list, tuple)) or not pattern:
+            raise ConfigError("config.json: block_types must be a non-empty list")
+        pattern = list(pattern)[:num_layers]
         blocks = tuple((pattern * (num_layers // len(pattern) + 1))[:num_layers])
         if intermediate % 2:
             raise ConfigError(
@@ -177,23 +201,29 @@ class GriffinConfig:
         eos = d.get("eos_token_id", 1)
         if isinstance(eos, list):
             eos = eos[0]
-        return cls(
-            vocab_size=int(d.get("vocab_size", 256_000)),
-            width=width,
-            mlp_width=intermediate // 2,
-            num_heads=heads,
-            block_types=blocks,
-            lru_width=d.get("lru_width") or width,
-            attention_window=int(d.get("attention_window_size", 2048)),
-            logits_soft_cap=float(d.get("logits_soft_cap") or 0.0),
-            embeddings_scale_by_sqrt_dim=bool(d.get("embeddings_scale_by_sqrt_dim", True)),
-            conv1d_width=int(d.get("conv1d_width", 4)),
-            rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-            rope_base=float(rope_base),
-            pad_token_id=int(d.get("pad_token_id", 0) if d.get("pad_token_id") is not None else 0),
-            eos_token_id=int(eos if eos is not None else 1),
-            bos_token_id=int(d.get("bos_token_id", 2) if d.get("bos_token_id") is not None else 2),
-        )
+        try:
+            return cls(
+                vocab_size=check_size("vocab_size", d.get("vocab_size", 256_000)),
+                width=width,
+                mlp_width=intermediate // 2,
+                num_heads=heads,
+                block_types=blocks,
+                lru_width=check_size("lru_width", d.get("lru_width") or width),
+                attention_window=check_size("attention_window",
+                                            d.get("attention_window_size", 2048)),
+                logits_soft_cap=float(d.get("logits_soft_cap") or 0.0),
+                embeddings_scale_by_sqrt_dim=bool(d.get("embeddings_scale_by_sqrt_dim", True)),
+                conv1d_width=check_size("conv1d_width", d.get("conv1d_width", 4)),
+                rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+                rope_base=float(rope_base),
+                pad_token_id=int(d.get("pad_token_id") or 0),
+                eos_token_id=int(eos if eos is not None else 1),
+                bos_token_id=int(d["bos_token_id"] if d.get("bos_token_id") is not None else 2),
+            )
+        except (TypeError, ValueError) as e:      # a field of the wrong JSON type
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"config.json: a field has the wrong type ({e})") from None
 
     def to_hf_dict(self) -> dict[str, Any]:
         """A Hugging Face ``config.json`` dictionary that ``transformers`` reads.
@@ -231,22 +261,6 @@ class GriffinConfig:
             "bos_token_id": self.bos_token_id,
             "torch_dtype": "float32",
         }
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> "GriffinConfig":
-        try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: no such file") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        try:
-            return cls.from_hf_dict(d)
-        except ConfigError as e:
-            raise ConfigError(f"{path}: {e}") from None
 
 
 def _recurrentgemma(width: int, num_heads: int, num_layers: int) -> dict[str, Any]:

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from rgemma.config import ATTENTION, RECURRENT, GriffinConfig, PRESETS
+from rgemma.config import ATTENTION, MAX_SIZES, PRESETS, RECURRENT, GriffinConfig
 
 HF_PREFIX = "model."
 LM_HEAD = "lm_head.weight"
@@ -481,11 +481,15 @@ def _count_blocks(sd: Mapping[str, Any], source: str) -> int:
     if not found:
         raise WeightsError(f"{source}: no blocks.* tensors: not an official RecurrentGemma "
                            "state dict")
-    if found != set(range(len(found))):
-        absent = sorted(set(range(max(found) + 1)) - found)
-        raise WeightsError(f"{source}: blocks are not numbered 0..{max(found)}: "
-                           f"missing blocks {absent}")
-    return len(found)
+    n = len(found)
+    if max(found) >= n:     # a gap; list a few of the missing without ranging to max(found)
+        absent = [i for i in range(n + 8) if i not in found][:8]
+        raise WeightsError(f"{source}: blocks are not numbered 0..{n - 1} (block {max(found)} "
+                           f"is there): missing blocks {absent}{' ...' if len(absent) == 8 else ''}")
+    if n > MAX_SIZES["num_layers"]:
+        raise WeightsError(f"{source}: {n} blocks; rgemma accepts at most "
+                           f"{MAX_SIZES['num_layers']}")
+    return n
 
 
 def _check_against_preset(shapes: dict[str, Any], reference: GriffinConfig, preset: str,

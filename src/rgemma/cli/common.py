@@ -44,6 +44,42 @@ def set_threads(args) -> None:
         torch.set_num_threads(threads)
 
 
+def read_stdin_text(what: str) -> str:
+    """Standard input as UTF-8 text; CLIError naming the first bad byte otherwise."""
+    data = sys.stdin.buffer.read()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CLIError(f"{what} read from stdin is not UTF-8 text (byte 0x{data[e.start]:02x} "
+                       f"at offset {e.start}); convert it first, e.g. iconv -t UTF-8", 2) from None
+
+
+def check_writable(path: str, flag: str) -> None:
+    """CLIError now, before any work, if ``path`` cannot be written later."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise CLIError(f"{flag} {path}: is a directory; give a file name", 2)
+    if not os.path.isdir(directory):
+        raise CLIError(f"{flag} {path}: the directory {directory} does not exist", 2)
+    if not os.access(directory, os.W_OK):
+        raise CLIError(f"{flag} {path}: the directory {directory} is not writable", 2)
+
+
+def resolve_device(device: str | None) -> str:
+    """``--device`` (default: cuda if available, else cpu), checked against this PyTorch."""
+    import torch
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise CLIError(f"--device {device!r} is not a device; use cpu or cuda", 2) from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {device}: this PyTorch has no CUDA device (a CPU-only build, "
+                       "or no GPU visible); use --device cpu", 2)
+    return device
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="checkpoint: a Hugging Face directory, an official .pt file or an "
@@ -121,8 +157,6 @@ def resolve_model_path(path: str | None) -> str:
 def load_model(args, *, compute_dtype: str | None = None):
     """(model, tokenizer) for ``--model`` / ``--dtype`` / ``--device`` / ``--quantize`` /
     ``--threads``; CLIError on failure."""
-    import torch
-
     from rgemma.dtypes import as_dtype
     from rgemma.io import checkpoint
     path = resolve_model_path(getattr(args, "model", None))
@@ -130,7 +164,7 @@ def load_model(args, *, compute_dtype: str | None = None):
         raise CLIError(f"model {path!r} not found: pass --model PATH to a checkpoint "
                        "directory or file")
     set_threads(args)
-    device = getattr(args, "device", None) or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(getattr(args, "device", None))
     try:
         model, tokenizer = checkpoint.load(path, dtype=as_dtype(getattr(args, "dtype", None)),
                                            device=device, quantize=getattr(args, "quantize", None))

@@ -6,7 +6,8 @@ import os
 import sys
 
 from rgemma.cli.common import (CLIError, add_model_args, add_sampling_args, check_sampling_args,
-                               load_model, print_stats, report_error, sampling_kwargs)
+                               check_writable, load_model, print_stats, read_stdin_text,
+                               report_error, sampling_kwargs)
 
 
 def register(subparsers) -> None:
@@ -41,14 +42,15 @@ def run(args) -> int:
 
 
 def _read_prompt(args) -> str | None:
+    """The prompt text; None when there is none and a loaded state is continued."""
     if args.prompt is not None and args.prompt_flag is not None:
         raise CLIError("give the prompt once (positional or --prompt)", 2)
     prompt = args.prompt if args.prompt is not None else args.prompt_flag
     if prompt == "-":
-        prompt = sys.stdin.read()
-    if prompt is None:
+        prompt = read_stdin_text("the prompt")
+    if prompt is None or (args.load_state and not prompt.strip()):
         if args.load_state:
-            return None
+            return None                      # continue the saved state as it is
         raise CLIError("no prompt given (pass PROMPT, or - to read stdin)", 2)
     if not prompt.strip():
         raise CLIError("the prompt is empty" if not prompt else "the prompt is only whitespace", 2)
@@ -64,6 +66,8 @@ def _generate(args) -> int:
     prompt = _read_prompt(args)
     if args.load_state and not os.path.isfile(args.load_state):
         raise CLIError(f"state file {args.load_state!r} not found")
+    if args.save_state:
+        check_writable(args.save_state, "--save-state")
     model, tokenizer = load_model(args)
 
     saved = None

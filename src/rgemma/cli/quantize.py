@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from rgemma.cli.common import report_error
 
 def register(subparsers) -> None:
@@ -26,9 +28,12 @@ def run(args) -> int:
     import torch
 
     from rgemma.io import checkpoint
-    from rgemma.io.quantized import save_quantized
+    from rgemma.io.quantized import is_quantized_dir, save_quantized
     from rgemma.quantize import quantize_model, quantized_bytes
     try:
+        if os.path.isdir(args.src) and is_quantized_dir(args.src):
+            raise ValueError(f"{args.src} is already quantized; quantize the original "
+                             "(unquantized) checkpoint instead")
         model, tokenizer = checkpoint.load(args.src, dtype=torch.float32)
         quantize_model(model, bits=args.bits, group_size=args.group_size)
         src_dir = checkpoint.open_checkpoint(args.src).directory

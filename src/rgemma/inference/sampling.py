@@ -283,7 +283,11 @@ class Sampler:
         Returns:
           tokens [B] int64 and optionally logprobs [B] float32.
         """
-        B = logits.shape[0]
+        finite = torch.isfinite(logits).all(dim=-1)
+        if not bool(finite.all()):
+            row = int((~finite).nonzero()[0, 0])
+            raise SamplingError(f"the model gave NaN or infinite logits (row {row}): its weights "
+                                "or its state hold NaN/Inf values, so there is nothing to sample")
         z = self.process(logits)
         tokens = z.argmax(dim=-1)
         rows = [b for b in self.sampled_rows if active is None or active[b]]

@@ -88,11 +88,7 @@ def build_model(source: Source, *, dtype: torch.dtype | None = None,
     plus one tensor. Parameters are contiguous and own their memory.
     """
     from rgemma.model import Griffin
-    try:
-        weights.check_state_dict(source.shapes(), source.config, source.label,
-                                 locations=source.locations)
-    except WeightsError as e:
-        raise CheckpointError(str(e)) from None
+    source.check()
     dtype = as_dtype(dtype) or source.dtype()
     with torch.device("meta"):
         model = Griffin(source.config, dtype=dtype)
@@ -339,11 +335,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     """
     to = output_layout(dst, to)
     source = open_checkpoint(src, preset=preset)
-    try:
-        weights.check_state_dict(source.shapes(), source.config, source.label,
-                                 locations=source.locations)
-    except WeightsError as e:
-        raise CheckpointError(str(e)) from None
+    source.check()
     if to == "hf":
         tok = source.directory if has_tokenizer(source.directory) else None
         return save_hf(source.tensors, dst, config=source.config, dtype=dtype,

@@ -13,6 +13,7 @@ import json
 import mmap
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -42,8 +43,61 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
 PROGRESS_MIN_BYTES = 100 * 2**20
 
 
+MAX_JSON_BYTES = 64 << 20       # config, index and tokenizer JSON: far above any real one
+
+
 class CheckpointError(ValueError):
     """A checkpoint that cannot be read or written; the message names the file."""
+
+
+def open_regular(path: str | os.PathLike, what: str = "file"):
+    """Opens ``path`` for reading if it is a regular file; CheckpointError otherwise.
+
+    A FIFO, a device (``/dev/zero``) or a directory under a checkpoint's file
+    name would block or never end; the check is made on the opened file, so
+    a name swapped between a check and the open cannot slip through.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open the {what} ({e.strerror})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CheckpointError(f"{path}: the {what} is not a regular file")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "rb")
+
+
+def check_regular(path: str | os.PathLike, what: str = "file") -> None:
+    """CheckpointError unless ``path`` is a regular file (see ``open_regular``)."""
+    open_regular(path, what).close()
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The JSON value of a regular file of at most MAX_JSON_BYTES; CheckpointError naming
+    the file otherwise (not a file, too large, not UTF-8 JSON)."""
+    with open_regular(path, what) as f:
+        data = f.read(MAX_JSON_BYTES + 1)
+    if len(data) > MAX_JSON_BYTES:
+        raise CheckpointError(f"{path}: the {what} is larger than {MAX_JSON_BYTES >> 20} MB")
+    try:
+        return json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(path: str | os.PathLike):
+    """The GriffinConfig of a Hugging Face ``config.json``; CheckpointError naming the file."""
+    from rgemma.config import ConfigError, GriffinConfig
+    d = read_json(path, "config.json")
+    if not isinstance(d, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    try:
+        return GriffinConfig.from_hf_dict(d)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def release_pages(tensor: torch.Tensor) -> None:

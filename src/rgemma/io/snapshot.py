@@ -11,7 +11,8 @@ A snapshot is one safetensors file:
   ``config`` (the architecture), ``layout`` (name -> shape, dtype),
   ``num_tokens`` (tokens seen per row), ``batch_size`` and ``extra``: the
   caller's JSON metadata (e.g. the token ids of the history, the pending
-  token, chat messages).
+  token, chat messages), and ``sha256``: a checksum of every tensor's bytes,
+  checked on loading (files of format version 1 have none).
 
 Files are written atomically (a temporary file in the same directory, then
 ``os.replace``): a crash never leaves a half-written snapshot under the name.
@@ -37,7 +38,9 @@ from rgemma.version import __version__
 from rgemma.state import State
 
 FORMAT = "rgemma.state"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2               # 2: with the sha256 of the tensors; 1 still loads
+READABLE_VERSIONS = ("1", "2")
+MAX_ROWS = 1 << 16               # rows a state file may declare
 
 
 class SnapshotError(ValueError):
@@ -73,6 +76,7 @@ def save_state(path: str | os.PathLike, state: State, *, model_config,
     layout = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
               for name, t in state.tensors().items()}
     metadata = {
+        "sha256": _checksum(tensors),
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "rgemma_version": __version__,
@@ -113,11 +117,22 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
                             f"({one_line(e)})") from None
     if metadata.get("format") != FORMAT:
         raise SnapshotError(f"{path}: not an rgemma state file (no '{FORMAT}' format marker)")
-    if metadata.get("format_version") != str(FORMAT_VERSION):
+    if metadata.get("format_version") not in READABLE_VERSIONS:
         raise SnapshotError(f"{path}: state file format version "
                             f"{metadata.get('format_version')!r}; this rgemma reads "
-                            f"{FORMAT_VERSION}")
+                            f"{', '.join(READABLE_VERSIONS)}")
     return metadata
+
+
+def _checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order."""
+    import hashlib
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def load_state(path: str | os.PathLike, model, *,
@@ -147,6 +162,14 @@ def load_state(path: str | os.PathLike, model, *,
     except Exception as e:
         raise SnapshotError(f"{path}: not a valid state file, corrupt or truncated "
                             f"({one_line(e)})") from None
+    if "sha256" in raw and raw["sha256"] != _checksum(tensors):
+        raise SnapshotError(f"{path}: the state file's data does not match its checksum "
+                            "(the file is corrupt)")
+    if raw.get("format_version") != "1" and "sha256" not in raw:
+        raise SnapshotError(f"{path}: the state file has no checksum (corrupt metadata)")
+    if not 1 <= batch_size <= MAX_ROWS:
+        raise SnapshotError(f"{path}: batch_size {batch_size} in the metadata is not in "
+                            f"[1, {MAX_ROWS}] (corrupt file)")
     expected = model.init_state(batch_size, device="meta").tensors()
     state = _assemble(path, tensors, expected, model, batch_size,
                       torch.device(device) if device is not None else model.device)
@@ -154,8 +177,19 @@ def load_state(path: str | os.PathLike, model, *,
     metadata.update(
         rgemma_version=raw.get("rgemma_version"), config_fingerprint=mine,
         num_tokens=state.num_tokens.tolist(), batch_size=batch_size,
-        rng_states=[tensors.get(f"rng.{b}") for b in range(batch_size)])
+        rng_states=[_rng_state(path, tensors.get(f"rng.{b}")) for b in range(batch_size)])
     return state, metadata
+
+
+def _rng_state(path: str, rng: torch.Tensor | None) -> torch.Tensor | None:
+    """A saved generator state, checked to be one (torch.Generator states have one size)."""
+    if rng is None:
+        return None
+    size = torch.Generator().get_state().numel()
+    if rng.dtype != torch.uint8 or rng.dim() != 1 or rng.numel() != size:
+        raise SnapshotError(f"{path}: a saved sampling state has {rng.numel()} bytes, not "
+                            f"{size} (corrupt file)")
+    return rng
 
 
 def _assemble(path: str, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
@@ -221,9 +255,23 @@ def load_conversation(path: str | os.PathLike, model) -> Conversation:
     if state.batch_size != 1:
         raise SnapshotError(f"{os.fspath(path)}: holds {state.batch_size} rows; a conversation "
                             "continues one")
-    pending = [int(t) for t in meta.pop("pending_ids", [])]
-    ids = [int(t) for t in meta.pop("token_ids", [])]
+    vocab = model.config.vocab_size
+    pending = _token_ids(path, meta.pop("pending_ids", []), vocab, "pending_ids")
+    ids = _token_ids(path, meta.pop("token_ids", []), vocab, "token_ids")
+    if ids[len(ids) - len(pending):] != pending:
+        raise SnapshotError(f"{os.fspath(path)}: pending_ids are not the end of token_ids "
+                            "(corrupt metadata)")
     rng_states = meta.pop("rng_states", None) or [None]
     for key in ("rgemma_version", "config_fingerprint", "num_tokens", "batch_size"):
         meta.pop(key, None)
     return Conversation(state, ids[:len(ids) - len(pending)], pending, rng_states[0], meta)
+
+
+def _token_ids(path, value: Any, vocab_size: int, field: str) -> list[int]:
+    """A saved list of token ids, each an int in [0, vocab_size); SnapshotError otherwise."""
+    if not isinstance(value, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
+            for t in value):
+        raise SnapshotError(f"{os.fspath(path)}: {field} in the metadata must be a list of token "
+                            f"ids in [0, {vocab_size}) (corrupt metadata)")
+    return value

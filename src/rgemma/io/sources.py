@@ -26,7 +26,7 @@ from rgemma import weights
 from rgemma.config import ConfigError, GriffinConfig
 from rgemma.errors import one_line
 from rgemma.io.files import (CONFIG_FILE, INDEX_FILE, OFFICIAL_SUFFIXES, SINGLE_FILE,
-                             CheckpointError)
+                             CheckpointError, check_regular, read_config, read_json)
 from rgemma.weights import WeightsError
 
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
@@ -71,6 +71,29 @@ class Source:
         if isinstance(self.tensors, SafetensorsStore):
             return self.tensors.nbytes()
         return weights.num_bytes(self.tensors)
+
+    def check(self) -> None:
+        """CheckpointError unless the tensors are exactly the config's, in floating point."""
+        try:
+            weights.check_state_dict(self.shapes(), self.config, self.label,
+                                     locations=self.locations)
+        except WeightsError as e:
+            raise CheckpointError(str(e)) from None
+        self.check_float()
+
+    def check_float(self) -> None:
+        """CheckpointError naming a tensor that is not floating point (an integer or bool
+        tensor where a weight belongs would otherwise be cast silently)."""
+        if isinstance(self.tensors, SafetensorsStore):
+            stored = {k: self.tensors.stored_dtype(k) for k in self.tensors}
+            bad = {k: v for k, v in stored.items() if v not in _SAFETENSORS_DTYPES}
+        else:
+            bad = {k: str(v.dtype).removeprefix("torch.") for k, v in self.tensors.items()
+                   if not v.is_floating_point()}
+        if bad:
+            name, dtype = next(iter(bad.items()))
+            raise CheckpointError(f"{self.locations.get(name, self.label)}: tensor {name} is "
+                                  f"{dtype}, not floating point: not model weights")
 
 
 def open_checkpoint(path: str | os.PathLike, *, preset: str | None = None) -> Source:
@@ -160,6 +183,10 @@ class SafetensorsStore(Mapping):
     def dtype_of(self, name: str) -> torch.dtype:
         return _SAFETENSORS_DTYPES.get(self._meta[name][1], torch.float32)
 
+    def stored_dtype(self, name: str) -> str:
+        """The dtype as the file names it ("BF16", "I64"...)."""
+        return self._meta[name][1]
+
     def file_of(self, name: str) -> str:
         return str(self._where[name][0])
 
@@ -176,8 +203,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torc
 def _list_safetensors(file: Path) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype string) of every tensor of a safetensors file."""
     from safetensors import safe_open
-    if not file.exists():
-        raise CheckpointError(f"{file}: no such file")
+    check_regular(file, "safetensors file")
     try:
         with safe_open(str(file), framework="pt") as f:
             out = []
@@ -191,10 +217,7 @@ def _list_safetensors(file: Path) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def _open_hf(directory: Path, preset: str | None) -> Source:
-    try:
-        config = GriffinConfig.from_json_file(directory / CONFIG_FILE)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
+    config = read_config(directory / CONFIG_FILE)
     if preset is not None:
         _check_preset(config, preset, str(directory / CONFIG_FILE))
     files, weight_map = _hf_weight_files(directory)
@@ -211,6 +234,9 @@ def _hf_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
         weight_map = _read_index(index)
         names = sorted(set(weight_map.values()))
         for name in names:
+            if Path(name).name != name or name in (".", ".."):
+                raise CheckpointError(f"{index}: names shard {name!r}, which is not a file name "
+                                      f"inside {directory}")
             if not (directory / name).exists():
                 raise CheckpointError(f"{index}: names shard {name}, which does not exist in "
                                       f"{directory}")
@@ -223,15 +249,14 @@ def _hf_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
 
 
 def _read_index(index: Path) -> dict[str, str]:
-    try:
-        with open(index, encoding="utf-8") as f:
-            data = json.load(f)
-        weight_map = data["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(
-            f"{index}: not a valid safetensors index ({one_line(e)})") from None
+    data = read_json(index, "safetensors index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map object)")
+    bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+    if bad:
+        raise CheckpointError(f"{index}: not a valid safetensors index: the shard of {bad[0]!r} "
+                              "is not a file name")
     return weight_map
 
 
@@ -260,6 +285,7 @@ def _check_preset(config: GriffinConfig, preset: str, label: str) -> None:
 
 
 def _open_torch_file(path: Path, preset: str | None) -> Source:
+    check_regular(path, "checkpoint")
     sd, mapped = _torch_load_state_dict(path)
     try:
         if weights.EMBED in sd or weights.HF_PREFIX + weights.EMBED in sd:
