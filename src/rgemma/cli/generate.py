@@ -59,6 +59,7 @@ def _read_prompt(args) -> str | None:
 
 def _generate(args) -> int:
     from rgemma.inference.generate import GenerationError, stream
+    from rgemma.inference.sampling import SamplingError
     from rgemma.io.snapshot import (Conversation, SnapshotError, load_conversation,
                                     save_conversation)
 
@@ -99,7 +100,7 @@ def _generate(args) -> int:
                 sys.stdout.flush()
             if delta.completion is not None:
                 completion = delta.completion
-    except GenerationError as e:
+    except (GenerationError, SamplingError) as e:
         raise CLIError(str(e)) from None
     sys.stdout.write("\n")
     sys.stdout.flush()
