@@ -304,3 +304,24 @@ def test_a_traceback_never_reaches_the_user(model_dir, tmp_path):
                           capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 1
     assert proc.stderr.startswith("rgemma generate: error: ") and "Traceback" not in proc.stderr
+
+
+def test_convert_says_when_the_tokenizer_is_missing_and_takes_one(model_dir, tmp_path, capsys):
+    model, _ = checkpoint.load(model_dir)
+    pt = tmp_path / "m.pt"
+    checkpoint.save_official(model, pt)
+    assert main(["convert", str(pt), str(tmp_path / "bare")]) == 0
+    err = capsys.readouterr().err
+    assert "no tokenizer" in err and "--tokenizer DIR" in err
+    assert main(["generate", "hi", "--model", str(tmp_path / "bare")]) == 1
+    assert "--tokenizer PATH" in one_line_error(capsys, "generate")
+    assert main(["generate", "hi", "--model", str(tmp_path / "bare"), "-m", "3",
+                 "--tokenizer", str(model_dir / "tokenizer.model")]) == 0
+    capsys.readouterr()
+    assert main(["convert", str(pt), str(tmp_path / "full"), "--tokenizer", str(model_dir)]) == 0
+    assert "no tokenizer" not in capsys.readouterr().err
+    assert (tmp_path / "full" / "tokenizer.model").read_bytes() == \
+        (model_dir / "tokenizer.model").read_bytes()
+    assert main(["convert", str(pt), str(tmp_path / "x"), "--tokenizer", str(tmp_path)]) == 2
+    assert "no tokenizer.model" in one_line_error(capsys, "convert")
+    assert not (tmp_path / "x").exists()

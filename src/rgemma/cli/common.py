@@ -86,6 +86,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "Orbax directory (default: the bundled demo model)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter dtype (default: the checkpoint's)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH",
+                   help="tokenizer directory or file (tokenizer.model / tokenizer.json), for "
+                        "a checkpoint without one beside it (default: the checkpoint's)")
     p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
                    help="quantize the weights to int8 / int4 at load time (CPU decode reads "
                         "2-4x fewer bytes per token; with --compile, int4 is the fastest)")
@@ -170,12 +173,23 @@ def load_model(args, *, compute_dtype: str | None = None):
                                            device=device, quantize=getattr(args, "quantize", None))
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise CLIError(f"cannot load model {path!r}: {one_line(e)}") from None
+    if getattr(args, "tokenizer", None):
+        tokenizer = _load_tokenizer(args.tokenizer)
     if tokenizer is None:
         raise CLIError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) next to "
-                       "the checkpoint")
+                       "the checkpoint; pass --tokenizer PATH")
     if compute_dtype:
         model.set_compute_dtype(as_dtype(compute_dtype))
     return model, tokenizer
+
+
+def _load_tokenizer(path: str):
+    """The tokenizer at ``path`` (a directory or a tokenizer.model / tokenizer.json file)."""
+    from rgemma.io.tokenizer import Tokenizer
+    try:
+        return Tokenizer.from_dir(path) if os.path.isdir(path) else Tokenizer.from_file(path)
+    except (ValueError, OSError) as e:
+        raise CLIError(f"--tokenizer {path}: {one_line(e)}") from None
 
 
 def print_stats(stats, file=None) -> None:

@@ -6,6 +6,7 @@ Tensors stream from SRC to DST one shard at a time; no model is built.
 from __future__ import annotations
 
 import argparse
+import sys
 
 from rgemma.cli.common import report_error
 from rgemma.dtypes import DTYPE_NAMES
@@ -50,6 +51,9 @@ def register(subparsers) -> argparse.ArgumentParser:
                         "logits soft-cap and embedding scaling, which are not in the weights "
                         "(recurrentgemma-2b, recurrentgemma-9b, griffin-7b, hawk-7b; -it "
                         "variants too); default: inferred (RecurrentGemma values)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="copy the tokenizer files from DIR into a Hugging Face DST (default: "
+                        "those beside SRC; official .pt files usually have none)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(func=run)
     return p
@@ -62,9 +66,13 @@ def run(args: argparse.Namespace) -> int:
         out = checkpoint.convert(
             args.src, args.dst, to=args.to,
             dtype=args.dtype, shard_size=args.shard_size,
-            preset=args.preset, overwrite=args.overwrite)
+            preset=args.preset, overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
     except (ValueError, OSError) as e:  # CheckpointError, WeightsError, ConfigError, I/O
         return report_error("convert", e, 2)
     print(f"wrote {out}")
+    if out.is_dir() and not (out / "tokenizer.model").exists() and \
+            not (out / "tokenizer.json").exists():
+        print(f"rgemma convert: note: {out} has no tokenizer (none was found beside {args.src}); "
+              "generate and serve need one: convert again with --tokenizer DIR", file=sys.stderr)
     return 0
 

@@ -122,6 +122,17 @@ def _check_materialized(model: torch.nn.Module) -> None:
         raise RuntimeError(f"internal error: tensors left on the meta device: {left[:5]}")
 
 
+def tokenizer_source(source: Source, tokenizer_dir: str | os.PathLike | None = None
+                     ) -> Path | None:
+    """The directory whose tokenizer files go with ``source``: ``tokenizer_dir`` (which must
+    hold them), else the source's own directory if it has them, else None."""
+    if tokenizer_dir is not None:
+        if not has_tokenizer(Path(tokenizer_dir)):
+            raise CheckpointError(f"{tokenizer_dir}: no tokenizer.model or tokenizer.json there")
+        return Path(tokenizer_dir)
+    return source.directory if has_tokenizer(source.directory) else None
+
+
 def load_tokenizer(directory: Path):
     """``rgemma.io.tokenizer.Tokenizer`` of ``directory`` (or its parent), or None."""
     for d in (directory, directory.parent):
@@ -319,7 +330,8 @@ def output_layout(dst: str | os.PathLike, to: str | None = None) -> str:
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None,
             dtype: torch.dtype | str | None = None, shard_size: int | str = "5GB",
-            preset: str | None = None, overwrite: bool = False) -> Path:
+            preset: str | None = None, overwrite: bool = False,
+            tokenizer_dir: str | os.PathLike | None = None) -> Path:
     """Converts a checkpoint without building a model (tensors stream through).
 
     Args:
@@ -330,6 +342,8 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
       shard_size: the largest safetensors shard of a HF output.
       preset: for official / Orbax sources, the preset of the non-shape fields.
       overwrite: replace an existing ``dst``.
+      tokenizer_dir: where the tokenizer files are, for a HF output (default:
+        beside the source; see ``tokenizer_source``).
     Returns:
       ``dst`` as a Path.
     """
@@ -337,7 +351,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     source = open_checkpoint(src, preset=preset)
     source.check()
     if to == "hf":
-        tok = source.directory if has_tokenizer(source.directory) else None
+        tok = tokenizer_source(source, tokenizer_dir)
         return save_hf(source.tensors, dst, config=source.config, dtype=dtype,
                        shard_size=shard_size, tokenizer_dir=tok, overwrite=overwrite,
                        release_source_pages=source.file_mapped)
