@@ -11,7 +11,7 @@ generates exactly ``--max-tokens`` tokens) until ``--requests`` have been
 sent in all. Reported per C: aggregate generated tokens per second (all
 completion tokens / wall time), time to first token (request sent -> first
 streamed text) p50 / p99, and whole-request latency p50. Unless ``--url`` is
-given, the server runs as a separate process (``python -m rgemma.server``)
+given, the server runs as a separate process (``python -m rgemma.cli.serve``)
 bound to 127.0.0.1, stopped at the end.
 """
 
@@ -43,8 +43,8 @@ def random_checkpoint(directory: Path) -> str:
     import sentencepiece
     import torch
 
-    from rgemma.io import checkpoint
     from rgemma.config import GriffinConfig, griffin_pattern
+    from rgemma.io import checkpoint
     from rgemma.model import Griffin
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)]
@@ -67,12 +67,12 @@ def random_checkpoint(directory: Path) -> str:
 
 
 def start_server(args, path: str) -> tuple[subprocess.Popen, str]:
-    """``python -m rgemma.server`` serving ``path`` on 127.0.0.1 (a separate process, so
+    """``python -m rgemma.cli.serve`` serving ``path`` on 127.0.0.1 (a separate process, so
     the load generator does not share its interpreter); returns (process, url)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "rgemma.server", "--model", path, "--host", "127.0.0.1",
+    cmd = [sys.executable, "-m", "rgemma.cli.serve", "--model", path, "--host", "127.0.0.1",
            "--port", str(port), "--max-batch", str(args.max_batch or max(args.clients)),
            "--max-queue", str(max(64, 2 * max(args.clients))),
            "--prefill-chunk", str(args.prefill_chunk),
@@ -174,9 +174,9 @@ def main() -> int:
             if args.random:
                 path = random_checkpoint(Path(tmp))
             elif path is None:
-                import rgemma.io.demo
+                from rgemma.io import demo
                 try:
-                    path = rgemma.demo.path()
+                    path = demo.path()
                 except FileNotFoundError as e:
                     raise SystemExit(f"{e}\n(use --model PATH or --random)") from None
             server, url = start_server(args, path)

@@ -23,4 +23,4 @@ STDLIB=$("$PYTHON" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])'
     --seed 0 --threads 1 --no-progress --out "$RUN"
 
 # Copies the exported model into the package and writes MODEL_CARD.md.
-"$PYTHON" -m rgemma.demo install "$RUN"
+"$PYTHON" "$(dirname "$0")/build_demo.py" "$RUN"

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from rgemma.training import data
 from rgemma.config import GriffinConfig, griffin_pattern
-from rgemma.model import Griffin
+from rgemma.io import documents
 from rgemma.io.tokenizer import Tokenizer
+from rgemma.model import Griffin
+from rgemma.training import data
 
 CODE = '''def add(a, b):
     """Adds two numbers."""
@@ -80,7 +81,7 @@ def test_find_and_split_documents(tmp_path):
     (tmp_path / "tests" / "t.py").write_text("no\n")
     (tmp_path / "bad.py").write_bytes(b"\xff\xfe\x00 not utf-8")
     (tmp_path / "notes.bin").write_text("ignored")
-    docs, skipped = data.find_documents([str(tmp_path)], exclude=["tests"])
+    docs, skipped = documents.find_documents([str(tmp_path)], exclude=["tests"])
     assert skipped == 1
     assert len(docs) == 30 and all(d.name.endswith(".py") for d in docs)
     assert not any("__pycache__" in d.name or d.name.startswith("tests/") for d in docs)
@@ -97,7 +98,7 @@ def test_jsonl_text_and_chat_documents(tmp_path, tokenizer):
             {"role": "user", "content": "more"}, {"role": "assistant", "content": "y = 2"}]
     path.write_text(json.dumps({"text": "print(1)\n"}) + "\n\n" + json.dumps({"messages": chat})
                     + "\n")
-    docs, _ = data.find_documents([str(path)])
+    docs, _ = documents.find_documents([str(path)])
     assert [d.text is not None for d in docs] == [True, False]
     ids, mask = data.encode_document(docs[1], tokenizer)
     assert ids == tokenizer.encode_chat(chat, add_generation_prompt=False)
@@ -107,12 +108,12 @@ def test_jsonl_text_and_chat_documents(tmp_path, tokenizer):
     assert ids[0] == tokenizer.bos_id and ids[-1] == tokenizer.eos_id and all(mask)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"other": 1}\n')
-    with pytest.raises(data.DataError, match="bad.jsonl:1"):
-        data.find_documents([str(bad)])
+    with pytest.raises(documents.DataError, match="bad.jsonl:1"):
+        documents.find_documents([str(bad)])
 
 
 def test_tokenize_cache_and_packing(tmp_path, tokenizer):
-    docs = [data.Document(name=f"d{i}", text=t) for i, t in enumerate(_corpus_texts(6))]
+    docs = [documents.Document(name=f"d{i}", text=t) for i, t in enumerate(_corpus_texts(6))]
     tok_file = tokenizer._backend.path
     corpus = data.tokenize_cached(docs, tokenizer, tok_file, str(tmp_path), "train")
     again = data.tokenize_cached(docs, tokenizer, tok_file, str(tmp_path), "train")

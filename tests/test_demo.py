@@ -13,8 +13,8 @@ import zipfile
 import pytest
 import torch
 
-import rgemma.io.demo as demo
-from rgemma.io import checkpoint
+from rgemma.inference.generate import generate
+from rgemma.io import checkpoint, demo
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_BYTES = 40 * 2**20
@@ -56,7 +56,7 @@ def test_demo_loads_offline_and_generates(no_network):
     assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.start_of_turn_id) == (2, 1, 106)
     model.eval()
     prompt = tokenizer.encode("def fibonacci(n):", add_bos=True)
-    new = demo.greedy(model, prompt, max_new_tokens=24, stop_ids=tokenizer.stop_ids)
+    new = generate(model, tokenizer, [prompt], max_new_tokens=24)[0].token_ids
     assert len(new) > 0
     text = tokenizer.decode(new)
     assert text.strip()
@@ -114,10 +114,11 @@ def test_wheel_ships_the_demo_and_it_loads_from_the_installed_package(tmp_path):
     # the extracted wheel comes first, then the dependencies (torch...) by path.
     code = (f"import sys; sys.path[:0] = [{str(target)!r}, {purelib!r}]\n"
             "import socket; socket.socket.connect = None\n"
-            "import rgemma.demo\n"
-            f"assert rgemma.demo.path().startswith({str(target)!r}), rgemma.demo.path()\n"
-            "m, t = rgemma.demo.load()\n"
-            "print(rgemma.demo.complete(m, t, 'import ', max_new_tokens=8))\n")
+            "from rgemma.io import demo\n"
+            "from rgemma.inference.generate import generate\n"
+            f"assert demo.path().startswith({str(target)!r}), demo.path()\n"
+            "m, t = demo.load()\n"
+            "print('import ' + generate(m, t, ['import '], max_new_tokens=8)[0].text)\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     run = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True,

@@ -1,4 +1,4 @@
-"""rgemma.evaluate: the lm-eval adapter against direct teacher-forced computations."""
+"""rgemma.evaluation.harness: the lm-eval adapter against direct teacher-forced computations."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import rgemma
-
 from conftest import random_model, tiny_config
+from rgemma.cli import evaluate as cli_evaluate
 from rgemma.evaluation import harness
 from rgemma.evaluation.harness import encode_pair, loglikelihoods
 
@@ -48,8 +48,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A 600-piece SentencePiece tokenizer with Gemma's special ids, trained here."""
-    from rgemma.training.data import train_tokenizer
     from rgemma.io.tokenizer import Tokenizer
+    from rgemma.training.data import train_tokenizer
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer([TRAINING_TEXT * 20], str(path), vocab_size=600)
     return Tokenizer.from_file(path)
@@ -159,7 +159,7 @@ def test_logits_budget_splits_calls_not_results(model, monkeypatch):
     """With room for only a few logits per call, batches and chunks shrink; scores do not."""
     from rgemma.evaluation import perplexity
     budget = 3 * model.config.vocab_size
-    monkeypatch.setattr(evaluate, "LOGITS_BUDGET", budget)
+    monkeypatch.setattr(harness, "LOGITS_BUDGET", budget)
     monkeypatch.setattr(perplexity, "LOGITS_BUDGET", budget)
     pairs = random_requests(model.config.vocab_size, seed=1)
     spy = CountingModel(model)
@@ -217,13 +217,13 @@ def test_shared_context_is_prefilled_once(model):
 
 
 def test_lm_loglikelihood_on_text_requests(model, tokenizer):
-    lm = evaluate.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=4, chunk_size=8,
+    lm = harness.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=4, chunk_size=8,
                            progress=False)
     question = "question: what is the answer? " * 3 + "the answer is"
     texts = [(question, " yes"), (question, " no"), (question, " the quick brown fox"),
              ("", "the lazy dog"), ("a cat sat on", " the mat"), ("the qu", "ick brown fox")]
     got = lm.loglikelihood([Req(*t) for t in texts])
-    unshared = evaluate.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=1,
+    unshared = harness.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=1,
                                  share_context=False, progress=False)
     alone = unshared.loglikelihood([Req(*t) for t in texts])
     for (context, continuation), (total, greedy), (total1, greedy1) in zip(texts, got, alone):
@@ -236,7 +236,7 @@ def test_lm_loglikelihood_on_text_requests(model, tokenizer):
 def test_rolling_equals_full_document_sum(model, tokenizer):
     texts = ["", "fox", TRAINING_TEXT, TRAINING_TEXT[:90], "the answer is yes. " * 12]
     assert len(tokenizer.encode(TRAINING_TEXT)) > 4 * WINDOW
-    lm = evaluate.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=2, chunk_size=7,
+    lm = harness.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=2, chunk_size=7,
                            progress=False)
     got = lm.loglikelihood_rolling([Req(t) for t in texts])
     for text, total in zip(texts, got):
@@ -264,7 +264,7 @@ def greedy_reference(model, tokenizer, prompt: str, until: list[str], max_tokens
 
 
 def test_generate_until_is_greedy_and_stops_at_until(model, tokenizer):
-    lm = evaluate.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=2, progress=False)
+    lm = harness.RgemmaLM(model=model, tokenizer=tokenizer, batch_size=2, progress=False)
     prompts = ["def add(a, b):", "the quick brown", "question: what is the answer?"]
     until = [" ", "e"]
     requests = [Req(p, {"until": until, "max_gen_toks": 12, "do_sample": False}) for p in prompts]
@@ -279,15 +279,15 @@ def test_generate_until_is_greedy_and_stops_at_until(model, tokenizer):
 
 
 def test_generation_settings_follow_lm_eval_conventions():
-    s = evaluate.generation_settings({"until": "\n\n", "max_gen_toks": 7, "temperature": 0.8}, 256)
+    s = harness.generation_settings({"until": "\n\n", "max_gen_toks": 7, "temperature": 0.8}, 256)
     assert s == {"stop_strings": ["\n\n"], "max_new_tokens": 7, "temperature": 0.0}
-    s = evaluate.generation_settings({"do_sample": True, "top_p": 0.9}, 32)
+    s = harness.generation_settings({"do_sample": True, "top_p": 0.9}, 32)
     assert s == {"stop_strings": [], "max_new_tokens": 32, "temperature": 1.0, "top_p": 0.9}
 
 
 # ------------------------------------------------------------------------ chat
 def test_apply_chat_template_renders_gemma_turns(model, tokenizer):
-    lm = evaluate.RgemmaLM(model=model, tokenizer=tokenizer, progress=False)
+    lm = harness.RgemmaLM(model=model, tokenizer=tokenizer, progress=False)
     chat = [{"role": "user", "content": "2+2?"}]
     assert lm.apply_chat_template(chat) == (
         "<bos><start_of_turn>user\n2+2?<end_of_turn>\n<start_of_turn>model\n")
@@ -308,7 +308,7 @@ def local_task_manager():
 @needs_lm_eval
 def test_registered_model_runs_local_tasks_and_agrees_with_direct(checkpoint, model, tokenizer):
     from lm_eval.api.registry import get_model
-    assert get_model("rgemma") is evaluate.RgemmaLM
+    assert get_model("rgemma") is harness.RgemmaLM
     results = lm_eval.simple_evaluate(
         model="rgemma", model_args=f"pretrained={checkpoint},dtype=float32,batch_size=8",
         tasks=["rgemma_local_mc", "rgemma_local_ppl", "rgemma_local_gen"],
@@ -333,8 +333,8 @@ def test_registered_model_runs_local_tasks_and_agrees_with_direct(checkpoint, mo
 
 def _demo_path():
     try:
-        import rgemma.io.demo
-        return rgemma.demo.path()
+        from rgemma.io import demo
+        return demo.path()
     except (ImportError, FileNotFoundError) as e:   # demo.DemoMissingError is a FileNotFoundError
         pytest.skip(f"the bundled demo model is not there yet ({type(e).__name__})")
 
@@ -342,7 +342,7 @@ def _demo_path():
 @needs_lm_eval
 def test_demo_model_local_mc_is_deterministic():
     path = _demo_path()
-    lm = evaluate.RgemmaLM(pretrained=str(path), dtype="float32", device="cpu", batch_size=16,
+    lm = harness.RgemmaLM(pretrained=str(path), dtype="float32", device="cpu", batch_size=16,
                            progress=False)
     runs = [lm_eval.simple_evaluate(model=lm, tasks=["rgemma_local_mc"],
                                     task_manager=local_task_manager(), bootstrap_iters=0,
@@ -359,7 +359,7 @@ def test_demo_model_local_mc_is_deterministic():
 # --------------------------------------------------------------------- CLI
 def parse_cli(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="rgemma")
-    evaluate.register(parser.add_subparsers(dest="verb"))
+    cli_evaluate.register(parser.add_subparsers(dest="verb"))
     return parser.parse_args(argv)
 
 
@@ -387,10 +387,9 @@ def test_eval_verb_reports_unknown_task(checkpoint, capsys):
 
 @needs_lm_eval
 def test_python_m_route_is_lm_evals_cli():
-    """``python -m rgemma.evaluate`` is lm-eval's CLI with rgemma registered (no double
-    registration when the module runs as __main__)."""
-    code = ("import sys, runpy; sys.argv = ['rgemma.evaluate', 'run', '--help'];"
-            "runpy.run_module('rgemma.evaluate', run_name='__main__')")
+    """``python -m rgemma.cli.evaluate`` is lm-eval's CLI with rgemma registered."""
+    code = ("import sys, runpy; sys.argv = ['rgemma.cli.evaluate', 'run', '--help'];"
+            "runpy.run_module('rgemma.cli.evaluate', run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr
@@ -400,8 +399,8 @@ def test_python_m_route_is_lm_evals_cli():
 def test_module_imports_and_cli_explains_without_lm_eval(checkpoint):
     code = (
         "import sys; sys.modules['lm_eval'] = None\n"
-        "import argparse, rgemma.evaluate as e\n"
-        "assert e.register_model is None\n"
+        "import argparse, rgemma.cli.evaluate as e, rgemma.evaluation.harness as h\n"
+        "assert h.register_model is None\n"
         "p = argparse.ArgumentParser(); e.register(p.add_subparsers())\n"
         f"args = p.parse_args(['eval', '--model', {str(checkpoint)!r}, '--tasks', 'x'])\n"
         "sys.exit(args.func(args))\n")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from rgemma.training import lora
 from rgemma.config import GriffinConfig, griffin_pattern
 from rgemma.model import Griffin
+from rgemma.training import lora
 
 
 def _model(seed: int = 0) -> Griffin:

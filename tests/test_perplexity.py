@@ -1,4 +1,4 @@
-"""rgemma.perplexity: streamed scores equal teacher forcing and the training stack's eval loss."""
+"""Streamed perplexity scores equal teacher forcing and the training stack's eval loss."""
 
 from __future__ import annotations
 
@@ -11,9 +11,8 @@ import pytest
 import torch
 
 import rgemma
-
 from conftest import random_model, tiny_config
-from rgemma.evaluation import perplexity
+from rgemma.cli import perplexity as cli_perplexity
 from rgemma.evaluation.perplexity import score_texts, sum_logprobs
 
 WINDOW = 16
@@ -36,8 +35,8 @@ def _one_thread():
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     """A 600-piece SentencePiece tokenizer with Gemma's special ids, trained here."""
-    from rgemma.training.data import train_tokenizer
     from rgemma.io.tokenizer import Tokenizer
+    from rgemma.training.data import train_tokenizer
     path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
     train_tokenizer([TEXT * 20], str(path), vocab_size=600)
     return Tokenizer.from_file(path)
@@ -113,7 +112,7 @@ def checkpoint(model, tokenizer, tmp_path_factory):
 
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rgemma")
-    perplexity.register(parser.add_subparsers(dest="verb"))
+    cli_perplexity.register(parser.add_subparsers(dest="verb"))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -150,13 +149,14 @@ def test_cli_reports_missing_file(checkpoint, tmp_path, capsys):
 def test_matches_training_eval_loss(model, tokenizer):
     """With --append-eos the mean NLL is the training stack's eval loss on the same text
     (one document packed into one row, so the training eval sees it whole)."""
-    from rgemma.training import data
-    from rgemma.training import train
+    from rgemma.io.documents import Document
+    from rgemma.training import data, train
+    from rgemma.training.distributed import Dist
     text = TEXT * 2
-    corpus = data.tokenize([data.Document(name="held.txt", text=text)], tokenizer)
+    corpus = data.tokenize([Document(name="held.txt", text=text)], tokenizer)
     rows = data.PackedRows(corpus, seq_len=corpus.num_tokens - 1)
     cfg = train.TrainConfig(seq_len=rows.seq_len, batch_size=1, device="cpu", dtype="float32")
-    train_loss = train.evaluate(model, rows, cfg, train.Dist(), max_tokens=None)
+    train_loss = train.evaluate(model, rows, cfg, Dist(), max_tokens=None)
     ours = score_texts(model, tokenizer, [text], append_eos=True, chunk_size=13).total
     assert ours.tokens == corpus.num_tokens - 1
     assert ours.nll_per_token == pytest.approx(train_loss, abs=1e-5)
@@ -164,8 +164,8 @@ def test_matches_training_eval_loss(model, tokenizer):
 
 def test_demo_model_held_out_perplexity():
     try:
-        import rgemma.io.demo
-        demo_dir = rgemma.demo.path()
+        from rgemma.io import demo
+        demo_dir = demo.path()
     except (ImportError, FileNotFoundError) as e:   # demo.DemoMissingError is a FileNotFoundError
         pytest.skip(f"the bundled demo model is not there yet ({type(e).__name__})")
     from pathlib import Path

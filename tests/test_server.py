@@ -15,11 +15,24 @@ import re
 import time
 
 import httpx
+import prometheus_client
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
+from pydantic import ValidationError
 
-from rgemma.inference.engine import Engine, EngineConfig, Request
-from rgemma.serving.app import ServerConfig, ServerThread, create_app, register
+from rgemma.cli.serve import register
+from rgemma.inference.engine import Engine, EngineConfig, EngineStats, Request
+from rgemma.inference.generate import generate
+from rgemma.serving.app import ServerConfig, ServerThread, create_app
+from rgemma.serving.metrics import ServerMetrics
+from rgemma.serving.protocol import (
+    MIN_TEMPERATURE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    RequestLimits,
+    api_error_from_validation,
+)
 from test_engine import PROMPTS, teacher_forced_logprobs, tiny_checkpoint, wait_until
 
 openai = pytest.importorskip("openai")
@@ -397,6 +410,73 @@ def test_unknown_routes_are_json_errors(url):
     assert httpx.get(url + "/v1/completions").status_code == 405
 
 
+def test_request_models_alone():
+    """The pydantic request models without a server: null = absent, the server's limits
+    from the validation context, engine requests built from them."""
+    limits = RequestLimits(max_tokens=64, max_n=4, vocab_size=100)
+    r = CompletionRequest.model_validate({"prompt": [5, 6], "temperature": None, "stop": "x",
+                                          "n": 2, "seed": 3}, context=limits)
+    assert r.prompt == [[5, 6]] and r.max_tokens == 16 and r.stop == ["x"]
+    assert r.to_sampling_params().temperature == 1.0
+    [req] = r.to_engine_requests([[2, 5, 6]])
+    assert (req.n, req.seed, req.max_tokens, req.stop_strings) == (2, 3, 16, ["x"])
+    greedy = CompletionRequest.model_validate({"prompt": "x", "temperature": MIN_TEMPERATURE / 2})
+    assert greedy.to_sampling_params().greedy
+    chat = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "developer", "content": "be brief"}], "max_tokens": 9,
+         "max_completion_tokens": 7, "logprobs": True}, context=limits)
+    assert chat.messages[0].role == "system" and chat.max_tokens == 7
+    assert chat.num_logprobs == 0 and chat.num_prompt_logprobs is None
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({"prompt": "x", "n": 5}, context=limits)
+    assert api_error_from_validation(e.value).body()["error"] == {
+        "message": "'n' must be in [1, 4], got 5", "type": "invalid_request_error",
+        "param": "n", "code": "invalid_value"}
+
+
+def test_metrics_are_prometheus_exposition(url, client, engine):
+    client.completions.create(model="tiny", prompt="hello", max_tokens=2)
+    r = httpx.get(url + "/metrics")
+    assert r.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    assert families["rgemma_requests"].type == "counter"
+    assert families["rgemma_active_slots"].type == "gauge"
+    assert {s.labels["outcome"] for s in families["rgemma_requests"].samples} == {
+        "submitted", "finished", "cancelled", "failed", "rejected"}
+    assert {s.labels["code"] for s in families["rgemma_http_responses"].samples
+            if s.name.endswith("_total")} >= {"200"}
+    [tokens] = families["rgemma_prompt_tokens"].samples
+    assert tokens.value == engine.stats().prompt_tokens
+
+
+def test_metrics_keep_every_digit():
+    """Large counts are exact (a "{:g}" text gave 1.67122e+06 for 1671223)."""
+    class Stats:
+        def stats(self):
+            return EngineStats(prompt_tokens=1_671_223, generated_tokens=2**40 + 1)
+
+    text = ServerMetrics(Stats()).render().decode()
+    values = {f.name: f.samples[0].value for f in text_string_to_metric_families(text) if f.samples}
+    assert values["rgemma_prompt_tokens"] == 1_671_223
+    assert values["rgemma_generation_tokens"] == 2**40 + 1
+
+
+def test_internal_errors_are_json_and_counted(engine, tiny):
+    """An unexpected exception is a 500 in OpenAI's shape, counted in /metrics."""
+    class BrokenTokenizer:
+        def __getattr__(self, name):
+            return getattr(tiny[1], name)
+
+        def encode(self, *args, **kwargs):
+            raise RuntimeError("boom")
+
+    with ServerThread(create_app(engine, BrokenTokenizer(), server_config())) as u:
+        r = httpx.post(u + "/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+        assert "boom" in r.json()["error"]["message"]
+        assert metrics(u)['rgemma_http_responses_total{code="500"}'] == 1
+
+
 # ===================================================================== load
 def _invalid_bodies() -> list[tuple[str, bytes]]:
     out = [(f"/v1/{p}", json.dumps(body).encode()) for p, body, *_ in INVALID if body != {}]
@@ -520,12 +600,12 @@ def test_lm_eval_local_completions_matches_direct_scoring(url, tiny):
 
 # ================================================================ demo model
 def test_bundled_demo_model_is_the_default():
-    demo = pytest.importorskip("rgemma.demo")
+    demo = pytest.importorskip("rgemma.io.demo")
     try:
         path = demo.path()
     except FileNotFoundError:
         pytest.skip("this installation has no bundled demo model")
-    from rgemma.serving.app import _load
+    from rgemma.cli.serve import _load
     parser = argparse.ArgumentParser(prog="rgemma")
     register(parser.add_subparsers(dest="verb"))
     model, tok, found = _load(parser.parse_args(["serve", "--threads", "0"]))
@@ -535,4 +615,5 @@ def test_bundled_demo_model_is_the_default():
             ServerThread(create_app(engine, tok, server_config(model_name="demo"))) as u:
         c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
         r = c.completions.create(model="demo", prompt=prompt, max_tokens=32, temperature=0)
-    assert prompt + r.choices[0].text == demo.complete(model, tok, prompt, max_new_tokens=32)
+    [direct] = generate(model, tok, [prompt], max_new_tokens=32)
+    assert r.choices[0].text == direct.text

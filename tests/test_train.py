@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from rgemma.training import data
-from rgemma.training import train
 from rgemma.config import GriffinConfig, griffin_pattern
+from rgemma.io import documents
 from rgemma.layers import RGLRU, Chunk
 from rgemma.model import Griffin
 from rgemma.scan import linear_scan_chunked, linear_scan_reference
+from rgemma.training import checkpoints, data, train
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
@@ -67,7 +67,7 @@ def _cfg(corpus, out, **kw) -> train.TrainConfig:
 
 
 def _losses(out) -> list[float]:
-    return [r["loss"] for r in train.read_metrics(os.path.join(out, "metrics.jsonl"))]
+    return [r["loss"] for r in checkpoints.read_metrics(os.path.join(out, "metrics.jsonl"))]
 
 
 # --------------------------------------------------------------------------
@@ -223,7 +223,7 @@ def reference_run(corpus, tmp_path_factory):
 def test_training_run_outputs(reference_run):
     from rgemma.io import checkpoint
     cfg, summary = reference_run
-    records = train.read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
+    records = checkpoints.read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(1, 21))
     assert [r["step"] for r in records if "eval_loss" in r] == [10, 20]
     assert records[-1]["loss"] < records[0]["loss"]
@@ -315,7 +315,7 @@ def test_torchrun_two_processes_match_one(corpus, five_steps, tmp_path):
            "--no-export", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    records = train.read_metrics(tmp_path / "metrics.jsonl")
+    records = checkpoints.read_metrics(tmp_path / "metrics.jsonl")
     assert [r["loss"] for r in records] == pytest.approx(five_steps, rel=1e-5)
     assert records[0]["tokens"] == 4 * 32
     assert "eval_loss" in records[-1]
@@ -346,7 +346,7 @@ def test_lora_fine_tuning_on_chat_jsonl_exports_a_merged_model(corpus, reference
         t in n for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                          "down_proj")) for n in changed)
     # the loss counts only the model's turns
-    rows = data.PackedRows(data.tokenize(data.find_documents([str(chats)])[0], tok), 32)
+    rows = data.PackedRows(data.tokenize(documents.find_documents([str(chats)])[0], tok), 32)
     w = rows.batch(range(len(rows)))
     trained = w["targets"][w["weights"] > 0]
     assert tok.start_of_turn_id not in trained and tok.end_of_turn_id in trained

@@ -51,7 +51,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RGEMMA_CACHE") or Path.home() / ".cache" / "rgemma")
 
 
-def _cpu_signature() -> str:
+def cpu_signature() -> str:
     """What -march=native depends on: the CPU model and flags."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -78,7 +78,7 @@ def build() -> Path:
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(source + " ".join([cc, *flags]).encode()
-                             + _cpu_signature().encode()).hexdigest()[:16]
+                             + cpu_signature().encode()).hexdigest()[:16]
         target = cache_dir() / f"kernels-{key}.so"
         if target.exists():
             return target

@@ -11,23 +11,35 @@ int4, per group of G input columns, asymmetric:
     scale = (max - min) / 15,   q = round((W - min) / scale) in [0, 15],
     W ~ q * scale + min
 
-Matmuls: a decode step (few rows) reads 1 or 0.5 bytes per weight through a
-kernel that widens the packed weights in registers: int8 through rgemma's own
-(``rgemma.kernels``: float32 activations, fastest), else PyTorch's packed
-kernels where the CPU build has them (``_weight_int8pack_mm``,
-``_weight_int4pack_mm_for_cpu``; bf16 activations). Many rows (prefill)
-convert the layer into a reused buffer once and run a dense matmul: int8 as
-``(x @ q.T) * scale`` (q is exact in bf16, the scale applied to the output),
-int4 dequantized.
+Products, three ways (a layer picks per number of rows, see below):
+
+* "kernel": weight-only, for few rows (decode): reads 1 or 0.5 bytes per
+  weight through a kernel that widens the packed weights in registers: int8
+  through rgemma's own (``rgemma.kernels``: float32 activations), else
+  PyTorch's packed kernels (``_weight_int8pack_mm``,
+  ``_weight_int4pack_mm_for_cpu``; bf16 activations).
+* "dense": the layer converted into a reused buffer and multiplied densely:
+  int8 as ``(x @ q.T) * scale`` (q is exact in bf16, the scale applied to the
+  output), int4 dequantized.
+* "w8a8" (int8 only): the activations quantized too, per row (token), and an
+  int8 x int8 -> int32 product (``torch._int_mm``: VNNI / AMX through oneDNN):
+  ``y = (xq @ q.T) * sx * scale``, the integer sums exact.
+
+Which is fastest depends on the CPU and the shape, so it is measured per layer
+shape and row bucket when a model is quantized or loaded (``rgemma.autotune``,
+cached on disk); without a measurement a layer uses "kernel" for up to 16 rows
+and "dense" above.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rgemma import kernels
+from rgemma import autotune, kernels
 from rgemma.layers import (VOCAB_BLOCK, Linear, converted, low_precision_matmul_dtype,
                            workspace_like)
 
@@ -78,6 +90,29 @@ def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
     return w.reshape(N, K)
 
 
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Activations x [M, K] -> (int8 [M, K], scale float32 [M]), symmetric per row:
+    sx_m = max_k |x[m, k]| / 127, xq = round(x / sx)."""
+    x = x.float()
+    sx = x.abs().amax(dim=1).clamp(min=1e-12) / 127.0
+    return torch.round(x / sx[:, None]).clamp(-127, 127).to(torch.int8), sx
+
+
+def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [..., K] @ (q * scale).T with x quantized per row on the fly -> [..., N] float32.
+
+        y[m, n] = sx[m] * scale[n] * sum_k xq[m, k] * q[n, k]
+
+    The sums are int32 and exact (|sum| <= K * 127^2 < 2^31 for K < 133,000); the
+    only error is rounding x to 255 levels per row: |dy| <= sx / 2 * sum_k |W[n, k]|.
+    """
+    flat = x.reshape(-1, x.shape[-1])
+    xq, sx = quantize_rows_int8(flat)
+    acc = torch._int_mm(xq, q.t())
+    y = acc.to(torch.float32).mul_(sx[:, None]).mul_(scale.to(torch.float32))
+    return y.reshape(*x.shape[:-1], -1)
+
+
 def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
                 dtype: torch.dtype) -> torch.Tensor:
     """x [..., K] @ dequantize_int8(q, scale).T in ``dtype``, computed as (x @ q.T) * scale:
@@ -112,9 +147,12 @@ class _QuantLinear(nn.Module):
 
     bias: torch.Tensor | None
 
+    PATHS = ("kernel", "dense")
+
     def __init__(self):
         super().__init__()
         self._kernel: tuple[torch.Tensor, ...] | None = None
+        self.paths: dict[int, str] = {}      # row bucket -> path, from ``tune``
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, *args):
@@ -130,12 +168,40 @@ class _QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1]
         y = None
-        if rows <= _DECODE_ROWS and x.device.type == "cpu" and not torch.is_grad_enabled():
-            y = self._few_rows(x.reshape(rows, -1))
+        if x.device.type == "cpu" and not torch.is_grad_enabled():
+            y = self._product(self.path(rows), x, rows)
         if y is None:
             y = self._many_rows(x, low_precision_matmul_dtype(x, rows))
         y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias.to(x.dtype)
+
+    def path(self, rows: int) -> str:
+        """The product for ``rows`` rows: the tuned one, else "kernel" up to 16 rows."""
+        tuned = self.paths.get(autotune.row_bucket(rows)) if self.paths else None
+        return tuned or ("kernel" if rows <= _DECODE_ROWS else "dense")
+
+    def _product(self, path: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """x [..., K] -> [rows, N] or [..., N] by ``path``; None for the dense product."""
+        if path == "kernel" and rows <= _DECODE_ROWS:
+            return self._few_rows(x.reshape(rows, -1))
+        return None
+
+    def tune(self) -> dict[int, str]:
+        """Measures (or reads from the cache) the fastest path per row bucket; CPU only."""
+        self.paths = {}
+        if self.qweight.device.type != "cpu":
+            return self.paths
+        for rows in autotune.ROW_BUCKETS:
+            x = torch.randn(rows, self.in_features)
+            candidates = {p: functools.partial(self._product_or_dense, p, x, rows)
+                          for p in self.PATHS if p != "kernel" or rows <= _DECODE_ROWS}
+            key = f"{type(self).__name__}|{self.out_features}|{self.in_features}|{rows}"
+            self.paths[rows] = autotune.choose(key, candidates)
+        return self.paths
+
+    def _product_or_dense(self, path: str, x: torch.Tensor, rows: int) -> torch.Tensor:
+        y = self._product(path, x, rows)
+        return y if y is not None else self._many_rows(x, low_precision_matmul_dtype(x, rows))
 
     def _few_rows(self, flat: torch.Tensor) -> torch.Tensor | None:
         """[rows, K] -> [rows, N] through PyTorch's packed kernel, or None without one."""
@@ -162,6 +228,7 @@ class Int8Linear(_QuantLinear):
     """y = x @ (q * scale).T + b with q int8 [N, K], scale [N]."""
 
     bits = 8
+    PATHS = ("kernel", "dense", "w8a8")
 
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__()
@@ -189,6 +256,11 @@ class Int8Linear(_QuantLinear):
 
     def _many_rows(self, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return int8_linear(x, self.qweight, self.scale, dtype)
+
+    def _product(self, path: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        if path == "w8a8":
+            return w8a8_linear(x, self.qweight, self.scale)
+        return super()._product(path, x, rows)
 
     def _has_kernel(self) -> bool:
         return _has_op("_weight_int8pack_mm")
@@ -296,9 +368,12 @@ class QuantEmbedding(nn.Module):
         return torch.cat(parts, dim=-1).to(x.dtype)
 
     def _block_logits(self, x: torch.Tensor, index: slice, dtype: torch.dtype) -> torch.Tensor:
-        """x [..., D] against table rows ``index``; int8 as (x @ q.T) * scale."""
+        """x [..., D] against table rows ``index``; int8 as (x @ q.T) * scale, or W8A8
+        where the table's path for these rows is "w8a8"."""
         t = self.table
         if isinstance(t, Int8Linear):
+            if t.path(x.numel() // x.shape[-1]) == "w8a8" and not torch.is_grad_enabled():
+                return w8a8_linear(x, t.qweight[index], t.scale[index]).to(dtype)
             return int8_linear(x, t.qweight[index], t.scale[index], dtype)
         return F.linear(x, self.rows(index, dtype))
 
@@ -354,7 +429,21 @@ def ready_quantized(model):
                     setattr(module, name, nn.Parameter(p.float(), requires_grad=p.requires_grad))
     if int(model.quantization["bits"]) == 8:
         kernels.available()
-    return model.set_compute_dtype(torch.float32)
+    model.set_compute_dtype(torch.float32)
+    tune_model(model)
+    return model
+
+
+def tune_model(model) -> dict[str, dict[int, str]]:
+    """Each quantized layer's product per row bucket, measured once per shape on this
+    machine (``rgemma.autotune``); returns {layer name: {rows: path}}."""
+    chosen = {}
+    for name, module in model.named_modules():
+        if isinstance(module, _QuantLinear) and not isinstance(module.qweight, nn.Parameter):
+            if module.qweight.device.type == "meta":
+                continue
+            chosen[name] = module.tune()
+    return chosen
 
 
 def quantized_bytes(model) -> int:

@@ -1,4 +1,4 @@
-"""lm-evaluation-harness for rgemma: the ``rgemma`` LM and the ``rgemma eval`` verb.
+"""lm-evaluation-harness for rgemma: the ``rgemma`` LM (``rgemma eval`` runs it).
 
     rgemma eval --model PATH --tasks hellaswag,piqa --batch-size 16 --output results.json
 
@@ -14,13 +14,13 @@ Registration. Importing this module runs ``lm_eval.api.registry.register_model
 for models (no entry-point group): its ``lm_eval`` command only knows the
 names registered in the process. So the command-line routes are
 ``rgemma eval`` (which wraps ``lm_eval.simple_evaluate``) and lm-eval's own
-command line with rgemma imported first::
+command line with this module imported first (both in ``rgemma.cli.evaluate``)::
 
-    python -m rgemma.evaluate --model rgemma --model_args pretrained=PATH,dtype=bfloat16 \
+    python -m rgemma.cli.evaluate --model rgemma --model_args pretrained=PATH,dtype=bfloat16 \
         --tasks hellaswag                       # exactly lm_eval's arguments
 
-(also installed as the ``rgemma-lm-eval`` script when rgemma is installed with
-that entry point). Both need the optional extra ``pip install 'rgemma[eval]'``.
+(also installed as the ``rgemma-lm-eval`` script). Both need the optional
+extra ``pip install 'rgemma[eval]'``.
 
 How the three request types run on a recurrent model:
 
@@ -35,12 +35,12 @@ How the three request types run on a recurrent model:
   tokens of ``context``, so the scored tokens always cover the continuation
   text even when a token straddles the boundary.
 * ``loglikelihood_rolling``: the document (``<bos>`` first) is streamed
-  through the state in fixed-size chunks (``rgemma.perplexity``): every
-  token is conditioned on the whole document before it, with no windows and
-  no re-encoding.
-* ``generate_until``: ``rgemma.generate``'s batched sampler, greedy unless
-  the task asks for ``do_sample``, stopping at the task's ``until`` strings,
-  the tokenizer's stop tokens or ``max_gen_toks``.
+  through the state in fixed-size chunks (``rgemma.evaluation.perplexity``):
+  every token is conditioned on the whole document before it, with no
+  windows and no re-encoding.
+* ``generate_until``: ``rgemma.inference.generate``'s batched sampler, greedy
+  unless the task asks for ``do_sample``, stopping at the task's ``until``
+  strings, the tokenizer's stop tokens or ``max_gen_toks``.
 
 There is no maximum length: the state has a fixed size, so no context is
 ever truncated.
@@ -51,23 +51,28 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import sys
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
-from rgemma.evaluation.perplexity import (DEFAULT_CHUNK_SIZE, LOGITS_BUDGET, document_ids, right_padded,
-                         sum_logprobs, target_logprobs)
 from rgemma.dtypes import as_dtype
+from rgemma.evaluation.perplexity import (
+    DEFAULT_CHUNK_SIZE,
+    LOGITS_BUDGET,
+    document_ids,
+    sum_logprobs,
+)
+from rgemma.inference.batching import pad_batch, target_logprobs
 from rgemma.io.tokenizer import common_prefix_length
 
 try:  # the optional extra rgemma[eval]; without it the scorers below still work
     from lm_eval.api.model import LM as _LMBase
     from lm_eval.api.registry import register_model
-    _LM_EVAL_ERROR = None
+
+    LM_EVAL_IMPORT_ERROR = None
 except ImportError as e:
-    _LMBase, register_model, _LM_EVAL_ERROR = object, None, e
+    _LMBase, register_model, LM_EVAL_IMPORT_ERROR = object, None, e
 
 MODEL_NAME = "rgemma"
 DEFAULT_BATCH_SIZE = 16
@@ -111,8 +116,9 @@ class ContextGroup:
     members: list[tuple[int, list[int]]]
 
 
-def group_by_context(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
-                     share_context: bool = True) -> list[ContextGroup]:
+def group_by_context(
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]], share_context: bool = True
+) -> list[ContextGroup]:
     """Requests with the same context ids in one group (or one group each)."""
     if not share_context:
         return [ContextGroup(list(ctx), [(i, list(cont))]) for i, (ctx, cont) in enumerate(pairs)]
@@ -124,32 +130,37 @@ def group_by_context(pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
 
 
 @torch.no_grad()
-def prefill_contexts(model, contexts: Sequence[Sequence[int]],
-                     chunk_size: int = DEFAULT_CHUNK_SIZE):
+def prefill_contexts(
+    model, contexts: Sequence[Sequence[int]], chunk_size: int = DEFAULT_CHUNK_SIZE
+):
     """Runs contexts (left-padded) in chunks; returns (next-token log-probs [B, V], state).
 
     Logits are computed only in the last chunk and only at each row's last
     token, which is the last column for every row thanks to the left padding.
     """
-    width = max(len(c) for c in contexts)
-    tokens = torch.zeros(len(contexts), width, dtype=torch.long)
-    positions = torch.full((len(contexts), width), -1, dtype=torch.long)
-    for b, ctx in enumerate(contexts):
-        tokens[b, width - len(ctx):] = torch.as_tensor(list(ctx), dtype=torch.long)
-        positions[b, width - len(ctx):] = torch.arange(len(ctx))
-    tokens, positions = tokens.to(model.device), positions.to(model.device)
+    tokens, positions = pad_batch(contexts, [0] * len(contexts), side="left", device=model.device)
+    width = tokens.shape[1]
     state = model.init_state(len(contexts))
     for start in range(0, width, chunk_size):
         end = min(width, start + chunk_size)
-        logits, state = model(tokens[:, start:end], positions[:, start:end], state,
-                              logits="last" if end == width else "none")
+        logits, state = model(
+            tokens[:, start:end],
+            positions[:, start:end],
+            state,
+            logits="last" if end == width else "none",
+        )
     return torch.log_softmax(logits.float(), dim=-1), state
 
 
 @torch.no_grad()
-def score_forked(model, state, next_logprobs: torch.Tensor, rows: Sequence[int],
-                 starts: Sequence[int], continuations: Sequence[Sequence[int]]
-                 ) -> list[tuple[float, bool]]:
+def score_forked(
+    model,
+    state,
+    next_logprobs: torch.Tensor,
+    rows: Sequence[int],
+    starts: Sequence[int],
+    continuations: Sequence[Sequence[int]],
+) -> list[tuple[float, bool]]:
     """(sum log p, is greedy) of continuations, each after the context of state row ``rows[i]``.
 
     ``next_logprobs[r]`` scores the first token after context row r;
@@ -162,11 +173,12 @@ def score_forked(model, state, next_logprobs: torch.Tensor, rows: Sequence[int],
     totals = first_lp.gather(1, first[:, None])[:, 0].double()
     greedy = first_lp.argmax(dim=-1) == first
     if max(len(c) for c in continuations) > 1:
-        width = max(len(c) for c in continuations) - 1
-        inputs, positions = right_padded([c[:-1] for c in continuations], starts, width,
-                                          model.device)
-        targets, _ = right_padded([c[1:] for c in continuations], [0] * len(rows), width,
-                                   model.device)
+        inputs, positions = pad_batch(
+            [c[:-1] for c in continuations], starts, side="right", device=model.device
+        )
+        targets, _ = pad_batch(
+            [c[1:] for c in continuations], [0] * len(rows), side="right", device=model.device
+        )
         logits, _ = model(inputs, positions, state.select(list(rows)), logits="all")
         pad = positions < 0
         totals += target_logprobs(logits, targets).masked_fill(pad, 0.0).double().sum(dim=1)
@@ -176,7 +188,7 @@ def score_forked(model, state, next_logprobs: torch.Tensor, rows: Sequence[int],
 
 def _batches(items: Sequence, size: int) -> Iterable[Sequence]:
     for i in range(0, len(items), size):
-        yield items[i:i + size]
+        yield items[i : i + size]
 
 
 def _continuation_batches(rows: Sequence, batch_size: int, vocab_size: int) -> Iterable[Sequence]:
@@ -186,14 +198,19 @@ def _continuation_batches(rows: Sequence, batch_size: int, vocab_size: int) -> I
     while first < len(rows):
         width = max(1, len(rows[first][2]) - 1)
         size = max(1, min(batch_size, LOGITS_BUDGET // (width * vocab_size)))
-        yield rows[first:first + size]
+        yield rows[first : first + size]
         first += size
 
 
-def loglikelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], *,
-                   batch_size: int = DEFAULT_BATCH_SIZE, chunk_size: int = DEFAULT_CHUNK_SIZE,
-                   share_context: bool = True,
-                   on_done: Callable[[int], None] | None = None) -> list[tuple[float, bool]]:
+def loglikelihoods(
+    model,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    share_context: bool = True,
+    on_done: Callable[[int], None] | None = None,
+) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), is greedy) per (context ids, continuation ids).
 
     Each context must start with ``<bos>`` (at least one token). With
@@ -212,9 +229,14 @@ def loglikelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
         rows = [(r, i, cont) for r, g in enumerate(batch) for i, cont in g.members if cont]
         rows.sort(key=lambda row: -len(row[2]))
         for part in _continuation_batches(rows, batch_size, model.config.vocab_size):
-            scores = score_forked(model, state, next_lp, [r for r, _, _ in part],
-                                  [len(batch[r].context) for r, _, _ in part],
-                                  [cont for _, _, cont in part])
+            scores = score_forked(
+                model,
+                state,
+                next_lp,
+                [r for r, _, _ in part],
+                [len(batch[r].context) for r, _, _ in part],
+                [cont for _, _, cont in part],
+            )
             for (_, i, _), score in zip(part, scores):
                 results[i] = score
         if on_done is not None:
@@ -224,7 +246,7 @@ def loglikelihoods(model, pairs: Sequence[tuple[Sequence[int], Sequence[int]]], 
 
 # ============================================================ generation
 def generation_settings(gen_kwargs: dict[str, Any], default_max_tokens: int) -> dict[str, Any]:
-    """``rgemma.generate`` keyword arguments for an lm-eval ``gen_kwargs`` dict.
+    """``rgemma.inference.generate.generate`` keyword arguments for an lm-eval ``gen_kwargs`` dict.
 
     Greedy unless ``do_sample`` is true (then ``temperature`` defaults to 1);
     ``until`` (a string or a list) are stop strings; ``max_gen_toks`` caps the
@@ -253,13 +275,21 @@ def generation_settings(gen_kwargs: dict[str, Any], default_max_tokens: int) -> 
     return settings
 
 
-def generate_texts(model, tokenizer, prompts: Sequence[list[int]], settings: dict[str, Any], *,
-                   batch_size: int, seed: int | None) -> list[str]:
+def generate_texts(
+    model,
+    tokenizer,
+    prompts: Sequence[list[int]],
+    settings: dict[str, Any],
+    *,
+    batch_size: int,
+    seed: int | None,
+) -> list[str]:
     """Generated text per prompt (token ids), ``batch_size`` prompts per batch."""
     from rgemma.inference.generate import generate
+
     out: list[str] = []
     for first in range(0, len(prompts), batch_size):
-        batch = list(prompts[first:first + batch_size])
+        batch = list(prompts[first : first + batch_size])
         row_seed = None if seed is None else seed + first
         completions = generate(model, tokenizer, batch, seed=row_seed, **settings)
         out.extend(c.text for c in completions)
@@ -308,11 +338,23 @@ class RgemmaLM(_LMBase):
       model, tokenizer: an already loaded model / tokenizer (Python use).
     """
 
-    def __init__(self, pretrained: str | None = None, dtype: Any = None, device: str | None = None,
-                 batch_size: Any = DEFAULT_BATCH_SIZE, max_batch_size: Any = None,
-                 chunk_size: int = DEFAULT_CHUNK_SIZE, share_context: bool = True,
-                 max_gen_toks: int = DEFAULT_MAX_GEN_TOKS, seed: int | None = 1234, *,
-                 model=None, tokenizer=None, progress: bool = True, **unused):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        dtype: Any = None,
+        device: str | None = None,
+        batch_size: Any = DEFAULT_BATCH_SIZE,
+        max_batch_size: Any = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        share_context: bool = True,
+        max_gen_toks: int = DEFAULT_MAX_GEN_TOKS,
+        seed: int | None = 1234,
+        *,
+        model=None,
+        tokenizer=None,
+        progress: bool = True,
+        **unused,
+    ):
         super().__init__()
         if unused:
             log.warning("rgemma: ignoring unknown model_args %s", sorted(unused))
@@ -334,11 +376,14 @@ class RgemmaLM(_LMBase):
     def _load(pretrained: str | None, dtype: Any, device: str | None, tokenizer):
         """(model, tokenizer) of a checkpoint path, or of the bundled demo model."""
         from rgemma.io import checkpoint
+
         if pretrained is None:
-            import rgemma.io.demo
-            pretrained = str(rgemma.demo.path())
-        model, found = checkpoint.load(pretrained, dtype=as_dtype(dtype),
-                                       device=_pick_device(device))
+            from rgemma.io import demo
+
+            pretrained = demo.path()
+        model, found = checkpoint.load(
+            pretrained, dtype=as_dtype(dtype), device=_pick_device(device)
+        )
         return model, tokenizer or found
 
     # ------------------------------------------------------------ requests
@@ -347,9 +392,14 @@ class RgemmaLM(_LMBase):
         texts = [req.args for req in requests]
         pairs = [encode_pair(self.tokenizer, ctx, cont) for ctx, cont in texts]
         with self._bar(len(pairs), "loglikelihood", disable_tqdm) as bar:
-            results = loglikelihoods(self.model, pairs, batch_size=self.batch_size,
-                                     chunk_size=self.chunk_size, share_context=self.share_context,
-                                     on_done=bar.update)
+            results = loglikelihoods(
+                self.model,
+                pairs,
+                batch_size=self.batch_size,
+                chunk_size=self.chunk_size,
+                share_context=self.share_context,
+                on_done=bar.update,
+            )
         for args, result in zip(texts, results):
             self._cache("loglikelihood", args, result)
         return results
@@ -358,11 +408,16 @@ class RgemmaLM(_LMBase):
         """log p(text) per ``(text,)``: every token after ``<bos>``, on the whole past."""
         texts = [req.args[0] for req in requests]
         docs = [document_ids(self.tokenizer, text) for text in texts]
-        with self._bar(sum(len(d) - 1 for d in docs), "loglikelihood_rolling", disable_tqdm,
-                       unit="tok") as bar:
-            sums = sum_logprobs(self.model, docs, chunk_size=self.chunk_size,
-                                batch_size=self.batch_size,
-                                on_chunk=lambda counts: bar.update(sum(counts.values())))
+        with self._bar(
+            sum(len(d) - 1 for d in docs), "loglikelihood_rolling", disable_tqdm, unit="tok"
+        ) as bar:
+            sums = sum_logprobs(
+                self.model,
+                docs,
+                chunk_size=self.chunk_size,
+                batch_size=self.batch_size,
+                on_chunk=lambda counts: bar.update(sum(counts.values())),
+            )
         for text, total in zip(texts, sums):
             self._cache("loglikelihood_rolling", (text,), total)
         return sums
@@ -375,8 +430,14 @@ class RgemmaLM(_LMBase):
             for settings, indices in self._by_settings(args):
                 indices.sort(key=lambda i: -len(args[i][0]))
                 prompts = [encode_text(self.tokenizer, args[i][0]) for i in indices]
-                texts = generate_texts(self.model, self.tokenizer, prompts, settings,
-                                       batch_size=self.batch_size, seed=self.seed)
+                texts = generate_texts(
+                    self.model,
+                    self.tokenizer,
+                    prompts,
+                    settings,
+                    batch_size=self.batch_size,
+                    seed=self.seed,
+                )
                 for i, text in zip(indices, texts):
                     results[i] = text
                     self._cache("generate_until", args[i], text)
@@ -400,12 +461,15 @@ class RgemmaLM(_LMBase):
 
     def _bar(self, total: int, desc: str, disable: bool, unit: str = "req"):
         from tqdm.auto import tqdm
-        return tqdm(total=total, desc=f"rgemma {desc}", unit=unit,
-                    disable=disable or not self.progress)
+
+        return tqdm(
+            total=total, desc=f"rgemma {desc}", unit=unit, disable=disable or not self.progress
+        )
 
     # ---------------------------------------------------------------- chat
-    def apply_chat_template(self, chat_history: list[dict[str, str]],
-                            add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(
+        self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+    ) -> str:
         """The prompt text of a chat (``<bos><start_of_turn>user...``).
 
         With ``add_generation_prompt=False`` the last (assistant) message is
@@ -414,8 +478,10 @@ class RgemmaLM(_LMBase):
         history = list(chat_history)
         if add_generation_prompt or not history or history[-1].get("role") != "assistant":
             return self.tokenizer.render_chat(history, add_generation_prompt=add_generation_prompt)
-        return self.tokenizer.render_chat(history[:-1], add_generation_prompt=True) + \
-            history[-1]["content"]
+        return (
+            self.tokenizer.render_chat(history[:-1], add_generation_prompt=True)
+            + history[-1]["content"]
+        )
 
     @property
     def tokenizer_name(self) -> str:
@@ -428,155 +494,23 @@ class RgemmaLM(_LMBase):
             return None
         return self.tokenizer.chat_template or (
             "gemma (rgemma built-in): <bos><start_of_turn>user\\n{text}<end_of_turn>\\n"
-            "<start_of_turn>model\\n{text}<end_of_turn>\\n")
+            "<start_of_turn>model\\n{text}<end_of_turn>\\n"
+        )
 
     # -------------------------------------------------------------- facts
     def get_model_info(self) -> dict[str, Any]:
         """Recorded in lm-eval's results["config"]."""
-        return {"model_num_parameters": self.model.num_parameters(),
-                "model_dtype": str(self.model.dtype), "model_path": str(self.pretrained),
-                "rgemma_batch_size": self.batch_size, "rgemma_chunk_size": self.chunk_size,
-                "rgemma_share_context": self.share_context}
+        return {
+            "model_num_parameters": self.model.num_parameters(),
+            "model_dtype": str(self.model.dtype),
+            "model_path": str(self.pretrained),
+            "rgemma_batch_size": self.batch_size,
+            "rgemma_chunk_size": self.chunk_size,
+            "rgemma_share_context": self.share_context,
+        }
 
 
-def _register() -> None:
-    """Makes ``rgemma`` an lm-eval model name (when this module is imported, not run)."""
-    if register_model is not None and __name__ != "__main__":
-        register_model(MODEL_NAME)(RgemmaLM)
-
-
-_register()
-
-
-# ==================================================================== CLI
-def register(subparsers) -> None:
-    """Adds the ``eval`` verb."""
-    from rgemma.inference.generate import add_model_args
-    p = subparsers.add_parser(
-        "eval", help="benchmarks through lm-evaluation-harness",
-        description="Runs lm-evaluation-harness tasks on an rgemma checkpoint "
-                    "(a thin wrapper around lm_eval.simple_evaluate; needs rgemma[eval]).")
-    add_model_args(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--tasks", "-t", required=True,
-                   help="comma-separated lm-eval task or group names")
-    p.add_argument("--num-fewshot", "-f", type=int, default=None,
-                   help="few-shot examples (default: each task's own)")
-    p.add_argument("--limit", "-L", type=float, default=None,
-                   help="examples per task (an integer), or a fraction < 1 (for testing)")
-    p.add_argument("--batch-size", "-b", default=str(DEFAULT_BATCH_SIZE),
-                   help=f"rows per model call (default {DEFAULT_BATCH_SIZE}; 'auto' = default)")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                   help=f"tokens per model call when prefilling (default {DEFAULT_CHUNK_SIZE})")
-    p.add_argument("--no-share-context", action="store_true",
-                   help="prefill each request's context separately (slower; for comparison)")
-    p.add_argument("--apply-chat-template", action="store_true",
-                   help="render prompts with the chat template (for -it models)")
-    p.add_argument("--fewshot-as-multiturn", action="store_true",
-                   help="with --apply-chat-template: few-shot examples as chat turns")
-    p.add_argument("--system-instruction", default=None, help="system text for every prompt")
-    p.add_argument("--gen-kwargs", default=None,
-                   help="generation overrides, e.g. 'max_gen_toks=64,do_sample=false'")
-    p.add_argument("--include-path", action="append", default=[], metavar="DIR",
-                   help="extra folder of task YAML files (repeatable)")
-    p.add_argument("--no-default-tasks", action="store_true",
-                   help="only the tasks of --include-path (skips indexing lm-eval's ~15k tasks)")
-    p.add_argument("--confirm-run-unsafe-code", action="store_true",
-                   help="allow tasks that execute model-written code (humaneval, mbpp)")
-    p.add_argument("--output", "-o", metavar="FILE", help="write the results as JSON")
-    p.add_argument("--log-samples", action="store_true",
-                   help="keep per-example inputs and outputs in --output")
-    p.add_argument("--seed", type=int, default=1234, help="seed for lm-eval and for sampling")
-    p.add_argument("--bootstrap-iters", type=int, default=100000,
-                   help="bootstrap iterations for standard errors (0 = none)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def run(args) -> int:
-    """``rgemma eval``: lm_eval.simple_evaluate on a loaded checkpoint."""
-    from rgemma.inference.generate import CLIError, load_model, report_error
-    try:
-        if args.no_default_tasks and not args.include_path:
-            raise CLIError("--no-default-tasks needs --include-path", 2)
-        simple_evaluate, TaskManager, make_table = _import_lm_eval()
-        model, tokenizer = load_model(args)
-        lm = RgemmaLM(pretrained=args.model or "demo", model=model, tokenizer=tokenizer,
-                      batch_size=args.batch_size, chunk_size=args.chunk_size,
-                      share_context=not args.no_share_context, seed=args.seed,
-                      progress=not args.no_progress)
-        task_manager = TaskManager(include_path=args.include_path or None,
-                                   include_defaults=not args.no_default_tasks)
-        results = simple_evaluate(
-            model=lm, tasks=[t for t in args.tasks.split(",") if t], num_fewshot=args.num_fewshot,
-            limit=_parse_limit(args.limit), task_manager=task_manager,
-            apply_chat_template=args.apply_chat_template,
-            fewshot_as_multiturn=args.fewshot_as_multiturn,
-            system_instruction=args.system_instruction, gen_kwargs=args.gen_kwargs,
-            log_samples=args.log_samples, bootstrap_iters=args.bootstrap_iters,
-            random_seed=args.seed, numpy_random_seed=args.seed, torch_random_seed=args.seed,
-            fewshot_random_seed=args.seed, confirm_run_unsafe_code=args.confirm_run_unsafe_code)
-    except CLIError as e:
-        return report_error("eval", e)
-    except (KeyError, ValueError) as e:   # lm-eval's unknown task / bad argument errors
-        return report_error("eval", CLIError(f"lm-eval: {e.args[0] if e.args else e}", 2))
-    _record_model(results, args)
-    print(make_table(results))
-    if results.get("groups"):
-        print(make_table(results, "groups"))
-    if args.output:
-        write_results(results, args.output)
-    return 0
-
-
-def _import_lm_eval():
-    """(simple_evaluate, TaskManager, make_table), or CLIError saying how to install lm-eval."""
-    from rgemma.inference.generate import CLIError
-    if register_model is None:
-        raise CLIError(f"rgemma eval needs lm-evaluation-harness: {INSTALL_HINT} "
-                       f"(import failed: {_LM_EVAL_ERROR})", 2)
-    from lm_eval import simple_evaluate
-    from lm_eval.tasks import TaskManager
-    from lm_eval.utils import make_table
-    return simple_evaluate, TaskManager, make_table
-
-
-def _parse_limit(limit: float | None) -> int | float | None:
-    """--limit: an integer count, or a fraction below 1."""
-    if limit is None or limit < 1:
-        return limit
-    return int(limit)
-
-
-def _record_model(results: dict, args) -> None:
-    """Names the model in results["config"] like ``lm_eval --model rgemma`` would."""
-    results["config"]["model"] = MODEL_NAME
-    results["config"]["model_args"] = {"pretrained": args.model or "demo",
-                                       "dtype": args.dtype or "auto",
-                                       "batch_size": args.batch_size,
-                                       "chunk_size": args.chunk_size,
-                                       "share_context": not args.no_share_context}
-
-
-def write_results(results: dict, path: str) -> None:
-    """lm-eval's results dict as JSON (non-JSON values written as strings)."""
-    from lm_eval.utils import handle_non_serializable
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump(results, f, indent=2, default=handle_non_serializable, ensure_ascii=False)
-
-
-def lm_eval_main() -> int:
-    """lm-eval's own command line (``lm_eval ...`` arguments) with ``rgemma`` registered."""
-    if register_model is None:
-        print(f"lm-eval cannot be imported ({_LM_EVAL_ERROR}): {INSTALL_HINT}", file=sys.stderr)
-        return 2
-    from lm_eval.__main__ import cli_evaluate
-    cli_evaluate()
-    return 0
-
-
-if __name__ == "__main__":   # python -m rgemma.evaluate --model rgemma --model_args ... --tasks ...
-    from rgemma.evaluation.harness import lm_eval_main as _main   # the importable module registers "rgemma"
-    sys.exit(_main())
+# lm-eval knows only the model names registered in its process: importing this module
+# makes "rgemma" one of them.
+if register_model is not None:
+    register_model(MODEL_NAME)(RgemmaLM)

@@ -1,26 +1,25 @@
-"""Training data: find documents, train a tokenizer, tokenize once, pack rows.
+"""Training data: split documents, train a tokenizer, tokenize once, pack rows.
 
-The pipeline, nanoGPT style, in small functions:
+The pipeline, nanoGPT style, in small functions; the documents come from
+``rgemma.io.documents.find_documents`` (a text file or a JSONL line each):
 
-1. ``find_documents``: plain text files (``.py``, ``.txt``...) in files or
-   folders, and JSONL files whose lines hold ``{"text": ...}`` or a chat
-   ``{"messages": [...]}``. Each file (or JSONL line) is one document.
-2. ``split_documents``: a deterministic held-out split *by file*: a file is
+1. ``split_documents``: a deterministic held-out split *by file*: a file is
    held out iff a hash of its relative path falls below ``eval_fraction``,
    so the split does not depend on the order or on the other files.
-3. ``train_tokenizer``: a SentencePiece BPE model with Gemma's special
+2. ``train_tokenizer``: a SentencePiece BPE model with Gemma's special
    pieces at Gemma's ids (pad 0, eos 1, bos 2, unk 3, placeholders 4..105,
    ``<start_of_turn>`` 106, ``<end_of_turn>`` 107), byte fallback, and
    whitespace kept as it is (code).
-4. ``tokenize`` -> ``TokenizedCorpus``: one flat token stream with document
+3. ``tokenize`` -> ``TokenizedCorpus``: one flat token stream with document
    offsets and a per-token loss mask, cached as ``.npz`` keyed by a hash of
    the contents and of the tokenizer.
-5. ``PackedRows``: the stream cut into fixed rows of ``seq_len`` inputs.
+4. ``PackedRows``: the stream cut into fixed rows of ``seq_len`` inputs.
    Segment positions restart at 0 at each document start, so documents
    packed in one row do not see each other (the model resets its
    recurrence, conv and attention at position 0).
-6. ``BatchSampler``: which rows make global batch number ``k``: a seeded
+5. ``BatchSampler``: which rows make global batch number ``k``: a seeded
    permutation per epoch, so the data position is one integer (resumable).
+6. ``prepare_data``: all of the above for one training run.
 """
 
 from __future__ import annotations
@@ -30,130 +29,32 @@ import hashlib
 import io
 import json
 import os
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
-TEXT_EXTENSIONS = (".py", ".txt", ".md", ".rst")
-JSONL_EXTENSIONS = (".jsonl",)
-SKIP_DIRS = ("__pycache__", "site-packages", "dist-packages", ".git", "node_modules")
+from rgemma.io.documents import DataError, Document, find_documents
+from rgemma.training.distributed import Dist
 
 # Gemma's ids 4..105 (placeholders here, never produced by encoding text).
 GEMMA_PLACEHOLDERS = ("<mask>", "<2mass>", "[@BOS@]") + tuple(f"<unused{i}>" for i in range(99))
 
 
-class DataError(ValueError):
-    """Training data that cannot be read or used."""
-
-
 # --------------------------------------------------------------------------
-# 1. Documents
+# 1. Held-out split
 # --------------------------------------------------------------------------
 
-@dataclasses.dataclass
-class Document:
-    """One training document.
-
-    name: stable identifier (path relative to the folder given, plus
-      ``:LINE`` for JSONL lines); the held-out split hashes it.
-    text: plain text (None for chat documents).
-    messages: chat messages (role/content dicts) for chat documents.
-    """
-
-    name: str
-    text: str | None = None
-    messages: list[dict] | None = None
-    split_key: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.split_key:
-            self.split_key = self.name.split(":")[0]
-
-
-def find_files(paths: Sequence[str], extensions: Sequence[str] = TEXT_EXTENSIONS + JSONL_EXTENSIONS,
-               exclude: Sequence[str] = ()) -> list[tuple[str, str]]:
-    """(path, relative name) of every file with one of ``extensions``, sorted.
-
-    Folders are walked recursively; ``__pycache__``, ``site-packages`` and
-    hidden folders are skipped, as are folders whose name is in ``exclude``.
-    A file given explicitly is always taken.
-    """
-    out: list[tuple[str, str]] = []
-    for root in paths:
-        root = os.fspath(root)
-        if os.path.isfile(root):
-            out.append((root, os.path.basename(root)))
-            continue
-        if not os.path.isdir(root):
-            raise DataError(f"{root}: no such file or folder")
-        for folder, dirs, files in os.walk(root):
-            dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS and d not in exclude
-                             and not d.startswith("."))
-            for f in sorted(files):
-                if f.endswith(tuple(extensions)):
-                    path = os.path.join(folder, f)
-                    out.append((path, os.path.relpath(path, root).replace(os.sep, "/")))
-    return sorted(out, key=lambda pn: pn[1])
-
-
-def read_documents(files: Iterable[tuple[str, str]]) -> tuple[list[Document], int]:
-    """Documents of the files (one per text file, one per JSONL line).
-
-    Returns (documents, number of files skipped because they are not UTF-8).
-    """
-    docs: list[Document] = []
-    skipped = 0
-    for path, name in files:
-        try:
-            with open(path, encoding="utf-8") as f:
-                content = f.read()
-        except UnicodeDecodeError:
-            skipped += 1
-            continue
-        if path.endswith(JSONL_EXTENSIONS):
-            docs.extend(_jsonl_documents(content, name))
-        elif content.strip():
-            docs.append(Document(name=name, text=content))
-    return docs, skipped
-
-
-def _jsonl_documents(content: str, name: str) -> Iterator[Document]:
-    for lineno, line in enumerate(content.splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{name}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{where}: not valid JSON ({e})") from None
-        if isinstance(record, dict) and isinstance(record.get("text"), str):
-            yield Document(name=where, text=record["text"], split_key=where)
-        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
-            yield Document(name=where, messages=record["messages"], split_key=where)
-        else:
-            raise DataError(f"{where}: expected an object with a 'text' string or a "
-                            "'messages' list")
-
-
-def find_documents(paths: Sequence[str], exclude: Sequence[str] = (),
-                   extensions: Sequence[str] = TEXT_EXTENSIONS + JSONL_EXTENSIONS
-                   ) -> tuple[list[Document], int]:
-    """``read_documents(find_files(paths))``: (documents, files skipped)."""
-    return read_documents(find_files(paths, extensions=extensions, exclude=exclude))
-
-
-# --------------------------------------------------------------------------
-# 2. Held-out split
-# --------------------------------------------------------------------------
 
 def is_held_out(key: str, eval_fraction: float) -> bool:
     """True for the fraction ``eval_fraction`` of keys, decided by their SHA-256."""
     h = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big")
-    return h / 2.0 ** 64 < eval_fraction
+    return h / 2.0**64 < eval_fraction
 
 
-def split_documents(docs: Sequence[Document], eval_fraction: float
-                    ) -> tuple[list[Document], list[Document]]:
+def split_documents(
+    docs: Sequence[Document], eval_fraction: float
+) -> tuple[list[Document], list[Document]]:
     """(train, held out): by file for text files, by line for JSONL."""
     train = [d for d in docs if not is_held_out(d.split_key, eval_fraction)]
     held = [d for d in docs if is_held_out(d.split_key, eval_fraction)]
@@ -161,11 +62,13 @@ def split_documents(docs: Sequence[Document], eval_fraction: float
 
 
 # --------------------------------------------------------------------------
-# 3. Tokenizer
+# 2. Tokenizer
 # --------------------------------------------------------------------------
 
-def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 8000,
-                    max_sentences: int = 2_000_000) -> str:
+
+def train_tokenizer(
+    texts: Iterable[str], path: str, vocab_size: int = 8000, max_sentences: int = 2_000_000
+) -> str:
     """Trains a SentencePiece BPE tokenizer with Gemma's special ids; writes ``path``.
 
     Special pieces: pad 0, eos 1, bos 2, unk 3, ``GEMMA_PLACEHOLDERS`` at
@@ -179,8 +82,10 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 8000,
 
     n_special = 4 + len(GEMMA_PLACEHOLDERS) + 3 + 256
     if vocab_size <= n_special + 100:
-        raise DataError(f"vocab_size {vocab_size} is too small: the special and byte pieces "
-                        f"alone take {n_special}")
+        raise DataError(
+            f"vocab_size {vocab_size} is too small: the special and byte pieces "
+            f"alone take {n_special}"
+        )
 
     def lines() -> Iterator[str]:
         n = 0
@@ -192,15 +97,32 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 8000,
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(), model_writer=model, model_type="bpe", vocab_size=vocab_size,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
+        sentence_iterator=lines(),
+        model_writer=model,
+        model_type="bpe",
+        vocab_size=vocab_size,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        pad_piece="<pad>",
+        eos_piece="<eos>",
+        bos_piece="<bos>",
+        unk_piece="<unk>",
         control_symbols=list(GEMMA_PLACEHOLDERS),
         user_defined_symbols=["<start_of_turn>", "<end_of_turn>", "\n"],
-        byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True,
-        remove_extra_whitespaces=False, add_dummy_prefix=False,
-        normalization_rule_name="identity", max_sentence_length=1 << 16,
-        character_coverage=0.9999, hard_vocab_limit=False, num_threads=1, minloglevel=2)
+        byte_fallback=True,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        remove_extra_whitespaces=False,
+        add_dummy_prefix=False,
+        normalization_rule_name="identity",
+        max_sentence_length=1 << 16,
+        character_coverage=0.9999,
+        hard_vocab_limit=False,
+        num_threads=1,
+        minloglevel=2,
+    )
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
@@ -210,8 +132,9 @@ def train_tokenizer(texts: Iterable[str], path: str, vocab_size: int = 8000,
 
 
 # --------------------------------------------------------------------------
-# 4. Tokenize (once, cached)
+# 3. Tokenize (once, cached)
 # --------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class TokenizedCorpus:
@@ -238,15 +161,24 @@ class TokenizedCorpus:
 
     def save(self, path: str) -> None:
         tmp = f"{path}.tmp{os.getpid()}.npz"
-        np.savez(tmp, tokens=self.tokens, positions=self.positions, loss_mask=self.loss_mask,
-                 offsets=self.offsets)
+        np.savez(
+            tmp,
+            tokens=self.tokens,
+            positions=self.positions,
+            loss_mask=self.loss_mask,
+            offsets=self.offsets,
+        )
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str) -> "TokenizedCorpus":
+    def load(cls, path: str) -> TokenizedCorpus:
         with np.load(path) as z:
-            return cls(tokens=z["tokens"], positions=z["positions"], loss_mask=z["loss_mask"],
-                       offsets=z["offsets"])
+            return cls(
+                tokens=z["tokens"],
+                positions=z["positions"],
+                loss_mask=z["loss_mask"],
+                offsets=z["offsets"],
+            )
 
 
 def encode_document(doc: Document, tokenizer) -> tuple[list[int], list[int]]:
@@ -262,7 +194,9 @@ def encode_document(doc: Document, tokenizer) -> tuple[list[int], list[int]]:
     return encode_chat(doc.messages, tokenizer, where=doc.name)
 
 
-def encode_chat(messages: list[dict], tokenizer, where: str = "chat") -> tuple[list[int], list[int]]:
+def encode_chat(
+    messages: list[dict], tokenizer, where: str = "chat"
+) -> tuple[list[int], list[int]]:
     """(ids, loss mask) of a chat: loss only on the assistant turns.
 
     The conversation is rendered once; the character spans of each assistant
@@ -276,10 +210,12 @@ def encode_chat(messages: list[dict], tokenizer, where: str = "chat") -> tuple[l
         if m.get("role") != "assistant":
             continue
         prompt = tokenizer.render_chat(messages[:i], add_generation_prompt=True)
-        turn = tokenizer.render_chat(messages[:i + 1], add_generation_prompt=False)
+        turn = tokenizer.render_chat(messages[: i + 1], add_generation_prompt=False)
         if not (full.startswith(turn) and turn.startswith(prompt)):
-            raise DataError(f"{where}: the chat template does not render prefixes of the "
-                            "conversation as prefixes; cannot find the model's turns")
+            raise DataError(
+                f"{where}: the chat template does not render prefixes of the "
+                "conversation as prefixes; cannot find the model's turns"
+            )
         spans.append((len(prompt), len(turn)))
     if not spans:
         raise DataError(f"{where}: a chat without assistant messages has nothing to learn")
@@ -313,8 +249,12 @@ def tokenize(docs: Sequence[Document], tokenizer) -> TokenizedCorpus:
     mask = np.concatenate(all_mask) if all_mask else np.zeros(0, np.uint8)
     positions = np.arange(n, dtype=np.int64) - np.repeat(offsets[:-1], lengths)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
-    return TokenizedCorpus(tokens=tokens.astype(dtype), positions=positions.astype(np.int32),
-                           loss_mask=mask, offsets=offsets)
+    return TokenizedCorpus(
+        tokens=tokens.astype(dtype),
+        positions=positions.astype(np.int32),
+        loss_mask=mask,
+        offsets=offsets,
+    )
 
 
 def corpus_key(docs: Sequence[Document], tokenizer_path: str) -> str:
@@ -331,8 +271,9 @@ def corpus_key(docs: Sequence[Document], tokenizer_path: str) -> str:
     return h.hexdigest()[:16]
 
 
-def tokenize_cached(docs: Sequence[Document], tokenizer, tokenizer_path: str, cache_dir: str,
-                    name: str) -> TokenizedCorpus:
+def tokenize_cached(
+    docs: Sequence[Document], tokenizer, tokenizer_path: str, cache_dir: str, name: str
+) -> TokenizedCorpus:
     """``tokenize`` with the result cached as ``cache_dir/{name}-{key}.npz``."""
     os.makedirs(cache_dir, exist_ok=True)
     path = os.path.join(cache_dir, f"{name}-{corpus_key(docs, tokenizer_path)}.npz")
@@ -347,16 +288,21 @@ def unigram_loss(train: TokenizedCorpus, held: TokenizedCorpus, vocab_size: int)
     """Cross-entropy (nats/token) of the held-out targets under the training
     set's unigram distribution (add-one smoothed): the baseline any language
     model must beat. Targets are as in ``PackedRows`` (no document-start token)."""
-    counts = np.bincount(train.tokens[train.loss_mask > 0].astype(np.int64),
-                         minlength=vocab_size).astype(np.float64) + 1.0
+    counts = (
+        np.bincount(
+            train.tokens[train.loss_mask > 0].astype(np.int64), minlength=vocab_size
+        ).astype(np.float64)
+        + 1.0
+    )
     logp = np.log(counts / counts.sum())
     is_target = (held.loss_mask > 0) & (held.positions != 0)
     return float(-logp[held.tokens[is_target].astype(np.int64)].mean())
 
 
 # --------------------------------------------------------------------------
-# 5. Packing
+# 4. Packing
 # --------------------------------------------------------------------------
+
 
 class PackedRows:
     """Row ``i`` is the stream slice [i*T, i*T + T + 1): inputs, targets, weights.
@@ -371,8 +317,10 @@ class PackedRows:
 
     def __init__(self, corpus: TokenizedCorpus, seq_len: int):
         if corpus.num_tokens < seq_len + 1:
-            raise DataError(f"the data has {corpus.num_tokens} tokens, fewer than one row of "
-                            f"seq_len + 1 = {seq_len + 1}; use a smaller --seq-len or more data")
+            raise DataError(
+                f"the data has {corpus.num_tokens} tokens, fewer than one row of "
+                f"seq_len + 1 = {seq_len + 1}; use a smaller --seq-len or more data"
+            )
         self.corpus = corpus
         self.seq_len = seq_len
         self.num_rows = (corpus.num_tokens - 1) // seq_len
@@ -386,9 +334,13 @@ class PackedRows:
         c = self.corpus
         tokens = c.tokens[a:b].astype(np.int64)
         positions = c.positions[a:b].astype(np.int64)
-        weights = (c.loss_mask[a + 1:b] > 0) & (positions[1:] != 0)
-        return {"tokens": tokens[:-1], "positions": positions[:-1], "targets": tokens[1:],
-                "weights": weights.astype(np.float32)}
+        weights = (c.loss_mask[a + 1 : b] > 0) & (positions[1:] != 0)
+        return {
+            "tokens": tokens[:-1],
+            "positions": positions[:-1],
+            "targets": tokens[1:],
+            "weights": weights.astype(np.float32),
+        }
 
     def batch(self, rows: Sequence[int]) -> dict[str, np.ndarray]:
         """The rows stacked: each entry [len(rows), T]."""
@@ -397,8 +349,9 @@ class PackedRows:
 
 
 # --------------------------------------------------------------------------
-# 6. Which rows make each batch
+# 5. Which rows make each batch
 # --------------------------------------------------------------------------
+
 
 class BatchSampler:
     """Global batch ``k`` -> its ``batch_size`` row indices, deterministically.
@@ -431,3 +384,119 @@ class BatchSampler:
 
     def epoch_of(self, k: int) -> float:
         return k * self.batch_size / self.num_rows
+
+
+# --------------------------------------------------------------------------
+# 6. One run's data
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Data:
+    """What a training run trains and evaluates on."""
+
+    train: PackedRows
+    eval: PackedRows | None
+    tokenizer: Any
+    tokenizer_files: list[str]  # to ship next to the exported model
+    stats: dict[str, Any]
+
+
+def tokenizer_source(cfg) -> str | None:
+    """The tokenizer file or folder to use (None: train one into ``out``)."""
+    if cfg.tokenizer:
+        return cfg.tokenizer
+    if cfg.init and os.path.isdir(cfg.init):
+        return cfg.init
+    return None
+
+
+def load_tokenizer(src: str):
+    from rgemma.io.tokenizer import Tokenizer
+
+    return Tokenizer.from_dir(src) if os.path.isdir(src) else Tokenizer.from_file(src)
+
+
+def tokenizer_files(src: str) -> list[str]:
+    """Files of a tokenizer to ship next to an exported model."""
+    if os.path.isfile(src):
+        return [src]
+    names = (
+        "tokenizer.model",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+    )
+    return [os.path.join(src, n) for n in names if os.path.isfile(os.path.join(src, n))]
+
+
+def prepare_data(cfg, dist: Dist, log: Callable[[str], None]) -> Data:
+    """Reads the documents, gets a tokenizer, tokenizes (cached) and packs rows.
+
+    ``cfg`` is the run's ``TrainConfig`` (its data, tokenizer, init, out and
+    seq_len fields). The main process does the work; the others wait and
+    read its caches.
+    """
+    docs, skipped = find_documents(cfg.data, exclude=cfg.exclude, extensions=tuple(cfg.extensions))
+    if not docs:
+        raise DataError(f"no documents found in {', '.join(cfg.data) or '(no --data)'}")
+    train_docs, held_docs = split_documents(docs, cfg.eval_fraction)
+    if not train_docs:
+        raise DataError("every document is held out; lower --eval-fraction")
+    src = tokenizer_source(cfg)
+    if src is None and cfg.init:
+        raise DataError(
+            f"--init {cfg.init}: a checkpoint file carries no tokenizer; pass "
+            "--tokenizer (its tokenizer.model or folder)"
+        )
+    if src is not None and not tokenizer_files(src):
+        raise DataError(f"{src}: no tokenizer.model or tokenizer.json there; pass --tokenizer")
+    if src is None:
+        src = os.path.join(cfg.out, "tokenizer.model")
+        if dist.is_main and not os.path.exists(src):
+            log(f"training a {cfg.vocab_size}-piece tokenizer on {len(train_docs)} documents")
+            texts = (
+                d.text
+                if d.messages is None
+                else "\n".join(str(m.get("content", "")) for m in d.messages)
+                for d in train_docs
+            )
+            train_tokenizer(texts, src, vocab_size=cfg.vocab_size)
+        dist.barrier()
+    tokenizer = load_tokenizer(src)
+    tok_file = src if os.path.isfile(src) else tokenizer_files(src)[0]
+    cache = os.path.join(cfg.out, "data")
+    corpora = {}
+    for rank_turn in range(2):  # main process first, then the others read the cache
+        if (rank_turn == 0) == dist.is_main:
+            for name, subset in (("train", train_docs), ("eval", held_docs)):
+                if subset:
+                    corpora[name] = tokenize_cached(subset, tokenizer, tok_file, cache, name)
+        dist.barrier()
+    train_rows = PackedRows(corpora["train"], cfg.seq_len)
+    eval_rows = None
+    if "eval" in corpora and corpora["eval"].num_tokens > cfg.seq_len:
+        eval_rows = PackedRows(corpora["eval"], cfg.seq_len)
+    stats = {
+        "documents": len(docs),
+        "skipped_files": skipped,
+        "train_documents": len(train_docs),
+        "eval_documents": len(held_docs),
+        "train_chars": sum(len(d.text or "") for d in train_docs),
+        "eval_chars": sum(len(d.text or "") for d in held_docs),
+        "train_tokens": corpora["train"].num_tokens,
+        "eval_tokens": corpora["eval"].num_tokens if "eval" in corpora else 0,
+        "vocab_size": tokenizer.vocab_size,
+    }
+    if "eval" in corpora:
+        stats["unigram_eval_loss"] = unigram_loss(
+            corpora["train"], corpora["eval"], tokenizer.vocab_size
+        )
+    return Data(
+        train=train_rows,
+        eval=eval_rows,
+        tokenizer=tokenizer,
+        tokenizer_files=tokenizer_files(src),
+        stats=stats,
+    )

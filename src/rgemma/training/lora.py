@@ -14,7 +14,7 @@ model starts as the base model. ``merge`` folds the update into W
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +31,21 @@ DEFAULT_TARGETS = ATTENTION_TARGETS + RECURRENT_TARGETS
 class LoRALinear(nn.Linear):
     """An ``nn.Linear`` with a frozen weight and a trainable low-rank update."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, alpha: float,
-                 bias: bool = True, **factory):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        alpha: float,
+        bias: bool = True,
+        **factory,
+    ):
         super().__init__(in_features, out_features, bias=bias, **factory)
         if rank <= 0:
             raise ValueError(f"LoRA rank must be positive, got {rank}")
         self.rank = rank
         self.alpha = alpha
-        self.base_class: type[nn.Linear] = nn.Linear   # what ``merged`` turns back into
+        self.base_class: type[nn.Linear] = nn.Linear  # what ``merged`` turns back into
         self.lora_A = nn.Parameter(torch.zeros(rank, in_features, **factory))
         self.lora_B = nn.Parameter(torch.zeros(out_features, rank, **factory))
 
@@ -47,20 +54,29 @@ class LoRALinear(nn.Linear):
         return self.alpha / self.rank
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, alpha: float,
-                    generator: torch.Generator | None = None) -> "LoRALinear":
+    def from_linear(
+        cls, linear: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> LoRALinear:
         """Wraps an existing layer (sharing its weight and bias tensors)."""
         w = linear.weight
         with torch.device("meta"):
-            new = cls(linear.in_features, linear.out_features, rank, alpha,
-                      bias=linear.bias is not None, dtype=w.dtype)
+            new = cls(
+                linear.in_features,
+                linear.out_features,
+                rank,
+                alpha,
+                bias=linear.bias is not None,
+                dtype=w.dtype,
+            )
         new.base_class = type(linear)
         new.weight = linear.weight
         new.bias = linear.bias
-        new.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, dtype=w.dtype,
-                                              device=w.device))
-        new.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, dtype=w.dtype,
-                                              device=w.device))
+        new.lora_A = nn.Parameter(
+            torch.empty(rank, linear.in_features, dtype=w.dtype, device=w.device)
+        )
+        new.lora_B = nn.Parameter(
+            torch.zeros(linear.out_features, rank, dtype=w.dtype, device=w.device)
+        )
         new.reset_lora(generator)
         new.weight.requires_grad_(False)
         if new.bias is not None:
@@ -91,8 +107,12 @@ class LoRALinear(nn.Linear):
     def merged(self) -> nn.Linear:
         """A layer of the adapted layer's class with W + (alpha / r) B A."""
         with torch.device("meta"):
-            out = self.base_class(self.in_features, self.out_features,
-                                  bias=self.bias is not None, dtype=self.weight.dtype)
+            out = self.base_class(
+                self.in_features,
+                self.out_features,
+                bias=self.bias is not None,
+                dtype=self.weight.dtype,
+            )
         with torch.no_grad():
             w = self.weight.float() + self.delta_weight().float()
             out.weight = nn.Parameter(w.to(self.weight.dtype), requires_grad=True)
@@ -105,12 +125,16 @@ class LoRALinear(nn.Linear):
 
 
 def parse_targets(spec: str | Sequence[str] | None) -> tuple[str, ...]:
-    """"q_proj,v_proj" / "attention" / "recurrent" / "mlp" / "all" -> module names."""
+    """ "q_proj,v_proj" / "attention" / "recurrent" / "mlp" / "all" -> module names."""
     if spec is None:
         return DEFAULT_TARGETS
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    groups = {"attention": ATTENTION_TARGETS, "recurrent": RECURRENT_TARGETS,
-              "mlp": MLP_TARGETS, "all": ALL_TARGETS}
+    groups = {
+        "attention": ATTENTION_TARGETS,
+        "recurrent": RECURRENT_TARGETS,
+        "mlp": MLP_TARGETS,
+        "all": ALL_TARGETS,
+    }
     out: list[str] = []
     for item in (s.strip() for s in items):
         if not item:
@@ -118,8 +142,10 @@ def parse_targets(spec: str | Sequence[str] | None) -> tuple[str, ...]:
         names = groups.get(item, (item,))
         for n in names:
             if n not in ALL_TARGETS:
-                raise ValueError(f"unknown LoRA target {n!r}; choose from "
-                                 f"{', '.join(ALL_TARGETS)} or attention/recurrent/mlp/all")
+                raise ValueError(
+                    f"unknown LoRA target {n!r}; choose from "
+                    f"{', '.join(ALL_TARGETS)} or attention/recurrent/mlp/all"
+                )
             if n not in out:
                 out.append(n)
     if not out:
@@ -127,8 +153,13 @@ def parse_targets(spec: str | Sequence[str] | None) -> tuple[str, ...]:
     return tuple(out)
 
 
-def apply_lora(model: nn.Module, rank: int, alpha: float | None = None,
-               targets: Iterable[str] | str | None = None, seed: int = 0) -> list[str]:
+def apply_lora(
+    model: nn.Module,
+    rank: int,
+    alpha: float | None = None,
+    targets: Iterable[str] | str | None = None,
+    seed: int = 0,
+) -> list[str]:
     """Replaces the targeted ``nn.Linear`` modules by ``LoRALinear`` in place.
 
     Freezes every parameter of the model except the adapters. Returns the
@@ -142,8 +173,11 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None,
     adapted = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if (child_name in targets and isinstance(child, nn.Linear)
-                    and not isinstance(child, LoRALinear)):
+            if (
+                child_name in targets
+                and isinstance(child, nn.Linear)
+                and not isinstance(child, LoRALinear)
+            ):
                 setattr(module, child_name, LoRALinear.from_linear(child, rank, alpha, generator))
                 adapted.append(f"{name}.{child_name}" if name else child_name)
     if not adapted:

@@ -1,0 +1,211 @@
+"""``rgemma serve``: the OpenAI-compatible HTTP server (``rgemma.serving``) over one model.
+
+    rgemma serve --model PATH --port 8000        # binds 127.0.0.1 unless --host says otherwise
+    python -m rgemma.cli.serve --model PATH      # the same, on its own
+
+torch, fastapi and uvicorn are imported by ``run``, not with this module, so
+``rgemma --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from rgemma.cli.common import CLIError, load_model, report_error, resolve_model_path
+from rgemma.serving import DEFAULT_HOST, DEFAULT_PORT
+
+DEMO_NAME = "demo"  # --model demo (or no --model): the bundled demo model
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def register(subparsers) -> None:
+    """Adds the ``serve`` verb."""
+    p = subparsers.add_parser(
+        "serve",
+        help="serve an OpenAI-compatible HTTP API with continuous batching",
+        description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
+        "/metrics (OpenAI-compatible) with continuous batching.",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH_OR_NAME",
+        help="checkpoint directory or file, or 'demo' for the bundled demo model (the default)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="model id in /v1/models (default: the checkpoint's directory name)",
+    )
+    p.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}, this machine only)",
+    )
+    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument(
+        "--max-batch",
+        type=int,
+        default=8,
+        help="sequences decoded together (rows of the state; default 8)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=64,
+        help="requests waiting at most; more get 503 (default 64)",
+    )
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=256,
+        help="prompt tokens prefilled per step between decode steps (default 256)",
+    )
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=float,
+        default=256.0,
+        help="memory for cached prompt-prefix states, 0 = off (default 256)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("RGEMMA_API_KEY"),
+        help="require 'Authorization: Bearer KEY' (all paths but /health and "
+        "/metrics; default: $RGEMMA_API_KEY, else none)",
+    )
+    p.add_argument(
+        "--max-tokens-limit",
+        type=int,
+        default=2048,
+        help="largest max_tokens a request may ask (default 2048)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=int,
+        default=8192,
+        help="longest prompt accepted, in tokens (default 8192)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=float,
+        default=4.0,
+        help="largest request body (default 4 MB; larger gets 413)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="parameter dtype (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="activation dtype (e.g. float32 with bfloat16 weights on CPUs)",
+    )
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
+    )
+    p.add_argument(
+        "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    """``rgemma serve``: returns the exit status."""
+    try:
+        return _serve(args)
+    except CLIError as e:
+        return report_error("serve", e)
+
+
+def _serve(args) -> int:
+    _check_args(args)
+    import uvicorn
+
+    from rgemma.inference.engine import Engine, EngineConfig
+    from rgemma.serving.app import ServerConfig, create_app
+
+    model, tokenizer, path = _load(args)
+    engine = Engine(
+        model,
+        tokenizer,
+        EngineConfig(
+            max_batch=args.max_batch,
+            max_queue=args.max_queue,
+            prefill_chunk=args.prefill_chunk,
+            prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
+        ),
+    ).start()
+    name = args.served_model_name or os.path.basename(os.path.normpath(path)) or "rgemma"
+    config = ServerConfig(
+        model_name=name,
+        api_key=args.api_key or None,
+        max_tokens_limit=args.max_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_body_bytes=int(args.max_body_mb * 2**20),
+    )
+    if args.host not in LOCAL_HOSTS and not config.api_key:
+        print(f"rgemma serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(
+        f"rgemma serve: {name} on http://{args.host}:{args.port} "
+        f"(batch {args.max_batch}, queue {args.max_queue})",
+        file=sys.stderr,
+    )
+    try:
+        uvicorn.run(
+            create_app(engine, tokenizer, config),
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=5,
+        )
+    finally:
+        engine.stop()
+    return 0
+
+
+def _check_args(args) -> None:
+    for flag, value, low in (
+        ("--max-batch", args.max_batch, 1),
+        ("--max-queue", args.max_queue, 1),
+        ("--prefill-chunk", args.prefill_chunk, 1),
+        ("--max-tokens-limit", args.max_tokens_limit, 1),
+        ("--max-prompt-tokens", args.max_prompt_tokens, 1),
+        ("--port", args.port, 0),
+        ("--threads", args.threads, 0),
+    ):
+        if value < low:
+            raise CLIError(f"{flag} must be >= {low}, got {value}", 2)
+    if args.prefix_cache_mb < 0 or args.max_body_mb <= 0:
+        raise CLIError("--prefix-cache-mb must be >= 0 and --max-body-mb > 0", 2)
+
+
+def _load(args):
+    """(model, tokenizer, checkpoint path); ``--model demo`` names the bundled demo model
+    unless a file or directory of that name exists."""
+    path = args.model
+    if path == DEMO_NAME and not os.path.exists(path):
+        path = None
+    path = resolve_model_path(path)
+    model, tokenizer = load_model(
+        argparse.Namespace(**{**vars(args), "model": path}), compute_dtype=args.compute_dtype
+    )
+    return model.eval(), tokenizer, path
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m rgemma.cli.serve ...``: the ``serve`` verb on its own."""
+    parser = argparse.ArgumentParser(prog="python -m rgemma.cli.serve")
+    register(parser.add_subparsers(dest="verb"))
+    args = parser.parse_args(["serve", *(sys.argv[1:] if argv is None else argv)])
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

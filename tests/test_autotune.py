@@ -1,0 +1,147 @@
+"""W8A8 products and the per-machine choice of product (rgemma.autotune)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import arange_positions, random_model, tiny_config
+from rgemma import autotune, kernels, layers
+from rgemma.quantize import (Int4Linear, Int8Linear, dequantize_int8, quantize_int8,
+                             quantize_model, quantize_rows_int8, tune_model, w8a8_linear)
+
+
+@pytest.mark.parametrize("M,K,N", [(1, 7, 5), (3, 64, 17), (16, 256, 96), (40, 1000, 13)])
+def test_w8a8_product_within_its_stated_bound(M, K, N):
+    """|y - ref| <= sx_m / 2 * sum_k |W[n, k]| (rounding x to 255 levels per row; the
+    int32 sums are exact), plus float32 rounding of the final scaling."""
+    g = torch.Generator().manual_seed(M * 1000 + K)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10
+    q, scale = quantize_int8(torch.randn(N, K, generator=g))
+    w = dequantize_int8(q, scale, torch.float64)
+    ref = x.double() @ w.T
+    y = w8a8_linear(x, q, scale)
+    _, sx = quantize_rows_int8(x)
+    bound = 0.5 * sx.double()[:, None] * w.abs().sum(dim=1)[None, :]
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    assert ((y.double() - ref).abs() <= bound * (1 + 1e-5) + 1e-6 * ref.abs()).all()
+    assert torch.equal(w8a8_linear(x[None], q, scale)[0], y)      # any leading shape
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    monkeypatch.setenv("RGEMMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("RGEMMA_AUTOTUNE", "1")
+    autotune.forget()
+    yield tmp_path
+    autotune.forget()
+
+
+def test_the_choice_is_measured_once_then_read_from_the_cache(tuning, monkeypatch):
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
+    first = tune_model(quantize_model(random_model(cfg), bits=8))
+    assert first and all(set(p) == set(autotune.ROW_BUCKETS) for p in first.values())
+    assert all(path in Int8Linear.PATHS for p in first.values() for path in p.values())
+    saved = json.loads(autotune.cache_file().read_text())
+    assert autotune.cache_file().parent == tuning and len(saved) >= 5
+    autotune.forget()
+
+    def no_timing(run):
+        raise AssertionError("measured again although the cache holds the choice")
+    monkeypatch.setattr(autotune, "_seconds", no_timing)
+    again = tune_model(quantize_model(random_model(cfg, seed=1), bits=8))
+    assert again == first                            # deterministic given the cache
+    # a forced choice in the cache file is what a layer then uses
+    key = next(k for k in saved if k.endswith("|16"))
+    saved[key] = "w8a8"
+    autotune.cache_file().write_text(json.dumps(saved))
+    autotune.forget()
+    model = quantize_model(random_model(cfg, seed=2), bits=8)
+    n, k = (int(v) for v in key.split("|")[1:3])
+    layer = next(m for m in model.modules() if isinstance(m, Int8Linear)
+                 and (m.out_features, m.in_features) == (n, k))
+    assert layer.path(16) == "w8a8" and layer.path(9) == "w8a8"
+
+
+def test_without_measuring_the_defaults_are_kept(tmp_path, monkeypatch):
+    monkeypatch.setenv("RGEMMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("RGEMMA_AUTOTUNE", "0")
+    autotune.forget()
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2)
+    model = quantize_model(random_model(cfg), bits=4, group_size=64)
+    layer = next(m for m in model.modules() if isinstance(m, Int4Linear))
+    assert layer.path(1) == "kernel" and layer.path(16) == "kernel" and layer.path(17) == "dense"
+    assert list(tmp_path.glob("autotune-*.json")) == []
+
+
+def _force(model, path: str) -> None:
+    for m in model.modules():
+        if isinstance(m, Int8Linear):
+            m.paths = {b: path for b in autotune.ROW_BUCKETS}
+
+
+def test_w8a8_model_logits_close_to_float():
+    """A model whose int8 layers all run W8A8: logits within 2x the weight-only int8
+    error of float32 (the extra error is the activations' rounding), argmax mostly kept."""
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref, _ = random_model(cfg, noise=0.02)(tokens, arange_positions(2, 24))
+        weight_only = quantize_model(random_model(cfg, noise=0.02), bits=8)
+        _force(weight_only, "dense")
+        w8, _ = weight_only(tokens, arange_positions(2, 24))
+        w8a8_model = quantize_model(random_model(cfg, noise=0.02), bits=8)
+        _force(w8a8_model, "w8a8")
+        out, _ = w8a8_model(tokens, arange_positions(2, 24))
+    err, w8_err = (out - ref).abs().max().item(), (w8 - ref).abs().max().item()
+    assert err <= 2 * w8_err + 1e-3, (err, w8_err)
+    assert (out.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+
+
+def test_compiled_w8a8_decode_equals_eager():
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
+    eager = quantize_model(random_model(cfg, noise=0.02), bits=8)
+    compiled = quantize_model(random_model(cfg, noise=0.02), bits=8)
+    _force(eager, "w8a8")
+    _force(compiled, "w8a8")
+    compiled.compile_step()
+    prompt = torch.randint(0, cfg.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        s1, s2 = eager.init_state(3), compiled.init_state(3)
+        a, _ = eager(prompt, arange_positions(3, 5), s1, logits="last")
+        compiled(prompt, arange_positions(3, 5), s2, logits="last")
+        for i in range(3):
+            tok = a.argmax(-1, keepdim=True)
+            a, _ = eager(tok, torch.full((3, 1), 5 + i), s1, logits="last")
+            b, _ = compiled(tok, torch.full((3, 1), 5 + i), s2, logits="last")
+            assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item(), i
+
+
+def test_avx2_only_machine_path(tmp_path, monkeypatch):
+    """Forces what an AVX2-only CPU does: no native bf16 products (few-row bf16 only), and
+    rgemma's kernel built without AVX-512; the int8 decode product stays exact and the
+    bf16-held model stays close to float32."""
+    if kernels._compiler() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("RGEMMA_CACHE", str(tmp_path))
+    monkeypatch.setattr(kernels, "_FLAG_SETS", (["-O3", "-mavx2", "-mfma", "-mno-avx512f",
+                                                 "-fopenmp"],))
+    monkeypatch.setattr(kernels, "_lib", None)
+    monkeypatch.setattr(kernels, "_loaded", False)
+    monkeypatch.setattr(layers, "LOW_PRECISION_ROWS", 4)
+    assert kernels.available()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 300, generator=g)
+    q, scale = quantize_int8(torch.randn(40, 300, generator=g))
+    ref = (x.double() @ q.double().T) * scale.double()
+    bound = (x.abs().double() @ q.abs().double().T) * scale.double() * 300 * 2 ** -23
+    assert ((kernels.int8_matmul(x, q, scale).double() - ref).abs() <= bound + 1e-30).all()
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
+    tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
+    with torch.no_grad():
+        ref_logits, _ = random_model(cfg, noise=0.02)(tokens, arange_positions(1, 12))
+        held = random_model(cfg, noise=0.02).to(torch.bfloat16).set_compute_dtype(torch.float32)
+        out, _ = held(tokens, arange_positions(1, 12))
+    assert (out - ref_logits).abs().max().item() < 0.1
