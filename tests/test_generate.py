@@ -324,6 +324,17 @@ def test_stream_leaves_grad_mode_alone_and_compile_is_ignored_on_cpu(model, tok)
     assert modes and all(modes)
 
 
+def test_compile_time_is_not_counted_as_decoding(tok):
+    """With compile=True the first decode step (where torch.compile works) is timed apart:
+    it is many times a later step, and decode_seconds holds the other steps only."""
+    model = tiny_model(tiny_config(tok.vocab_size))
+    [c] = generate(model, tok, ["hello"], max_new_tokens=40, stop_token_ids=[], compile=True)
+    s = c.stats
+    per_step = s.decode_seconds / s.decode_steps
+    assert s.decode_steps == 39 and s.compile_seconds > 20 * per_step
+    assert s.decode_tps == pytest.approx(40 / s.decode_seconds)
+
+
 def test_deltas_carry_every_token(model, tok):
     deltas = list(stream(model, tok, PROMPTS[:2], max_new_tokens=20, temperature=2.0, seed=0,
                          stop_token_ids=[]))

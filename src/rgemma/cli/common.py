@@ -30,18 +30,33 @@ def report_error(verb: str, e: BaseException, code: int | None = None) -> int:
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads (default: torch's choice); 1 is often fastest "
+                   help="CPU threads (default 0: one per physical core); 1 is often fastest "
                         "for small models or on a busy machine")
 
 
+def physical_cores() -> int:
+    """Physical cores of this machine (hyper-threads share a core's arithmetic units)."""
+    pairs, physical = set(), None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = (s.strip() for s in line.partition(":"))
+                if key == "physical id":
+                    physical = value
+                elif key == "core id":
+                    pairs.add((physical, value))
+    except OSError:
+        pass
+    return len(pairs) or os.cpu_count() or 1
+
+
 def set_threads(args) -> None:
-    """Applies ``--threads`` (CLIError for a negative count)."""
+    """Applies ``--threads`` (0: one per physical core; CLIError for a negative count)."""
     threads = getattr(args, "threads", 0) or 0
     if threads < 0:
         raise CLIError(f"--threads must be >= 0, got {threads}", 2)
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
+    import torch
+    torch.set_num_threads(threads or physical_cores())
 
 
 def read_stdin_text(what: str) -> str:
@@ -200,4 +215,7 @@ def print_stats(stats, file=None) -> None:
           file=file)
     print(f"Generation: {stats.generated_tokens} tokens, {stats.decode_tps:.3f} tokens-per-sec",
           file=file)
+    if stats.compile_seconds:
+        print(f"Compile: {stats.compile_seconds:.1f} s (the first decode step; not in the "
+              "tokens-per-sec)", file=file)
     print(f"State: {stats.state_nbytes / 1e6:.3f} MB (fixed, whatever the length)", file=file)

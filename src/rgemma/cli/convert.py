@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rgemma.cli.common import report_error
+from rgemma.cli.common import CLIError, add_threads_arg, report_error, set_threads
 from rgemma.dtypes import DTYPE_NAMES
 
 
@@ -55,6 +55,7 @@ def register(subparsers) -> argparse.ArgumentParser:
                    help="copy the tokenizer files from DIR into a Hugging Face DST (default: "
                         "those beside SRC; official .pt files usually have none)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    add_threads_arg(p)
     p.set_defaults(func=run)
     return p
 
@@ -63,11 +64,12 @@ def run(args: argparse.Namespace) -> int:
     """Runs the conversion; returns 0, or 2 after a one-line error on stderr."""
     from rgemma.io import checkpoint
     try:
+        set_threads(args)
         out = checkpoint.convert(
             args.src, args.dst, to=args.to,
             dtype=args.dtype, shard_size=args.shard_size,
             preset=args.preset, overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
-    except (ValueError, OSError) as e:  # CheckpointError, WeightsError, ConfigError, I/O
+    except (ValueError, OSError, CLIError) as e:  # CheckpointError, WeightsError, I/O
         return report_error("convert", e, 2)
     print(f"wrote {out}")
     if out.is_dir() and not (out / "tokenizer.model").exists() and \

@@ -12,7 +12,8 @@ import json
 import sys
 from collections.abc import Sequence
 
-from rgemma.cli.common import CLIError, add_model_args, load_model, report_error
+from rgemma.cli.common import (CLIError, add_model_args, add_threads_arg, load_model,
+                               report_error)
 from rgemma.io.documents import DataError, find_documents
 
 # rgemma.evaluation.perplexity's DEFAULT_CHUNK_SIZE / DEFAULT_BATCH_SIZE, spelled out here
@@ -50,6 +51,7 @@ def register(subparsers) -> None:
                    help="text files, JSONL files ({'text': ...} per line) or folders")
     add_model_args(p)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_threads_arg(p)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                    help=f"tokens per model call (default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from rgemma.cli.common import report_error
+from rgemma.cli.common import CLIError, add_threads_arg, report_error, set_threads
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
@@ -20,6 +20,7 @@ def register(subparsers) -> None:
     p.add_argument("--group-size", type=int, default=128,
                    help="int4 group size along the input dimension (default 128)")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    add_threads_arg(p)
     p.set_defaults(func=run)
 
 
@@ -31,6 +32,7 @@ def run(args) -> int:
     from rgemma.io.quantized import is_quantized_dir, save_quantized
     from rgemma.quantize import quantize_model, quantized_bytes
     try:
+        set_threads(args)
         if os.path.isdir(args.src) and is_quantized_dir(args.src):
             raise ValueError(f"{args.src} is already quantized; quantize the original "
                              "(unquantized) checkpoint instead")
@@ -38,7 +40,7 @@ def run(args) -> int:
         quantize_model(model, bits=args.bits, group_size=args.group_size)
         src_dir = checkpoint.open_checkpoint(args.src).directory
         save_quantized(model, args.dst, tokenizer_dir=src_dir, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, CLIError) as e:
         return report_error("quantize", e, 2)
     print(f"wrote {args.dst} (int{args.bits}, {quantized_bytes(model) / 1e6:.1f} MB of weights)")
     return 0

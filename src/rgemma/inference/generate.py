@@ -57,7 +57,8 @@ class GenerationStats:
     prompt_seconds: float = 0.0
     generated_tokens: int = 0       # tokens sampled, all rows
     decode_steps: int = 0           # batched model calls after the prefill
-    decode_seconds: float = 0.0
+    decode_seconds: float = 0.0     # compile time excluded
+    compile_seconds: float = 0.0    # the first compiled decode step (torch.compile at work)
     state_nbytes: int = 0           # bytes of the whole batch's state
 
     @property
@@ -286,11 +287,13 @@ def stream(model, tokenizer, prompts, *, max_new_tokens: int = 256,
                       rng_states=rng_states, history=history)
     rows = [_Row(b, prompt_ids[b], StopChecker(tokenizer, stop_ids, stop_strings, max_new_tokens),
                  logprobs) for b in range(B)]
-    return _run(model, state, sampler, rows, logprobs, _make_step(model, compile), should_stop)
+    return _run(model, state, sampler, rows, logprobs, _make_step(model, compile), should_stop,
+                compiling=compile)
 
 
 def _run(model, state: State, sampler: Sampler, rows: list[_Row], want_logprobs: bool,
-         step: Callable, should_stop: Callable[[], bool] | None) -> Iterator[Delta]:
+         step: Callable, should_stop: Callable[[], bool] | None,
+         compiling: bool = False) -> Iterator[Delta]:
     """The prefill + decode loop behind ``stream``.
 
     Model calls run under ``torch.inference_mode`` one at a time (never across
@@ -328,7 +331,7 @@ def _run(model, state: State, sampler: Sampler, rows: list[_Row], want_logprobs:
             if row.finish_reason is not None:
                 active[b] = False
                 finished.append(b)
-                stats.decode_seconds = time.perf_counter() - t1
+                stats.decode_seconds = time.perf_counter() - t1 - stats.compile_seconds
                 yield _final_delta(row, text, state, sampler, stats, B)
             elif text or want_logprobs:
                 yield _delta(row, text)
@@ -336,13 +339,18 @@ def _run(model, state: State, sampler: Sampler, rows: list[_Row], want_logprobs:
             break
         if finished:
             inactive_mask[finished] = True
+        first_compiled = compiling and stats.decode_steps == 0
+        started = time.perf_counter()
         with torch.inference_mode():
             tokens_in.copy_(tokens[:, None])
             positions_in.copy_(next_pos).masked_fill_(inactive_mask, -1)
             logits = step(tokens_in, positions_in, state)
             next_pos += ~inactive_mask
+        if first_compiled:           # the compiler's time is not decoding speed
+            _sync(device)
+            stats.compile_seconds = time.perf_counter() - started
         stats.decode_steps += 1
-    stats.decode_seconds = time.perf_counter() - t1
+    stats.decode_seconds = time.perf_counter() - t1 - stats.compile_seconds
 
 
 def _final_delta(row: _Row, text: str, state: State, sampler: Sampler,
