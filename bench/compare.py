@@ -10,6 +10,15 @@ Systems: ``rgemma`` (weights held in --dtype, multiplied in float32),
 (RecurrentGemmaForCausalLM in --dtype, driven by its own ``generate``) and
 ``official`` (recurrentgemma.torch.Griffin with its cache, in --official-dtype).
 Prints a table of medians with rgemma/peer ratios; writes JSON and a PNG plot.
+
+Decode is bound by reading the weights: a step of batch B reads every weight
+once, so B x (read bandwidth / weight bytes) tok/s is the most a system can
+do. The read bandwidth is measured in the same run (``x.sum()`` over 1 GiB,
+best of 3) and each decode row gets the fraction of that bound it reached.
+With int8 in the run, a W8A8 quality line follows: the int8 model with every
+product forced to W8A8 against the unquantized one (max logit error on the
+bench's random weights; held-out perplexity of the demo model on Python files
+of an installed third-party package).
 """
 
 from __future__ import annotations
@@ -24,8 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (DTYPES, SHAPES, Result, bar_plot, official_from, random_rgemma, save,  # noqa: E402
                     table, timed, transformers_from)
 
+from rgemma import autotune  # noqa: E402
 from rgemma.model import Griffin  # noqa: E402
-from rgemma.quantize import quantize_model  # noqa: E402
+from rgemma.quantize import Int8Linear, quantize_model, quantized_bytes  # noqa: E402
 
 
 def quantized_copy(base: Griffin, bits: int) -> Griffin:
@@ -96,6 +106,81 @@ def drive_official(om, prompt: torch.Tensor, new: int) -> tuple[float, float]:
         return timed(prefill), timed(decode)
 
 
+# ------------------------------------------------------- the memory bound
+def read_bandwidth(gib: float = 1.0) -> float:
+    """Bytes per second that summing a large float32 tensor reads (best of 3)."""
+    x = torch.ones(int(gib * 2**30) // 4)
+    best = min(timed(lambda: x.sum()) for _ in range(3))
+    return x.numel() * 4 / best
+
+
+def weight_bytes(model) -> int:
+    """Bytes a decode step reads: every weight once (the tied table serves the logits)."""
+    if isinstance(model, Griffin):
+        return quantized_bytes(model)
+    params = {p.data_ptr(): p for p in model.parameters()}        # tied weights once
+    return sum(p.numel() * p.element_size() for p in params.values())
+
+
+def bound_table(results: list[Result], systems: dict, bandwidth: float) -> str:
+    """Per decode row and system: measured tok/s over B x bandwidth / weight bytes."""
+    lines = [f"read bandwidth: {bandwidth / 1e9:.1f} GB/s; fraction of the memory bound "
+             "(B x bandwidth / weight bytes) reached by each decode row:"]
+    for r in results:
+        if not r.metric.startswith("decode") or r.system not in systems:
+            continue
+        B = int(r.metric.split("b=")[1].split()[0])
+        bound = B * bandwidth / weight_bytes(systems[r.system][1])
+        lines.append(f"  {r.system:28s} {r.metric:22s} {r.median:9.2f} tok/s of {bound:9.2f}"
+                     f"  = {r.median / bound:6.1%}")
+    return "\n".join(lines)
+
+
+def w8a8_quality(base: Griffin, int8: Griffin) -> str:
+    """The int8 model with every product forced to W8A8, against the float model."""
+    forced = {}
+    for m in int8.modules():
+        if isinstance(m, Int8Linear):
+            forced[m] = m.paths
+            m.paths = {b: "w8a8" for b in autotune.ROW_BUCKETS}
+    prompt = torch.randint(3, base.config.vocab_size, (1, 64), generator=torch.Generator()
+                           .manual_seed(0))
+    positions = torch.arange(64)[None]
+    with torch.inference_mode():
+        ref, _ = base(prompt, positions)
+        out, _ = int8(prompt, positions)
+    for m, paths in forced.items():
+        m.paths = paths
+    err = (out.float() - ref.float()).abs().max().item()
+    return (f"W8A8 quality: max |logit error| {err:.4f} on random weights (logits up to "
+            f"{ref.abs().max().item():.1f}); {demo_perplexity_delta()}")
+
+
+def demo_perplexity_delta(max_files: int = 8) -> str:
+    """Held-out perplexity of the demo model, float vs int8 forced to W8A8, on Python files
+    of an installed third-party package (not in the demo's training data)."""
+    import importlib.util
+    from pathlib import Path
+
+    from rgemma.evaluation.perplexity import score_texts
+    from rgemma.io import demo
+    spec = importlib.util.find_spec("jinja2")
+    files = sorted(Path(spec.origin).parent.glob("*.py"))[:max_files]
+    texts = [(f.name, f.read_text()) for f in files]
+    model, tok = demo.load()
+    model.set_compute_dtype(torch.float32)
+    with torch.inference_mode():
+        ref = score_texts(model, tok, texts).total
+        int8 = quantize_model(model, bits=8)
+        for m in int8.modules():
+            if isinstance(m, Int8Linear):
+                m.paths = {b: "w8a8" for b in autotune.ROW_BUCKETS}
+        q = score_texts(int8, tok, texts).total
+    return (f"demo perplexity on {len(texts)} jinja2 files ({ref.tokens} tokens): "
+            f"{ref.perplexity:.3f} float, {q.perplexity:.3f} W8A8 "
+            f"({q.perplexity / ref.perplexity - 1:+.2%})")
+
+
 # ------------------------------------------------------------------- main
 
 def build_systems(args, cfg):
@@ -153,6 +238,7 @@ def main() -> None:
     torch.manual_seed(0)
     cfg = SHAPES[args.shape]()
     systems = build_systems(args, cfg)
+    bandwidth = read_bandwidth(0.05 if args.smoke else 1.0)
     print(f"shape {args.shape}, weights {args.dtype}, systems {list(systems)}", flush=True)
 
     for name, (drive, model) in systems.items():              # warm-up (and compile), not timed
@@ -175,9 +261,14 @@ def main() -> None:
 
     results = [Result(s, m, u, v) for (s, m, u), v in samples.items()]
     print(table(results))
+    if args.device == "cpu":
+        print(bound_table(results, systems, bandwidth))
+        if "rgemma-int8" in systems and not args.smoke:
+            print(w8a8_quality(systems["rgemma"][1], systems["rgemma-int8"][1]))
     meta = {"shape": args.shape, "dtype": args.dtype, "official_dtype": args.official_dtype,
             "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-            "new_tokens": args.new_tokens, "rounds": args.rounds}
+            "new_tokens": args.new_tokens, "rounds": args.rounds,
+            "read_bandwidth_gbs": bandwidth / 1e9}
     save(results, args.out + ".json", meta)
     bar_plot(results, args.out + ".png", f"{args.shape} shape, weights {args.dtype} (tok/s)")
     print(f"wrote {args.out}.json and {args.out}.png")
