@@ -97,8 +97,12 @@ def resolve_device(device: str | None) -> str:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="checkpoint: a Hugging Face directory, an official .pt file or an "
-                        "Orbax directory (default: the bundled demo model)")
+                   help="checkpoint: a Hugging Face directory, an official .pt file, an Orbax "
+                        "directory, or a Hugging Face Hub id ORG/NAME (downloaded into the "
+                        "Hugging Face cache; HF_TOKEN for gated models) (default: the bundled "
+                        "demo model)")
+    p.add_argument("--revision", default=None, metavar="REV",
+                   help="with a Hub id: the branch, tag or commit (default: main)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
                    help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--tokenizer", default=None, metavar="PATH",
@@ -159,9 +163,18 @@ def sampling_kwargs(args) -> dict:
                 stop_strings=list(args.stop), compile=args.compile)
 
 
-def resolve_model_path(path: str | None) -> str:
-    """``--model`` or the bundled demo model."""
+def resolve_model_path(path: str | None, revision: str | None = None) -> str:
+    """``--model`` (a local path, or a Hub id resolved to its cached snapshot) or the
+    bundled demo model."""
     if path:
+        from rgemma.io import hub
+        if hub.is_hub_id(path):
+            try:
+                return hub.snapshot(path, revision)
+            except hub.HubError as e:
+                raise CLIError(str(e)) from None
+        if revision is not None:
+            raise CLIError(f"--revision needs a Hugging Face Hub id as --model, not {path!r}", 2)
         return path
     from rgemma.io import demo
     try:
@@ -177,7 +190,7 @@ def load_model(args, *, compute_dtype: str | None = None):
     ``--threads``; CLIError on failure."""
     from rgemma.dtypes import as_dtype
     from rgemma.io import checkpoint
-    path = resolve_model_path(getattr(args, "model", None))
+    path = resolve_model_path(getattr(args, "model", None), getattr(args, "revision", None))
     if not os.path.exists(path):
         raise CLIError(f"model {path!r} not found: pass --model PATH to a checkpoint "
                        "directory or file")
