@@ -36,9 +36,10 @@ run on ``meta`` tensors (shapes only) and on memory-mapped checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
@@ -202,26 +203,54 @@ def _map_tensors(sd: Mapping[str, torch.Tensor], map_one, layout: str
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How one direction of the mapping renames: top-level tensors, per-block tensors
+    (``{prefix}.{i}.{rest}``) and the conv kernel, whose layout changes too."""
+
+    top: dict[str, str]
+    block: re.Pattern
+    prefix: str
+    renames: dict[str, str]
+    conv: tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+_TO_HF = _Layout(_TOP_RENAMES, _OFFICIAL_BLOCK, "layers", _BLOCK_RENAMES,
+                 (_OFF_CONV_W, _OUR_CONV_W, conv_official_to_hf))
+_TO_OFFICIAL = _Layout(_TOP_RENAMES_INV, _OUR_BLOCK, "blocks", _BLOCK_RENAMES_INV,
+                       (_OUR_CONV_W, _OFF_CONV_W, conv_hf_to_official))
+
+
+def _rename(name: str, sd: Mapping[str, torch.Tensor], to: _Layout
+            ) -> tuple[dict[str, torch.Tensor] | None, str | None, str | None]:
+    """(mapped tensors or None, block index, rest of the name) for the renames both
+    directions share; the caller handles what they do not (the MLP's fused up projection)."""
+    if name in to.top:
+        return {to.top[name]: sd[name]}, None, None
+    m = to.block.fullmatch(name)
+    if m is None:
+        return None, None, None
+    i, rest = m.groups()
+    if rest in to.renames:
+        return {f"{to.prefix}.{i}.{to.renames[rest]}": sd[name]}, i, rest
+    source, target, convert = to.conv
+    if rest == source:
+        return {f"{to.prefix}.{i}.{target}": convert(sd[name])}, i, rest
+    return None, i, rest
+
+
 def _official_tensor_to_hf(name: str, sd: Mapping[str, torch.Tensor]
                            ) -> dict[str, torch.Tensor] | None:
     """Our tensors made from the official tensor ``name`` (None if unknown)."""
-    if name in _TOP_RENAMES:
-        return {_TOP_RENAMES[name]: sd[name]}
-    m = _OFFICIAL_BLOCK.fullmatch(name)
-    if m is None:
-        return None
-    i, rest = m.groups()
-    prefix = f"layers.{i}."
-    if rest in _BLOCK_RENAMES:
-        return {prefix + _BLOCK_RENAMES[rest]: sd[name]}
-    if rest == _OFF_CONV_W:
-        return {prefix + _OUR_CONV_W: conv_official_to_hf(sd[name])}
+    mapped, i, rest = _rename(name, sd, _TO_HF)
+    if mapped is not None or rest is None:
+        return mapped
     if rest == _OFF_UP_B:
         return {}  # converted together with ffw_up.w
     if rest == _OFF_UP_W:
         bias = sd.get(f"blocks.{i}.{_OFF_UP_B}")
         parts = ffw_up_official_to_hf(sd[name], bias)
-        return {f"{prefix}mlp_block.{k}": v for k, v in parts.items()}
+        return {f"layers.{i}.mlp_block.{k}": v for k, v in parts.items()}
     return None
 
 
@@ -241,17 +270,9 @@ def hf_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _hf_tensor_to_official(name: str, sd: Mapping[str, torch.Tensor]
                            ) -> dict[str, torch.Tensor] | None:
     """Official tensors made from our tensor ``name`` (None if unknown)."""
-    if name in _TOP_RENAMES_INV:
-        return {_TOP_RENAMES_INV[name]: sd[name]}
-    m = _OUR_BLOCK.fullmatch(name)
-    if m is None:
-        return None
-    i, rest = m.groups()
-    prefix = f"blocks.{i}."
-    if rest in _BLOCK_RENAMES_INV:
-        return {prefix + _BLOCK_RENAMES_INV[rest]: sd[name]}
-    if rest == _OUR_CONV_W:
-        return {prefix + _OFF_CONV_W: conv_hf_to_official(sd[name])}
+    mapped, i, rest = _rename(name, sd, _TO_OFFICIAL)
+    if mapped is not None or rest is None:
+        return mapped
     if rest.startswith((_OUR_GATE + ".", _OUR_UP + ".")):
         part, param = rest.rsplit(".", 1)
         if part == _OUR_UP:  # stacked when its gate is met
@@ -483,9 +504,10 @@ def _count_blocks(sd: Mapping[str, Any], source: str) -> int:
                            "state dict")
     n = len(found)
     if max(found) >= n:     # a gap; list a few of the missing without ranging to max(found)
-        absent = [i for i in range(n + 8) if i not in found][:8]
+        absent = [i for i in range(min(max(found), n + 8)) if i not in found][:8]
+        more = " ..." if max(found) > n + 8 else ""
         raise WeightsError(f"{source}: blocks are not numbered 0..{n - 1} (block {max(found)} "
-                           f"is there): missing blocks {absent}{' ...' if len(absent) == 8 else ''}")
+                           f"is there): missing blocks {absent}{more}")
     if n > MAX_SIZES["num_layers"]:
         raise WeightsError(f"{source}: {n} blocks; rgemma accepts at most "
                            f"{MAX_SIZES['num_layers']}")

@@ -371,35 +371,17 @@ class Tokenizer:
         """Number of token ids."""
         return self._backend.vocab_size
 
-    @property
-    def pad_id(self) -> int:
-        """Id of ``<pad>``."""
-        return self._ids["pad"]
+    def _special_id(name: str):
+        return property(lambda self: self._ids[name],
+                        doc=f"Id of ``{DEFAULT_PIECES[name]}`` (as the tokenizer files say).")
 
-    @property
-    def eos_id(self) -> int:
-        """Id of ``<eos>``."""
-        return self._ids["eos"]
-
-    @property
-    def bos_id(self) -> int:
-        """Id of ``<bos>``."""
-        return self._ids["bos"]
-
-    @property
-    def unk_id(self) -> int:
-        """Id of ``<unk>``."""
-        return self._ids["unk"]
-
-    @property
-    def start_of_turn_id(self) -> int:
-        """Id of ``<start_of_turn>``."""
-        return self._ids["start_of_turn"]
-
-    @property
-    def end_of_turn_id(self) -> int:
-        """Id of ``<end_of_turn>``."""
-        return self._ids["end_of_turn"]
+    pad_id = _special_id("pad")
+    eos_id = _special_id("eos")
+    bos_id = _special_id("bos")
+    unk_id = _special_id("unk")
+    start_of_turn_id = _special_id("start_of_turn")
+    end_of_turn_id = _special_id("end_of_turn")
+    del _special_id
 
     @property
     def bos_token(self) -> str:
