@@ -302,7 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         "src/rgemma/demo in a source checkout)",
     )
     args = parser.parse_args(argv)
-    print(install(args.run_dir, args.dest))
+    try:
+        print(install(args.run_dir, args.dest))
+    except (OSError, ValueError, RuntimeError, KeyError) as e:  # ResumeError: a bad checkpoint
+        text = " ".join(str(e).split()) or type(e).__name__
+        print(f"build_demo: error: {text}", file=sys.stderr)
+        return 1
     return 0
 
 

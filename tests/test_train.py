@@ -356,7 +356,7 @@ def test_bfloat16_is_refused_clearly_without_hardware_support(corpus, tmp_path):
     if train.bf16_supported("cpu"):
         pytest.skip("this CPU has bf16 arithmetic")
     with pytest.raises(train.TrainError, match="no native bfloat16"):
-        train.train(_cfg(corpus, tmp_path, dtype="bfloat16", steps=1))
+        train.train(_cfg(corpus, tmp_path, dtype="bfloat16", steps=1, warmup=0))
 
 
 def test_cli_help_explains_every_flag():

@@ -10,6 +10,11 @@ lm-eval's own command line with the model name "rgemma" registered: the
         --tasks hellaswag                       # exactly lm_eval's arguments
 
 Both need the optional extra ``pip install 'rgemma[eval]'``.
+
+Offline: the Hub is probed first (a TCP connection within 2.5 s, unless an
+``HF_*_OFFLINE`` variable already says so); without it, datasets come only
+from the local Hugging Face cache, and a task whose dataset is not there fails
+at once with one line naming it.
 """
 
 from __future__ import annotations
@@ -18,7 +23,14 @@ import json
 import os
 import sys
 
-from rgemma.cli.common import CLIError, add_model_args, load_model, report_error
+from rgemma.cli.common import (
+    CLIError,
+    add_model_args,
+    load_model,
+    report_error,
+    resolve_model_path,
+)
+from rgemma.errors import one_line
 
 # RgemmaLM's defaults (rgemma.evaluation.harness), spelled out here because --help
 # imports no torch
@@ -74,12 +86,62 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     """``rgemma eval``: lm_eval.simple_evaluate on a loaded checkpoint."""
+    try:
+        results, make_table = _evaluate(args)
+    except CLIError as e:
+        return report_error("eval", e)
+    _record_model(results, args)
+    print(make_table(results))
+    if results.get("groups"):
+        print(make_table(results, "groups"))
+    if args.output:
+        write_results(results, args.output)
+    return 0
+
+
+def check_args(args) -> list[str]:
+    """The task names; CLIError (exit 2) for flags out of range."""
+    if args.no_default_tasks and not args.include_path:
+        raise CLIError("--no-default-tasks needs --include-path", 2)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    if not tasks:
+        raise CLIError("--tasks: no task names given", 2)
+    if args.limit is not None and not args.limit > 0:
+        raise CLIError(f"--limit must be > 0 (a count, or a fraction < 1), got {args.limit}", 2)
+    if args.num_fewshot is not None and args.num_fewshot < 0:
+        raise CLIError(f"--num-fewshot must be >= 0, got {args.num_fewshot}", 2)
+    if args.chunk_size < 1:
+        raise CLIError(f"--chunk-size must be >= 1, got {args.chunk_size}", 2)
+    if args.bootstrap_iters < 0:
+        raise CLIError(f"--bootstrap-iters must be >= 0, got {args.bootstrap_iters}", 2)
+    if args.batch_size != "auto" and not (args.batch_size.isdigit() and int(args.batch_size)):
+        raise CLIError(f"--batch-size must be an integer >= 1 or auto, got {args.batch_size}", 2)
+    for folder in args.include_path:
+        if not os.path.isdir(folder):
+            raise CLIError(f"--include-path {folder}: no such folder", 2)
+    return tasks
+
+
+def _evaluate(args):
+    """(lm-eval's results, make_table); CLIError (one line) for whatever goes wrong."""
+    task_names = check_args(args)
+    simple_evaluate, TaskManager, make_table = _import_lm_eval()
+    path = resolve_model_path(args.model)
+    if not os.path.exists(path):
+        raise CLIError(
+            f"model {path!r} not found: pass --model PATH to a checkpoint directory or file"
+        )
+    from rgemma.evaluation import hub
     from rgemma.evaluation.harness import RgemmaLM
 
+    offline = hub.offline_reason()
+    if offline:
+        hub.go_offline()  # a dataset missing from the cache fails at once, no retries
     try:
-        if args.no_default_tasks and not args.include_path:
-            raise CLIError("--no-default-tasks needs --include-path", 2)
-        simple_evaluate, TaskManager, make_table = _import_lm_eval()
+        task_manager = TaskManager(
+            include_path=args.include_path or None, include_defaults=not args.no_default_tasks
+        )
+        tasks = load_tasks(task_manager, task_names, offline)
         model, tokenizer = load_model(args)
         lm = RgemmaLM(
             pretrained=args.model or "demo",
@@ -91,12 +153,9 @@ def run(args) -> int:
             seed=args.seed,
             progress=not args.no_progress,
         )
-        task_manager = TaskManager(
-            include_path=args.include_path or None, include_defaults=not args.no_default_tasks
-        )
         results = simple_evaluate(
             model=lm,
-            tasks=[t for t in args.tasks.split(",") if t],
+            tasks=tasks,
             num_fewshot=args.num_fewshot,
             limit=_parse_limit(args.limit),
             task_manager=task_manager,
@@ -112,17 +171,53 @@ def run(args) -> int:
             fewshot_random_seed=args.seed,
             confirm_run_unsafe_code=args.confirm_run_unsafe_code,
         )
-    except CLIError as e:
-        return report_error("eval", e)
-    except (KeyError, ValueError) as e:  # lm-eval's unknown task / bad argument errors
-        return report_error("eval", CLIError(f"lm-eval: {e.args[0] if e.args else e}", 2))
-    _record_model(results, args)
-    print(make_table(results))
-    if results.get("groups"):
-        print(make_table(results, "groups"))
-    if args.output:
-        write_results(results, args.output)
-    return 0
+    except CLIError:
+        raise
+    except (KeyError, ValueError) as e:  # lm-eval's bad argument errors
+        raise CLIError(f"lm-eval: {e.args[0] if e.args else e}", 2) from None
+    except Exception as e:  # anything else lm-eval raises: one line, not a traceback
+        raise CLIError(f"lm-eval failed: {type(e).__name__}: {one_line(e)}") from None
+    return results, make_table
+
+
+def load_tasks(task_manager, names: list[str], offline: str | None) -> list:
+    """The lm-eval tasks and groups of ``names``, loaded one name at a time so an error
+    names its task (datasets are read, or downloaded, here); CLIError otherwise."""
+    from rgemma.evaluation import hub
+
+    known = set(task_manager.all_tasks)
+    built: list = []
+    for name in names:
+        if name not in known and not os.path.isfile(name):
+            raise CLIError(
+                f"--tasks {name}: lm-eval knows no such task, group or tag (lm-eval ls tasks "
+                "lists them; --include-path adds a folder of task YAML files)",
+                2,
+            )
+        try:
+            loaded = task_manager.load([name])
+        except Exception as e:
+            if hub.is_network_error(e) or (offline and isinstance(e, OSError)):
+                why = offline or "the download failed"
+                raise CLIError(
+                    f"task {name}: its dataset must be in the local Hugging Face cache, which "
+                    f"does not hold it, and the Hub is out of reach ({why}); run once with "
+                    f"network to download it ({one_line(e)})"
+                ) from None
+            raise CLIError(
+                f"task {name}: lm-eval cannot load it: {type(e).__name__}: {one_line(e)}"
+            ) from None
+        built += _top_level(loaded)
+    return built
+
+
+def _top_level(loaded: dict) -> list:
+    """The groups and tasks of ``TaskManager.load``'s result that no group holds."""
+    children = {c for names in loaded.get("group_map", {}).values() for c in names}
+    groups = [g for name, g in loaded.get("groups", {}).items() if name not in children]
+    in_groups = {t.task_name for g in groups for t in g.get_all_tasks()}
+    tasks = [t for name, t in loaded["tasks"].items() if name not in in_groups]
+    return groups + tasks
 
 
 def _import_lm_eval():

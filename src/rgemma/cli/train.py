@@ -16,15 +16,23 @@ in the Hugging Face layout (LoRA merged), with its tokenizer.
 Outputs in ``--out``: ``tokenizer.model`` (when trained here), ``data/``
 (token cache), ``checkpoints/step-XXXXXXXX.pt``, ``metrics.jsonl``,
 ``loss.png``, ``data_stats.json``, ``model/`` (the exported checkpoint).
+
+Stopping: Ctrl-C (SIGINT) or SIGTERM lets the step in progress finish, writes
+a checkpoint and prints the command that continues the run (``--resume``); a
+second Ctrl-C stops at once.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shlex
+import sys
 
-from rgemma.cli.common import report_error
+from rgemma.cli.common import CLIError, report_error
 from rgemma.io.documents import JSONL_EXTENSIONS, TEXT_EXTENSIONS
+from rgemma.training.defaults import FINE_TUNE_LR, LORA_LR, SCRATCH_LR, TRAIN_PRESETS
 
 
 def register(subparsers) -> None:
@@ -58,9 +66,9 @@ def register(subparsers) -> None:
     g.add_argument("--init", metavar="CHECKPOINT",
                    help="fine-tune this checkpoint (any format rgemma loads) instead of "
                         "training from scratch")
-    # rgemma.training.train.TRAIN_PRESETS by name: --help imports no torch
-    g.add_argument("--preset", help="shape from scratch: tiny, small, demo or a full-size preset "
-                                    "(recurrentgemma-2b...)")
+    g.add_argument("--preset", help=f"shape from scratch: {', '.join(TRAIN_PRESETS)} or a "
+                                    "full-size preset (recurrentgemma-2b(-it), "
+                                    "recurrentgemma-9b(-it), griffin-7b, hawk-7b)")
     g.add_argument("--width", type=int, help="model width (overrides the preset)")
     g.add_argument("--layers", type=int, help="number of blocks, (recurrent, recurrent, "
                                               "attention) repeated")
@@ -83,10 +91,14 @@ def register(subparsers) -> None:
     g.add_argument("--grad-accum", type=int, default=1,
                    help="micro-batches per step; global batch = batch-size x grad-accum x "
                         "processes (default 1)")
-    g.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3)")
+    g.add_argument("--lr", type=float, default=None,
+                   help=f"peak learning rate (default {SCRATCH_LR:g} from scratch, "
+                        f"{FINE_TUNE_LR:g} for full fine-tuning from --init, {LORA_LR:g} "
+                        "with --lora-rank; the run's log says which)")
     g.add_argument("--min-lr", type=float, default=0.1,
                    help="final learning rate as a fraction of --lr (default 0.1)")
-    g.add_argument("--warmup", type=int, default=100, help="linear warmup steps (default 100)")
+    g.add_argument("--warmup", type=int, default=100,
+                   help="linear warmup steps, at most --steps (default 100)")
     g.add_argument("--steps", type=int, default=1000,
                    help="optimizer steps; cosine decay ends here (default 1000)")
     g.add_argument("--weight-decay", type=float, default=0.1,
@@ -105,17 +117,20 @@ def register(subparsers) -> None:
     g.add_argument("--out", default="runs/train", help="run folder: checkpoints, metrics, plot, "
                                                        "exported model (default runs/train)")
     g.add_argument("--save-every", type=int, default=0,
-                   help="write a resumable checkpoint every N steps (and at the end); 0: never")
+                   help="write a resumable checkpoint every N steps (and at the end); 0: only "
+                        "when the run is stopped (Ctrl-C / SIGTERM)")
     g.add_argument("--keep", type=int, default=3,
                    help="checkpoints to keep, the latest ones (default 3; 0 keeps all)")
     g.add_argument("--resume", nargs="?", const="latest", metavar="CHECKPOINT",
-                   help="continue the run from its latest checkpoint in --out (or the file "
-                        "given) with the same results as without interruption: model, "
+                   help="continue the run from its latest checkpoint in --out (an error if "
+                        "there is none) or the file given, with the same results as without "
+                        "interruption: model, "
                         "optimizer, schedule, data position and RNG are restored. Pass the "
                         "same options; only bookkeeping ones may change (--steps too, which "
                         "stretches the cosine schedule from there on)")
     g.add_argument("--eval-every", type=int, default=0,
-                   help="held-out loss every N steps (and at the end); 0: only at the end")
+                   help="held-out loss every N steps (and at the end); 0: only at the end. "
+                        "Needs held-out documents (--eval-fraction > 0)")
     g.add_argument("--eval-tokens", type=int, default=65536,
                    help="held-out tokens per periodic evaluation (the final one uses all)")
     g.add_argument("--log-every", type=int, default=10, help="print a log line every N steps")
@@ -136,31 +151,92 @@ def register(subparsers) -> None:
 
 
 def config_from_args(args: argparse.Namespace):
-    """The ``TrainConfig`` of parsed flags (``--device``: cuda when available, else cpu)."""
-    import torch
-
+    """The ``TrainConfig`` of parsed flags (``--device``: cuda when available, else cpu;
+    CLIError for a device this PyTorch lacks)."""
+    from rgemma.cli.common import resolve_device
     from rgemma.training.train import TrainConfig
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    if values.get("device") is None:
-        values["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    values["device"] = resolve_device(values.get("device"))
     return TrainConfig(**values)
 
 
+def resume_command(args: argparse.Namespace, argv: list[str] | None = None) -> str:
+    """The command line that continues this run: the same options, any ``--resume``
+    replaced by a plain ``--resume`` (the latest checkpoint in ``--out``)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["train"]:
+        options = _drop_resume(argv[1:])
+    else:  # called as a function (main([...])): rebuild the options from the flags
+        options = _options_of(args)
+    return shlex.join(["rgemma", "train", *options, "--resume"])
+
+
+def _drop_resume(options: list[str]) -> list[str]:
+    kept, i = [], 0
+    while i < len(options):
+        item = options[i]
+        if item == "--resume":
+            i += 2 if i + 1 < len(options) and not options[i + 1].startswith("-") else 1
+            continue
+        if not item.startswith("--resume="):
+            kept.append(item)
+        i += 1
+    return kept
+
+
+def _options_of(args: argparse.Namespace) -> list[str]:
+    """Flags that reproduce ``args`` (those that differ from TrainConfig's defaults)."""
+    from rgemma.training.train import TrainConfig
+
+    defaults = TrainConfig()
+    options: list[str] = []
+    for field in dataclasses.fields(TrainConfig):
+        name = field.name
+        if name in ("resume", "device", "plot") or not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if value == getattr(defaults, name):
+            continue
+        option = "--" + name.replace("_", "-")
+        if isinstance(value, bool):
+            options.append(option if value else f"--no-{name.replace('_', '-')}")
+        elif isinstance(value, list):
+            options += [option, *map(str, value)]
+        elif value is not None:
+            options += [option, str(value)]
+    if getattr(args, "device", None):
+        options += ["--device", args.device]
+    return options
+
+
 def run(args: argparse.Namespace) -> int:
-    """``rgemma train``: 0, or 2 after a one-line error for a run that cannot go on."""
+    """``rgemma train``: 0; 2 after a one-line error for a run that cannot go on; 128 +
+    the signal's number for a run stopped by Ctrl-C / SIGTERM (after a checkpoint)."""
     import torch
 
     from rgemma.io.documents import DataError
     from rgemma.training.train import TrainError, train
 
-    cfg = config_from_args(args)
     try:
-        train(cfg)
+        cfg = config_from_args(args)
+        summary = train(cfg)
+    except CLIError as e:
+        return report_error("train", e)
     except (TrainError, DataError) as e:
         return report_error("train", e, 2)
+    except OSError as e:  # a full disk, a folder that vanished...
+        return report_error("train", e, 1)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+    if summary.get("stopped"):
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(
+                f"stopped at step {summary['step']}; continue with: {resume_command(args)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        return 128 + summary["signal"]
     return 0

@@ -69,8 +69,9 @@ def find_files(
                 d for d in dirs if d not in SKIP_DIRS and d not in exclude and not d.startswith(".")
             )
             for f in sorted(files):
-                if f.endswith(tuple(extensions)):
-                    path = os.path.join(folder, f)
+                path = os.path.join(folder, f)
+                # a FIFO or a device under a text name would block or never end
+                if f.endswith(tuple(extensions)) and os.path.isfile(path):
                     out.append((path, os.path.relpath(path, root).replace(os.sep, "/")))
     return sorted(out, key=lambda pn: pn[1])
 

@@ -15,7 +15,10 @@ import dataclasses
 import glob
 import json
 import os
+import pickle
 import random
+import re
+import warnings
 from typing import Any
 
 import numpy as np
@@ -100,6 +103,45 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
+# a temporary file of an atomic write: ``step-00000010.pt.tmp1234``, the token cache's
+# ``train-KEY.npz.tmp1234.npz``, ``tokenizer.model.tmp1234`` (the number: the writer's PID)
+_TEMP_FILE = re.compile(r"\.tmp(\d+)(\.npz)?$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0  # another user's process (or a PID the OS cannot name)
+    return True
+
+
+def remove_stale_temp_files(out: str) -> list[str]:
+    """Removes the temporary files a killed run left in ``out`` (its checkpoints, token
+    cache and tokenizer), those whose writer's process is gone; returns their paths."""
+    removed = []
+    for folder in (out, os.path.join(out, "checkpoints"), os.path.join(out, "data")):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            match = _TEMP_FILE.search(name)
+            path = os.path.join(folder, name)
+            if match is None or _pid_alive(int(match.group(1))) or not os.path.isfile(path):
+                continue
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                continue
+            removed.append(path)
+    return removed
+
+
 def prune_checkpoints(out: str, keep: int) -> None:
     """Keeps the last ``keep`` checkpoints (0 keeps all)."""
     if keep <= 0:
@@ -109,16 +151,31 @@ def prune_checkpoints(out: str, keep: int) -> None:
 
 
 def resume_path(resume: str | None, out: str) -> str | None:
-    """The checkpoint ``--resume`` names: a file, or the latest in ``out`` for "latest"
-    (None when there is none yet)."""
+    """The checkpoint ``--resume`` names: the file given, or the latest in ``out`` for
+    "latest" (None without ``--resume``); ResumeError when there is none."""
     if not resume:
         return None
     if resume != "latest":
-        if not os.path.isfile(resume):
+        if os.path.isdir(resume):
+            raise ResumeError(
+                f"--resume {resume}: is a folder; give a checkpoint file (step-*.pt), or "
+                "--out RUN_FOLDER with a plain --resume for its latest checkpoint"
+            )
+        if not os.path.exists(resume):
             raise ResumeError(f"--resume {resume}: no such checkpoint file")
+        if not os.path.isfile(resume):
+            raise ResumeError(
+                f"--resume {resume}: not a regular file (a FIFO, device or socket); "
+                "give a checkpoint file (step-*.pt)"
+            )
         return resume
     found = list_checkpoints(out)
-    return found[-1] if found else None
+    if not found:
+        raise ResumeError(
+            f"no checkpoint to resume in {out} ({os.path.join(out, 'checkpoints', 'step-*.pt')})"
+            "; drop --resume to start a new run"
+        )
+    return found[-1]
 
 
 def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
@@ -132,39 +189,128 @@ def check_resumable(saved: dict[str, Any], now: dict[str, Any]) -> None:
         )
 
 
+def _previous_checkpoint(path: str) -> str | None:
+    """The checkpoint written before ``path`` in its folder (None if there is none)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    earlier = [
+        p
+        for p in sorted(glob.glob(os.path.join(folder, "step-*.pt")))
+        if os.path.basename(p) < os.path.basename(path)
+    ]
+    return earlier[-1] if earlier else None
+
+
+def _refusal_detail(e: BaseException) -> str:
+    """The line of a weights-only refusal that names what was refused."""
+    for line in str(e).splitlines():
+        if "nsupported" in line or "blocked" in line:
+            return " ".join(line.split())
+    return type(e).__name__
+
+
+# what a training checkpoint holds: key -> type
+_CHECKPOINT_KEYS = {
+    "step": int,
+    "model": dict,
+    "optimizer": dict,
+    "train_config": dict,
+    "rng": dict,
+}
+
+
 def read_checkpoint(path: str) -> dict[str, Any]:
     """A checkpoint's contents, read with ``torch.load(weights_only=True)``.
 
     Besides tensors and plain Python values it holds NumPy's RNG state (a
-    uint32 array), so the NumPy types that array is pickled with are allowed.
+    uint32 array), so the NumPy types that array is pickled with are allowed;
+    anything else (a pickle that would call a function or build another
+    class) is refused, never run. ResumeError for a file that is not a
+    readable rgemma training checkpoint (the message names the file and, for
+    a damaged one, the previous checkpoint).
     """
     reconstruct = np.zeros(1).__reduce__()[0]
     allowed = [reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]
-    with torch.serialization.safe_globals(allowed):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(allowed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "Detected pickle protocol 4..." and the like
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ResumeError(
+            f"{path}: refused: it holds Python objects beyond tensors and plain values, "
+            f"which could run code when loaded ({_refusal_detail(e)}); rgemma reads training "
+            "checkpoints with torch.load(weights_only=True): use one rgemma wrote"
+        ) from None
+    except MemoryError:
+        raise ResumeError(f"{path}: not enough memory to read this checkpoint") from None
+    except Exception as e:  # a truncated or corrupt file: zip, pickle or storage errors
+        previous = _previous_checkpoint(path)
+        hint = (
+            f"; resume from the previous one: --resume {previous}"
+            if previous
+            else "; start a new run (drop --resume)"
+        )
+        detail = " ".join(str(e).split()) or type(e).__name__
+        if len(detail) > 160:
+            detail = detail[:157] + "..."
+        raise ResumeError(
+            f"{path}: not a readable checkpoint, it is truncated or corrupt ({detail}){hint}"
+        ) from None
+    check_checkpoint(ckpt, path)
+    return ckpt
+
+
+def check_checkpoint(ckpt: Any, path: str) -> None:
+    """ResumeError unless ``ckpt`` has a training checkpoint's entries."""
+    if not isinstance(ckpt, dict):
+        raise ResumeError(
+            f"{path}: not an rgemma training checkpoint (it holds a {type(ckpt).__name__}); "
+            "to fine-tune a model checkpoint use --init"
+        )
+    for key, kind in _CHECKPOINT_KEYS.items():
+        if not isinstance(ckpt.get(key), kind) or (kind is int and isinstance(ckpt[key], bool)):
+            raise ResumeError(
+                f"{path}: not an rgemma training checkpoint (no {key!r} {kind.__name__}); "
+                "to fine-tune a model checkpoint use --init"
+            )
+    if ckpt["step"] < 0 or not all(k in ckpt["rng"] for k in ("torch", "numpy", "python")):
+        raise ResumeError(f"{path}: not an rgemma training checkpoint (bad step or RNG state)")
 
 
 def load_checkpoint(path: str, model, optimizer, cfg) -> dict[str, Any]:
     """Restores model, optimizer and RNG states for ``cfg``'s run; returns the checkpoint."""
     ckpt = read_checkpoint(path)
     check_resumable(ckpt["train_config"], dataclasses.asdict(cfg))
-    if cfg.fsdp and torch.distributed.is_initialized():
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
-        set_state_dict(
-            model,
-            optimizer,
-            model_state_dict=ckpt["model"],
-            optim_state_dict=ckpt["optimizer"],
-            options=StateDictOptions(full_state_dict=True),
-        )
-    else:
-        unwrap(model).load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-    torch.set_rng_state(ckpt["rng"]["torch"])
-    np.random.set_state(ckpt["rng"]["numpy"])
-    random.setstate(ckpt["rng"]["python"])
+    restore_checkpoint(ckpt, path, model, optimizer, cfg)
     return ckpt
+
+
+def restore_checkpoint(ckpt: dict[str, Any], path: str, model, optimizer, cfg) -> None:
+    """Loads a read checkpoint (``read_checkpoint``) into model and optimizer and restores
+    the RNG states; ResumeError if they do not fit."""
+    try:
+        if cfg.fsdp and torch.distributed.is_initialized():
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+            set_state_dict(
+                model,
+                optimizer,
+                model_state_dict=ckpt["model"],
+                optim_state_dict=ckpt["optimizer"],
+                options=StateDictOptions(full_state_dict=True),
+            )
+        else:
+            unwrap(model).load_state_dict(ckpt["model"])
+            optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        np.random.set_state(ckpt["rng"]["numpy"])
+        random.setstate(ckpt["rng"]["python"])
+    except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
+        detail = " ".join(str(e).split()) or type(e).__name__
+        if len(detail) > 200:
+            detail = detail[:197] + "..."
+        raise ResumeError(
+            f"{path}: does not fit this run's model and optimizer ({detail})"
+        ) from None
 
 
 # --------------------------------------------------------------------------

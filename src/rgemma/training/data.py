@@ -34,8 +34,13 @@ from typing import Any
 
 import numpy as np
 
-from rgemma.io.documents import DataError, Document, find_documents
+from rgemma.io.chat_template import CHAT_ROLES, ChatTemplateError
+from rgemma.io.documents import DataError, Document, find_files, read_documents
 from rgemma.training.distributed import Dist
+
+# Characters per tokenizer-training sentence: a longer line is cut (SentencePiece's
+# max_sentence_length is 1 << 16 bytes, and a character takes at most 4).
+MAX_PIECE_CHARS = 8192
 
 # Gemma's ids 4..105 (placeholders here, never produced by encoding text).
 GEMMA_PLACEHOLDERS = ("<mask>", "<2mass>", "[@BOS@]") + tuple(f"<unused{i}>" for i in range(99))
@@ -88,16 +93,36 @@ def train_tokenizer(
         )
 
     def lines() -> Iterator[str]:
+        # SentencePiece drops sentences longer than max_sentence_length bytes: a long
+        # line (minified code, a JSONL document without newlines) is cut into pieces
         n = 0
         for text in texts:
             for line in text.split("\n"):
-                if line and n < max_sentences:
+                for start in range(0, len(line), MAX_PIECE_CHARS):
+                    if n >= max_sentences:
+                        return
                     n += 1
-                    yield line
+                    yield line[start : start + MAX_PIECE_CHARS]
 
     model = io.BytesIO()
+    try:
+        _train_sentencepiece(spm, lines(), model, vocab_size)
+    except RuntimeError as e:  # SentencePiece's own checks, e.g. no text at all
+        raise DataError(
+            f"cannot train a tokenizer on this data ({' '.join(str(e).split())}); "
+            "pass --tokenizer, or give more text"
+        ) from None
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def _train_sentencepiece(spm, sentences: Iterator[str], model, vocab_size: int) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=lines(),
+        sentence_iterator=sentences,
         model_writer=model,
         model_type="bpe",
         vocab_size=vocab_size,
@@ -123,12 +148,6 @@ def train_tokenizer(
         num_threads=1,
         minloglevel=2,
     )
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------
@@ -204,6 +223,13 @@ def encode_chat(
     ``<start_of_turn>model\\n`` and the same plus the answer), and each span
     is encoded separately so its tokens are exactly the turn's.
     """
+    try:
+        return _encode_chat(messages, tokenizer, where)
+    except ChatTemplateError as e:
+        raise DataError(f"{where}: {e}") from None
+
+
+def _encode_chat(messages: list[dict], tokenizer, where: str) -> tuple[list[int], list[int]]:
     full = tokenizer.render_chat(messages, add_generation_prompt=False)
     spans: list[tuple[int, int]] = []
     for i, m in enumerate(messages):
@@ -412,9 +438,44 @@ def tokenizer_source(cfg) -> str | None:
 
 
 def load_tokenizer(src: str):
+    """The tokenizer at ``src`` (a file or a folder); DataError if it cannot be read."""
     from rgemma.io.tokenizer import Tokenizer
 
-    return Tokenizer.from_dir(src) if os.path.isdir(src) else Tokenizer.from_file(src)
+    try:
+        return Tokenizer.from_dir(src) if os.path.isdir(src) else Tokenizer.from_file(src)
+    except (ValueError, OSError, RuntimeError) as e:
+        raise DataError(f"tokenizer {src}: {' '.join(str(e).split())}") from None
+
+
+def check_chat(doc: Document) -> None:
+    """DataError naming the document for a chat that is not a list of messages with a
+    known string ``role`` and a string ``content``."""
+    for i, m in enumerate(doc.messages or ()):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DataError(
+                f"{doc.name}: message {i}: expected an object with a 'role' and a string "
+                f"'content', got {json.dumps(m)[:80]}"
+            )
+        if m.get("role") not in CHAT_ROLES:
+            raise DataError(
+                f"{doc.name}: message {i}: unknown role {m.get('role')!r} (expected one of "
+                f"{', '.join(CHAT_ROLES)})"
+            )
+    if not any(m["role"] == "assistant" for m in doc.messages or ()):
+        raise DataError(f"{doc.name}: a chat without assistant messages has nothing to learn")
+
+
+def read_corpus(cfg) -> tuple[list[Document], int]:
+    """The documents of ``cfg.data`` and the number of files skipped: not UTF-8, or not a
+    regular file (a FIFO, a device or a link to one, found while walking a folder),
+    which could block or never end."""
+    files = find_files(cfg.data, extensions=tuple(cfg.extensions), exclude=cfg.exclude)
+    regular = [(path, name) for path, name in files if os.path.isfile(path)]
+    docs, skipped = read_documents(regular)
+    for doc in docs:
+        if doc.messages is not None:
+            check_chat(doc)
+    return docs, skipped + len(files) - len(regular)
 
 
 def tokenizer_files(src: str) -> list[str]:
@@ -438,12 +499,19 @@ def prepare_data(cfg, dist: Dist, log: Callable[[str], None]) -> Data:
     seq_len fields). The main process does the work; the others wait and
     read its caches.
     """
-    docs, skipped = find_documents(cfg.data, exclude=cfg.exclude, extensions=tuple(cfg.extensions))
+    docs, skipped = read_corpus(cfg)
     if not docs:
         raise DataError(f"no documents found in {', '.join(cfg.data) or '(no --data)'}")
     train_docs, held_docs = split_documents(docs, cfg.eval_fraction)
     if not train_docs:
         raise DataError("every document is held out; lower --eval-fraction")
+    eval_every = getattr(cfg, "eval_every", 0)
+    if eval_every and not held_docs:
+        raise DataError(
+            f"--eval-every {eval_every}: --eval-fraction {cfg.eval_fraction} holds out none of "
+            f"the {len(docs)} documents (the split is by a hash of each file's path, each "
+            "JSONL line's); raise --eval-fraction, or drop --eval-every"
+        )
     src = tokenizer_source(cfg)
     if src is None and cfg.init:
         raise DataError(
@@ -478,6 +546,13 @@ def prepare_data(cfg, dist: Dist, log: Callable[[str], None]) -> Data:
     eval_rows = None
     if "eval" in corpora and corpora["eval"].num_tokens > cfg.seq_len:
         eval_rows = PackedRows(corpora["eval"], cfg.seq_len)
+    elif eval_every:
+        held_tokens = corpora["eval"].num_tokens if "eval" in corpora else 0
+        raise DataError(
+            f"--eval-every {eval_every}: the held-out documents have {held_tokens} tokens, "
+            f"fewer than one row (--seq-len + 1 = {cfg.seq_len + 1}); raise --eval-fraction "
+            "or lower --seq-len, or drop --eval-every"
+        )
     stats = {
         "documents": len(docs),
         "skipped_files": skipped,

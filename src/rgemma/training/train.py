@@ -23,8 +23,10 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -33,21 +35,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rgemma.config import GriffinConfig, griffin_pattern
+from rgemma.config import ConfigError, GriffinConfig, griffin_pattern
 from rgemma.io.checkpoint import load as load_model
 from rgemma.io.checkpoint import save_hf
 from rgemma.io.documents import JSONL_EXTENSIONS, TEXT_EXTENSIONS
 from rgemma.model import Griffin
 from rgemma.training import checkpoints, lora
 from rgemma.training import data as data_lib
+from rgemma.training.defaults import TRAIN_PRESETS, all_preset_names, default_lr, is_preset
 from rgemma.training.distributed import Dist, init_distributed, wrap_distributed
-
-# Small shapes for training from scratch (vocab comes from the tokenizer).
-TRAIN_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": dict(width=64, num_layers=3, num_heads=2, mlp_width=192, attention_window=64),
-    "small": dict(width=128, num_layers=6, num_heads=2, mlp_width=384, attention_window=128),
-    "demo": dict(width=256, num_layers=6, num_heads=2, mlp_width=768, attention_window=256),
-}
 
 # TrainConfig's shape fields (--width...) -> the GriffinConfig fields they set
 SHAPE_FLAGS = {
@@ -97,7 +93,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 8
     grad_accum: int = 1
-    lr: float = 3e-3
+    lr: float | None = None  # None: defaults.default_lr (from scratch, full fine-tuning, LoRA)
     min_lr: float = 0.1
     warmup: int = 100
     steps: int = 1000
@@ -123,6 +119,134 @@ class TrainConfig:
     export_dtype: str = "float32"
     plot: bool = True
     progress: bool = True
+
+
+def flag(name: str) -> str:
+    """The ``rgemma train`` flag of a ``TrainConfig`` field."""
+    return "--" + name.replace("_", "-")
+
+
+def peak_lr(cfg: TrainConfig) -> float:
+    """``cfg.lr``, or the default for what the run trains (``defaults.default_lr``)."""
+    return cfg.lr if cfg.lr is not None else default_lr(cfg.init, cfg.lora_rank)[0]
+
+
+# field -> (test, what the value must be): numbers checked before anything is read
+_RANGES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "lr": (lambda v: v is None or (math.isfinite(v) and v > 0), "a finite number > 0"),
+    "min_lr": (lambda v: 0 <= v <= 1, "a fraction of --lr in [0, 1]"),
+    "warmup": (lambda v: v >= 0, ">= 0"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "grad_accum": (lambda v: v >= 1, ">= 1"),
+    "seq_len": (lambda v: v >= 2, ">= 2"),
+    "eval_fraction": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "clip": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0 (0 disables clipping)"),
+    "weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lora_rank": (lambda v: v >= 0, ">= 0 (0 trains all weights)"),
+    "lora_alpha": (lambda v: v is None or (math.isfinite(v) and v > 0), "a finite number > 0"),
+    "vocab_size": (lambda v: v >= 1, ">= 1"),
+    "save_every": (lambda v: v >= 0, ">= 0 (0: only when stopped)"),
+    "keep": (lambda v: v >= 0, ">= 0 (0 keeps all)"),
+    "eval_every": (lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    "eval_tokens": (lambda v: v >= 1, ">= 1"),
+    "log_every": (lambda v: v >= 1, ">= 1"),
+    "threads": (lambda v: v is None or v >= 0, ">= 0"),
+    "seed": (lambda v: 0 <= v < 2**32, "in [0, 2**32)"),
+    **{
+        name: (lambda v: v is None or v >= 1, ">= 1")
+        for name in ("width", "layers", "heads", "mlp_width", "lru_width", "window")
+    },
+}
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """TrainError naming the flag for a run that cannot be what was asked; reads no data,
+    writes nothing."""
+    for name, (ok, rule) in _RANGES.items():
+        value = getattr(cfg, name)
+        try:
+            good = bool(ok(value))
+        except TypeError:
+            good = False
+        if not good:
+            raise TrainError(f"{flag(name)} must be {rule}, got {value!r}")
+    if cfg.warmup > cfg.steps:
+        raise TrainError(
+            f"--warmup {cfg.warmup} is larger than --steps {cfg.steps}: the learning rate "
+            f"would still be warming up when the run ends; pass --warmup {cfg.steps // 10} "
+            f"(or any value <= {cfg.steps})"
+        )
+    if cfg.eval_every and cfg.eval_fraction == 0:
+        raise TrainError(
+            f"--eval-every {cfg.eval_every} evaluates held-out documents, but "
+            "--eval-fraction 0 holds none out; pass --eval-fraction (e.g. 0.05) or drop "
+            "--eval-every"
+        )
+    for name in ("dtype", "export_dtype"):
+        if getattr(cfg, name) not in ("float32", "bfloat16"):
+            raise TrainError(
+                f"{flag(name)} must be float32 or bfloat16, got {getattr(cfg, name)!r}"
+            )
+    if cfg.preset and not is_preset(cfg.preset):
+        raise TrainError(
+            f"--preset {cfg.preset}: no such preset; choose one of {', '.join(all_preset_names())}"
+        )
+    shape = [flag(n) for n in ("preset", *SHAPE_FLAGS) if getattr(cfg, n) is not None]
+    if cfg.init and shape:
+        raise TrainError(
+            f"--init {cfg.init} fine-tunes the checkpoint's own shape: drop "
+            f"{', '.join(shape)} (they shape a new model)"
+        )
+    if not cfg.init:
+        try:
+            model_config(cfg, max(cfg.vocab_size, 1))
+        except ConfigError as e:
+            raise TrainError(f"model shape: {e}") from None
+    check_paths(cfg)
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """The input paths exist and are files or folders; ``out`` can be a run folder."""
+    if not cfg.data:
+        raise TrainError("--data: no files or folders given")
+    for name, paths in (("data", cfg.data), ("init", [cfg.init]), ("tokenizer", [cfg.tokenizer])):
+        for path in paths:
+            if path is None:
+                continue
+            if not os.path.exists(path):
+                raise TrainError(f"{flag(name)} {path}: no such file or folder")
+            if not (os.path.isfile(path) or os.path.isdir(path)):
+                raise TrainError(
+                    f"{flag(name)} {path}: not a regular file or a folder (a FIFO, device "
+                    "or socket); give files or folders"
+                )
+    out = cfg.out
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TrainError(f"--out {out}: exists and is not a folder")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise TrainError(f"--out {out}: {parent} is not writable")
+    found = checkpoints.list_checkpoints(out)
+    if found and not cfg.resume:
+        raise TrainError(
+            f"--out {out} already holds a run's checkpoints ({os.path.basename(found[-1])}...); "
+            "add --resume to continue it, or pick a new --out"
+        )
+
+
+def resolve_config(cfg: TrainConfig) -> tuple[TrainConfig, str]:
+    """``cfg`` checked (``check_config``) with its learning rate filled in, and a log line
+    saying which learning rate the run uses and why."""
+    check_config(cfg)
+    if cfg.lr is not None:
+        return cfg, f"peak lr {cfg.lr:g} (--lr)"
+    lr, why = default_lr(cfg.init, cfg.lora_rank)
+    return dataclasses.replace(cfg, lr=lr), f"peak lr {lr:g} ({why}; --lr sets it)"
 
 
 # --------------------------------------------------------------------------
@@ -172,7 +296,10 @@ def model_config(cfg: TrainConfig, vocab_size: int) -> GriffinConfig:
 def build_model(cfg: TrainConfig, vocab_size: int, log: Callable[[str], None]):
     """A freshly initialised model, or the ``--init`` checkpoint; LoRA applied."""
     if cfg.init:
-        model, _ = load_model(cfg.init, dtype=torch.float32)
+        try:
+            model, _ = load_model(cfg.init, dtype=torch.float32)
+        except (ValueError, OSError, RuntimeError, KeyError) as e:
+            raise TrainError(f"--init {cfg.init}: cannot load it ({e})") from None
         if model.config.vocab_size < vocab_size:
             raise TrainError(
                 f"the tokenizer has {vocab_size} pieces but the model in "
@@ -215,17 +342,18 @@ def make_optimizer(model, cfg: TrainConfig) -> torch.optim.Optimizer:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8)
+    return torch.optim.AdamW(groups, lr=peak_lr(cfg), betas=(cfg.beta1, cfg.beta2), eps=1e-8)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup over ``warmup`` steps, then cosine from lr to min_lr * lr."""
+    lr = peak_lr(cfg)
     if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return lr * (step + 1) / cfg.warmup
     span = max(1, cfg.steps - cfg.warmup)
     progress = min(1.0, (step - cfg.warmup) / span)
-    floor = cfg.lr * cfg.min_lr
-    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+    floor = lr * cfg.min_lr
+    return floor + 0.5 * (lr - floor) * (1 + math.cos(math.pi * progress))
 
 
 def autocast_context(cfg: TrainConfig):
@@ -349,19 +477,55 @@ def train_step(
     return loss, float(grad_norm)
 
 
-def resume(cfg: TrainConfig, model, optimizer, log: Callable[[str], None]) -> dict | None:
-    """Restores the checkpoint ``--resume`` names into model and optimizer; returns it
-    (None: the run starts at step 0)."""
+def read_resume_checkpoint(cfg: TrainConfig) -> tuple[str | None, dict | None]:
+    """(path, contents) of the checkpoint ``--resume`` names, checked to be this run's
+    ((None, None) without ``--resume``); TrainError otherwise. Reads nothing else."""
     try:
         path = checkpoints.resume_path(cfg.resume, cfg.out)
-        ckpt = checkpoints.load_checkpoint(path, model, optimizer, cfg) if path else None
+        if path is None:
+            return None, None
+        ckpt = checkpoints.read_checkpoint(path)
+        checkpoints.check_resumable(ckpt["train_config"], dataclasses.asdict(cfg))
     except checkpoints.ResumeError as e:
         raise TrainError(str(e)) from None
-    if ckpt is not None:
-        log(f"resumed from {path} at step {ckpt['step']}")
-    elif cfg.resume == "latest":
-        log("--resume: no checkpoint yet, starting from step 0")
-    return ckpt
+    return path, ckpt
+
+
+def restore(path: str, ckpt: dict, cfg: TrainConfig, model, optimizer) -> None:
+    """Loads a checkpoint of ``read_resume_checkpoint`` into model and optimizer."""
+    try:
+        checkpoints.restore_checkpoint(ckpt, path, model, optimizer, cfg)
+    except checkpoints.ResumeError as e:
+        raise TrainError(str(e)) from None
+
+
+class StopSignal:
+    """SIGINT (Ctrl-C) or SIGTERM while the loop runs: the step in progress finishes, a
+    checkpoint is written and the run stops (``signum`` says which came). A second
+    signal stops at once (KeyboardInterrupt). Installed only in the main thread, and not
+    over a signal the process was started ignoring (a shell's background job, nohup)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            self.restore()
+            raise KeyboardInterrupt
+        self.signum = signum
 
 
 def log_line(record: dict[str, Any], steps: int) -> str:
@@ -382,25 +546,37 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     ``on_step(step, record)`` is called after every optimizer step (after any
     checkpoint of that step is written).
     """
+    cfg, lr_note = resolve_config(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     dist = init_distributed(cfg.device)
     if cfg.device.startswith("cuda") and dist.enabled:
         cfg = dataclasses.replace(cfg, device=f"cuda:{dist.local_rank}")
     log = print if dist.is_main else (lambda *a, **k: None)
-    os.makedirs(cfg.out, exist_ok=True)
+    resume_file, ckpt = read_resume_checkpoint(cfg)
+    if dist.is_main:
+        stale = checkpoints.remove_stale_temp_files(cfg.out)
+        if stale:
+            log(f"removed {len(stale)} temporary file(s) of a stopped run: {', '.join(stale)}")
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
 
     data = data_lib.prepare_data(cfg, dist, log)
+    os.makedirs(cfg.out, exist_ok=True)
     stats = data.stats
+    skipped = (
+        f" ({stats['skipped_files']} files skipped: not UTF-8, or not regular files)"
+        if stats.get("skipped_files")
+        else ""
+    )
     log(
         f"data: {stats['train_documents']} train / {stats['eval_documents']} held-out "
-        f"documents, {stats['train_tokens']:,} / {stats['eval_tokens']:,} tokens"
+        f"documents, {stats['train_tokens']:,} / {stats['eval_tokens']:,} tokens{skipped}"
     )
     model = build_model(cfg, data.tokenizer.vocab_size, log).to(cfg.device)
     model.train()
+    log(lr_note)
     try:
         dmodel = wrap_distributed(model, dist, fsdp=cfg.fsdp, device=cfg.device)
     except ImportError as e:  # torch < 2.6 has no torch.distributed.fsdp.fully_shard
@@ -412,13 +588,15 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     metrics_path = os.path.join(cfg.out, "metrics.jsonl")
     plot_path = os.path.join(cfg.out, "loss.png")
 
-    ckpt = resume(cfg, dmodel, optimizer, log)
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     if ckpt is not None:
-        step, tokens_seen = ckpt["step"], ckpt["tokens_seen"]
-        elapsed_before = ckpt.get("elapsed", 0.0)
+        restore(resume_file, ckpt, cfg, dmodel, optimizer)
+        step, tokens_seen = ckpt["step"], int(ckpt.get("tokens_seen", 0))
+        elapsed_before = float(ckpt.get("elapsed", 0.0))
+        ckpt = None  # the tensors now live in the model and the optimizer
+        log(f"resumed from {resume_file} at step {step}")
     if dist.is_main:
-        if ckpt is not None:
+        if resume_file is not None:
             checkpoints.truncate_metrics(metrics_path, step)
         else:
             open(metrics_path, "w").close()
@@ -444,54 +622,72 @@ def train(cfg: TrainConfig, on_step: Callable[[int, dict], None] | None = None) 
     t_start = time.time()
     t_window, tok_window = time.time(), 0
     last_eval = None
-    while step < cfg.steps:
-        lr = lr_at(step, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        # global batch [grad_accum, world, batch_size]: this process takes its column
-        rows = sampler.rows(step).reshape(cfg.grad_accum, dist.world, cfg.batch_size)
-        batches = [to_tensors(data.train.batch(r), cfg.device) for r in rows[:, dist.rank]]
-        loss, grad_norm = train_step(dmodel, optimizer, batches, cfg, dist, ctx)
-        step += 1
-        tokens_seen += global_rows * cfg.seq_len
-        tok_window += global_rows * cfg.seq_len
+    stop = StopSignal().install()
+    stopped: dict[str, Any] | None = None
+    try:
+        while step < cfg.steps:
+            lr = lr_at(step, cfg)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            # global batch [grad_accum, world, batch_size]: this process takes its column
+            rows = sampler.rows(step).reshape(cfg.grad_accum, dist.world, cfg.batch_size)
+            batches = [to_tensors(data.train.batch(r), cfg.device) for r in rows[:, dist.rank]]
+            loss, grad_norm = train_step(dmodel, optimizer, batches, cfg, dist, ctx)
+            step += 1
+            tokens_seen += global_rows * cfg.seq_len
+            tok_window += global_rows * cfg.seq_len
 
-        record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen)
-        record["epoch"] = round(sampler.epoch_of(step), 4)
-        at_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
-        if at_eval and data.eval is not None:
-            last_eval = evaluate(dmodel, data.eval, cfg, dist, cfg.eval_tokens)
-            record["eval_loss"] = last_eval
-        now = time.time()
-        record["tokens_per_s"] = tok_window / max(now - t_window, 1e-9)
-        record["elapsed"] = elapsed_before + now - t_start
-        logged = step % max(cfg.log_every, 1) == 0
-        if logged:
-            t_window, tok_window = now, 0
-        if dist.is_main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if bar is not None:
-                post = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
-                if last_eval is not None:
-                    post["eval"] = f"{last_eval:.3f}"
-                bar.set_postfix(post, refresh=False)
-                bar.update(1)
-            if logged or "eval_loss" in record:
-                (bar.write if bar is not None else print)(log_line(record, cfg.steps))
-                sys.stdout.flush()
-            if cfg.plot and "eval_loss" in record:
-                checkpoints.plot_metrics(metrics_path, plot_path, stats.get("unigram_eval_loss"))
-        if cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps):
-            path = checkpoints.checkpoint_path(cfg.out, step)
-            extra = {"tokens_seen": tokens_seen, "elapsed": record["elapsed"]}
-            checkpoints.save_checkpoint(path, dmodel, optimizer, cfg, step, extra, dist)
+            record = dict(step=step, loss=loss, lr=lr, grad_norm=grad_norm, tokens=tokens_seen)
+            record["epoch"] = round(sampler.epoch_of(step), 4)
+            at_eval = cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps)
+            if at_eval and data.eval is not None:
+                last_eval = evaluate(dmodel, data.eval, cfg, dist, cfg.eval_tokens)
+                record["eval_loss"] = last_eval
+            now = time.time()
+            record["tokens_per_s"] = tok_window / max(now - t_window, 1e-9)
+            record["elapsed"] = elapsed_before + now - t_start
+            logged = step % max(cfg.log_every, 1) == 0
+            if logged:
+                t_window, tok_window = now, 0
             if dist.is_main:
-                checkpoints.prune_checkpoints(cfg.out, cfg.keep)
-        if on_step is not None:
-            on_step(step, record)
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if bar is not None:
+                    post = {"loss": f"{loss:.3f}", "tok/s": f"{record['tokens_per_s']:.0f}"}
+                    if last_eval is not None:
+                        post["eval"] = f"{last_eval:.3f}"
+                    bar.set_postfix(post, refresh=False)
+                    bar.update(1)
+                if logged or "eval_loss" in record:
+                    (bar.write if bar is not None else print)(log_line(record, cfg.steps))
+                    sys.stdout.flush()
+                if cfg.plot and "eval_loss" in record:
+                    baseline = stats.get("unigram_eval_loss")
+                    checkpoints.plot_metrics(metrics_path, plot_path, baseline)
+            # every process stops at the same step: a signal on any of them counts
+            stopping = dist.sum(float(stop.signum is not None)) > 0
+            saved = cfg.save_every and (step % cfg.save_every == 0 or step == cfg.steps)
+            path = checkpoints.checkpoint_path(cfg.out, step)
+            if saved or stopping:
+                extra = {"tokens_seen": tokens_seen, "elapsed": record["elapsed"]}
+                checkpoints.save_checkpoint(path, dmodel, optimizer, cfg, step, extra, dist)
+                if dist.is_main:
+                    checkpoints.prune_checkpoints(cfg.out, cfg.keep)
+            if on_step is not None:
+                on_step(step, record)
+            if stopping:
+                signum = stop.signum or signal.SIGTERM
+                stopped = dict(step=step, checkpoint=path, signal=int(signum))
+                break
+    finally:
+        stop.restore()
     if bar is not None:
         bar.close()
+    if stopped is not None:  # no final evaluation or export: the run is not over
+        dist.barrier()
+        return dict(
+            stopped=True, tokens=tokens_seen, train_config=dataclasses.asdict(cfg), **stopped
+        )
 
     elapsed = elapsed_before + time.time() - t_start
     summary = dict(
