@@ -30,7 +30,7 @@ import os
 import shlex
 import sys
 
-from rgemma.cli.common import CLIError, report_error
+from rgemma.cli.common import CLIError, report_error, resolve_model_path
 from rgemma.io.documents import JSONL_EXTENSIONS, TEXT_EXTENSIONS
 from rgemma.training.defaults import FINE_TUNE_LR, LORA_LR, SCRATCH_LR, TRAIN_PRESETS
 
@@ -220,6 +220,8 @@ def run(args: argparse.Namespace) -> int:
     from rgemma.training.train import TrainError, train
 
     try:
+        if args.init:
+            args.init = resolve_model_path(args.init)     # a path, or a Hub id's snapshot
         cfg = config_from_args(args)
         summary = train(cfg)
     except CLIError as e:

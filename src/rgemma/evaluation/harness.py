@@ -381,6 +381,11 @@ class RgemmaLM(_LMBase):
             from rgemma.io import demo
 
             pretrained = demo.path()
+        else:
+            from rgemma.io import hub
+
+            if hub.is_hub_id(pretrained):  # pretrained=ORG/NAME: the Hub's cached snapshot
+                pretrained = hub.snapshot(pretrained)
         model, found = checkpoint.load(
             pretrained, dtype=as_dtype(dtype), device=_pick_device(device)
         )

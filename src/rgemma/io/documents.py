@@ -69,9 +69,8 @@ def find_files(
                 d for d in dirs if d not in SKIP_DIRS and d not in exclude and not d.startswith(".")
             )
             for f in sorted(files):
-                path = os.path.join(folder, f)
-                # a FIFO or a device under a text name would block or never end
-                if f.endswith(tuple(extensions)) and os.path.isfile(path):
+                if f.endswith(tuple(extensions)):
+                    path = os.path.join(folder, f)
                     out.append((path, os.path.relpath(path, root).replace(os.sep, "/")))
     return sorted(out, key=lambda pn: pn[1])
 
@@ -79,11 +78,15 @@ def find_files(
 def read_documents(files: Iterable[tuple[str, str]]) -> tuple[list[Document], int]:
     """Documents of the files (one per text file, one per JSONL line).
 
-    Returns (documents, number of files skipped because they are not UTF-8).
+    Returns (documents, number of files skipped: not UTF-8, or not a regular file: a FIFO
+    or a device, or a link to one, which could block or never end).
     """
     docs: list[Document] = []
     skipped = 0
     for path, name in files:
+        if not os.path.isfile(path):
+            skipped += 1
+            continue
         try:
             with open(path, encoding="utf-8") as f:
                 content = f.read()

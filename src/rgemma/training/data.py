@@ -466,16 +466,14 @@ def check_chat(doc: Document) -> None:
 
 
 def read_corpus(cfg) -> tuple[list[Document], int]:
-    """The documents of ``cfg.data`` and the number of files skipped: not UTF-8, or not a
-    regular file (a FIFO, a device or a link to one, found while walking a folder),
-    which could block or never end."""
+    """The documents of ``cfg.data`` and the number of files skipped (see
+    ``read_documents``); chats are checked."""
     files = find_files(cfg.data, extensions=tuple(cfg.extensions), exclude=cfg.exclude)
-    regular = [(path, name) for path, name in files if os.path.isfile(path)]
-    docs, skipped = read_documents(regular)
+    docs, skipped = read_documents(files)
     for doc in docs:
         if doc.messages is not None:
             check_chat(doc)
-    return docs, skipped + len(files) - len(regular)
+    return docs, skipped
 
 
 def tokenizer_files(src: str) -> list[str]:
