@@ -133,3 +133,16 @@ def test_the_check_catches_an_upward_import(source, message, tmp_path, monkeypat
     bad = [f"rgemma.model:{line} imports {t}" for t, line in imports
            if layer(t) not in ALLOWED["core"]]
     assert bad == [message]
+
+
+def test_help_does_not_import_torch():
+    """Every verb's parser is built by `rgemma --help`; none may import torch (or the
+    server's and lm-eval's libraries) at module level."""
+    import subprocess
+    import sys
+    code = ("import sys; from rgemma.cli import build_parser; build_parser().format_help(); "
+            "print(sorted(m for m in ('torch', 'fastapi', 'numpy', 'lm_eval', 'pydantic') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

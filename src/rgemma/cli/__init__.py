@@ -1,7 +1,8 @@
 """`rgemma` command line: one verb per module.
 
 Each verb module exposes ``register(subparsers)``, which adds its subparser
-and sets ``func`` to a ``run(args) -> int``. Heavy imports stay inside ``run``.
+and sets ``func`` to a ``run(args) -> int``. Heavy imports stay inside ``run``, so
+``rgemma --help`` starts without importing torch.
 """
 
 from __future__ import annotations
@@ -28,14 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rgemma",
         description="RecurrentGemma (Griffin) in PyTorch: generate, chat, convert, train.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, module_name in VERBS.items():
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            if e.name != module_name:   # the verb exists but a dependency is missing
-                raise
-            continue                    # verb not built yet
-        module.register(sub)
+    for module_name in VERBS.values():   # each imports nothing heavy until it runs
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
