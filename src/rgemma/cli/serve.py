@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
 
 from rgemma.cli.common import CLIError, load_model, report_error, resolve_model_path
@@ -45,7 +46,12 @@ def register(subparsers) -> None:
         default=DEFAULT_HOST,
         help=f"address to bind (default {DEFAULT_HOST}, this machine only)",
     )
-    p.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"default {DEFAULT_PORT}")
+    p.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help=f"TCP port, 0 = any free one (printed once bound; default {DEFAULT_PORT})",
+    )
     p.add_argument(
         "--max-batch",
         type=int,
@@ -87,6 +93,20 @@ def register(subparsers) -> None:
         type=int,
         default=8192,
         help="longest prompt accepted, in tokens (default 8192)",
+    )
+    p.add_argument(
+        "--max-request-tokens",
+        type=int,
+        default=2**20,
+        help="most tokens one request may cost: its prompt tokens + n x max_tokens per "
+        f"prompt (default {2**20})",
+    )
+    p.add_argument(
+        "--max-logprob-entries",
+        type=int,
+        default=2_000_000,
+        help="most log-probabilities one request may return: scored tokens x n x "
+        "(1 + logprobs) (default 2000000, about 50 MB of JSON)",
     )
     p.add_argument(
         "--max-body-mb",
@@ -149,25 +169,51 @@ def _serve(args) -> int:
         max_tokens_limit=args.max_tokens_limit,
         max_prompt_tokens=args.max_prompt_tokens,
         max_body_bytes=int(args.max_body_mb * 2**20),
-    )
-    if args.host not in LOCAL_HOSTS and not config.api_key:
-        print(f"rgemma serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
-    print(
-        f"rgemma serve: {name} on http://{args.host}:{args.port} "
-        f"(batch {args.max_batch}, queue {args.max_queue})",
-        file=sys.stderr,
+        max_request_tokens=args.max_request_tokens,
+        max_logprob_entries=args.max_logprob_entries,
     )
     try:
-        uvicorn.run(
-            create_app(engine, tokenizer, config),
-            host=args.host,
-            port=args.port,
-            log_level=args.log_level,
-            timeout_graceful_shutdown=5,
+        sock = _listen(args.host, args.port)
+    except CLIError:
+        engine.stop()
+        raise
+    if args.host not in LOCAL_HOSTS and not config.api_key:
+        print(f"rgemma serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(
+        f"rgemma serve: {name} on http://{host}:{sock.getsockname()[1]} "
+        f"(batch {args.max_batch}, queue {args.max_queue})",
+        file=sys.stderr,
+        flush=True,
+    )
+    try:
+        server = uvicorn.Server(
+            uvicorn.Config(
+                create_app(engine, tokenizer, config),
+                log_level=args.log_level,
+                timeout_graceful_shutdown=5,
+            )
         )
+        server.run(sockets=[sock])
     finally:
+        sock.close()
         engine.stop()
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port); port 0 picks a free port (``getsockname``)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except (OSError, OverflowError) as e:
+        sock.close()
+        reason = getattr(e, "strerror", None) or e
+        raise CLIError(f"cannot listen on {host} port {port}: {reason}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def _check_args(args) -> None:
@@ -177,11 +223,14 @@ def _check_args(args) -> None:
         ("--prefill-chunk", args.prefill_chunk, 1),
         ("--max-tokens-limit", args.max_tokens_limit, 1),
         ("--max-prompt-tokens", args.max_prompt_tokens, 1),
-        ("--port", args.port, 0),
+        ("--max-request-tokens", args.max_request_tokens, 1),
+        ("--max-logprob-entries", args.max_logprob_entries, 1),
         ("--threads", args.threads, 0),
     ):
         if value < low:
             raise CLIError(f"{flag} must be >= {low}, got {value}", 2)
+    if not 0 <= args.port <= 65535:
+        raise CLIError(f"--port must be in [0, 65535] (0 = any free port), got {args.port}", 2)
     if args.prefix_cache_mb < 0 or args.max_body_mb <= 0:
         raise CLIError("--prefix-cache-mb must be >= 0 and --max-body-mb > 0", 2)
 

@@ -74,6 +74,16 @@ class SamplingParams:
             raise SamplingError(f"min_p must be in [0, 1], got {m!r}")
         if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
             raise SamplingError(f"repetition_penalty must be a finite number > 0, got {r!r}")
+        # Representable in float32, the dtype the sampler computes in: a nonzero value must
+        # be a normal float32 (1e-300 becomes 0, a subnormal divides logits to inf: garbage).
+        tiny, big = float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max)
+        for name, value, zero_ok in (("temperature", t, True), ("top_p", p, False),
+                                     ("min_p", m, True), ("repetition_penalty", r, False)):
+            if not (zero_ok and value == 0) and not tiny <= value <= big:
+                raise SamplingError(
+                    f"{name} must be {'0 or ' if zero_ok else ''}a number in "
+                    f"[{tiny:.4g}, {big:.4g}] (representable in float32, which sampling "
+                    f"computes in), got {value!r}")
 
     @property
     def greedy(self) -> bool:

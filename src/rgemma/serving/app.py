@@ -27,12 +27,22 @@ chunks, then ``data: [DONE]``). Errors are OpenAI's JSON ``{"error":
 ``param``) and malformed JSON, 401 for a missing / wrong API key (every path
 but /health and /metrics), 413 for bodies over the limit, 503 (with
 ``Retry-After``) when the engine's queue is full. A client that disconnects
-cancels its request, freeing its rows at once.
+cancels its request, freeing its rows at once (a non-streamed request notices
+within ``DISCONNECT_POLL_S``, however fast its tokens come).
+
+Hostile or mistaken input is refused before it costs anything: bodies over
+``max_body_bytes`` (413), JSON nested too deeply (400), prompt texts of more
+than ``max_prompt_tokens`` x ``protocol.PROMPT_BYTES_PER_TOKEN`` bytes (400,
+before tokenizing), requests over the per-request budgets of tokens and of
+log-probabilities (400, see ``ServerConfig``). Parsing, validation,
+tokenization and the building of large responses run in worker threads, so
+one big request never stalls /health or the live streams.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import hmac
@@ -63,7 +73,7 @@ from rgemma.serving.protocol import (
     api_error_from_validation,
 )
 
-DISCONNECT_POLL_S = 0.5  # how often a waiting non-streamed request checks its client
+DISCONNECT_POLL_S = 0.2  # how often a running request checks that its client is still there
 OPEN_PATHS = ("/health", "/metrics")  # the only paths that need no API key
 
 
@@ -75,8 +85,15 @@ class ServerConfig:
     api_key: when set, every path but /health and /metrics needs
       ``Authorization: Bearer <api_key>``.
     max_tokens_limit: largest ``max_tokens`` a request may ask for.
-    max_prompt_tokens: longest prompt (in tokens) accepted.
+    max_prompt_tokens: longest prompt (in tokens) accepted; prompt texts of more than
+      max_prompt_tokens x ``protocol.PROMPT_BYTES_PER_TOKEN`` (32) bytes are refused
+      without being tokenized.
     max_body_bytes: larger request bodies get 413.
+    max_request_tokens: most tokens one request may cost, its prompt tokens plus n x
+      max_tokens per prompt (more: 400).
+    max_logprob_entries: most log-probabilities one request may return, (echoed prompt
+      tokens + max_tokens per prompt) x n x (1 + logprobs) (more: 400). 2M entries is
+      about 50 MB of JSON.
     retry_after_s: the Retry-After of a 503 (queue full).
     """
 
@@ -85,6 +102,8 @@ class ServerConfig:
     max_tokens_limit: int = 2048
     max_prompt_tokens: int = 8192
     max_body_bytes: int = 4 * 2**20
+    max_request_tokens: int = 2**20
+    max_logprob_entries: int = 2_000_000
     retry_after_s: int = 1
 
 
@@ -104,6 +123,8 @@ class Server:
             max_n=engine.config.max_batch,
             max_prompts=engine.config.max_queue,
             vocab_size=engine.vocab_size,
+            max_request_tokens=config.max_request_tokens,
+            max_logprob_entries=config.max_logprob_entries,
         )
         self.tokens = TokenTexts(tokenizer)
         self.metrics = ServerMetrics(engine)
@@ -175,13 +196,22 @@ class Server:
 
         @app.post("/tokenize")
         async def tokenize(request: Request):
-            ids = (await self._parse(request, TokenizeRequest)).encode(self.tokenizer)
-            return {"tokens": ids, "count": len(ids), "max_model_len": config.max_prompt_tokens}
+            req = await self._parse(request, TokenizeRequest)
+
+            def answer() -> Response:  # megabytes of text -> millions of ids: off the loop
+                ids = req.encode(self.tokenizer)
+                body = (
+                    f'{{"tokens":{_json_ints(ids)},"count":{len(ids)},'
+                    f'"max_model_len":{config.max_prompt_tokens}}}'
+                )
+                return Response(body, media_type="application/json")
+
+            return await asyncio.to_thread(answer)
 
         @app.post("/detokenize")
         async def detokenize(request: Request):
             req = await self._parse(request, DetokenizeRequest)
-            return {"prompt": self.tokenizer.decode(req.tokens)}
+            return {"prompt": await asyncio.to_thread(self.tokenizer.decode, req.tokens)}
 
         @app.post("/v1/completions")
         async def completions(request: Request):
@@ -198,16 +228,17 @@ class Server:
 
     # ------------------------------------------------------------- serving
     async def _parse(self, request: Request, model: type[RequestModel]) -> RequestModel:
-        """The body validated by ``model`` (ValidationError: answered as a 400)."""
-        body = await _read_json(request, self.config.max_body_bytes)
-        return model.model_validate(body, context=self.limits)
+        """The body validated by ``model`` (ValidationError: answered as a 400). Parsing and
+        validating megabytes takes a while: done in a worker thread."""
+        body = await _read_body(request, self.config.max_body_bytes)
+        return await asyncio.to_thread(_validate, model, body, self.limits)
 
-    async def _complete(self, request: Request, req: CompletionRequest | ChatCompletionRequest):
-        """Runs a completion request on the engine: the whole response, or its stream."""
+    def _prepare(self, req: CompletionRequest | ChatCompletionRequest) -> ResponseFormatter:
+        """Tokenizes the prompts, checks the budgets, sets up the response (worker thread)."""
         prompts = req.encode_prompts(self.tokenizer, self.limits)
-        chat = isinstance(req, ChatCompletionRequest)
-        fmt = ResponseFormatter(
-            chat,
+        req.check_budgets(prompts, self.limits)
+        return ResponseFormatter(
+            isinstance(req, ChatCompletionRequest),
             self.config.model_name,
             self.tokens,
             prompts,
@@ -216,11 +247,18 @@ class Server:
             logprobs=req.num_logprobs,
             max_tokens=req.max_tokens,
         )
+
+    async def _complete(self, request: Request, req: CompletionRequest | ChatCompletionRequest):
+        """Runs a completion request on the engine: the whole response, or its stream."""
+        fmt = await asyncio.to_thread(self._prepare, req)
         if not self.engine.alive:
             raise APIError(
                 503, "the engine is not running", code="engine_unavailable", kind="server_error"
             )
-        requests = req.to_engine_requests([ids for ids, _ in prompts])
+        try:
+            requests = req.to_engine_requests([ids for ids, _ in fmt.prompts])
+        except RequestError as e:
+            raise APIError(400, str(e)) from None
         try:
             run = _Run(self.engine, requests, asyncio.get_running_loop())
         except APIError as e:
@@ -232,16 +270,18 @@ class Server:
                 self._stream(request, run, fmt, req.include_usage), on_close=run.cancel
             )
         try:
-            async for batch in run.batches(request):
-                for p, event in batch:
-                    fmt.apply(p, event)
+            async with contextlib.aclosing(run.batches(request)) as batches:
+                async for batch in batches:
+                    for p, event in batch:
+                        fmt.apply(p, event)
         finally:
             run.cancel()
-        if await request.is_disconnected():
+        if run.client_gone:
             return Response(status_code=499)
         if fmt.error:
             return _error_response(APIError(500, fmt.error, kind="server_error"))
-        return fmt.response()
+        # Up to max_logprob_entries: megabytes of JSON, built off the event loop.
+        return await asyncio.to_thread(lambda: JSONResponse(fmt.response()))
 
     async def _stream(
         self, request: Request, run: _Run, fmt: ResponseFormatter, include_usage: bool
@@ -249,19 +289,20 @@ class Server:
         try:
             if fmt.chat:
                 yield sse(fmt.role_chunk())
-            async for batch in run.batches(request):
-                out = b""  # everything that arrived: one write
-                for p, event in batch:
-                    choices = fmt.apply(p, event)
-                    if choices:
-                        out += sse(fmt.chunk(choices))
+            async with contextlib.aclosing(run.batches(request)) as batches:
+                async for batch in batches:
+                    out = b""  # everything that arrived: one write
+                    for p, event in batch:
+                        choices = fmt.apply(p, event)
+                        if choices:
+                            out += sse(fmt.chunk(choices))
+                        if fmt.error:
+                            out += sse(APIError(500, fmt.error, kind="server_error").body())
+                            break
+                    if out:
+                        yield out
                     if fmt.error:
-                        out += sse(APIError(500, fmt.error, kind="server_error").body())
                         break
-                if out:
-                    yield out
-                if fmt.error:
-                    break
             if include_usage and not fmt.error:
                 yield sse(fmt.chunk([], fmt.usage()))
             yield sse("[DONE]")
@@ -283,6 +324,7 @@ class _Run:
         self.queue: asyncio.Queue = asyncio.Queue()
         self.handles = []
         self.open = len(requests)
+        self.client_gone = False
         try:
             for i, r in enumerate(requests):
                 self.handles.append(engine.submit(r, on_event=functools.partial(self._push, i)))
@@ -303,24 +345,31 @@ class _Run:
 
     async def batches(self, request: Request) -> AsyncIterator[list[tuple[int, object]]]:
         """Lists of (prompt index, Event), all that have arrived, until every engine
-        request ended; stops if the client left."""
-        while self.open:
-            try:
-                items = [self.queue.get_nowait()]
-            except asyncio.QueueEmpty:
-                try:
-                    items = [await asyncio.wait_for(self.queue.get(), DISCONNECT_POLL_S)]
-                except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        self.cancel()
-                        return
-                    continue
-            while not self.queue.empty():
-                items.append(self.queue.get_nowait())
-            batch = [(i, event) for i, event in items if event is not None]
-            self.open -= len(items) - len(batch)  # None: that engine request ended
-            if batch:
-                yield batch
+        request ended; stops (cancelling the engine requests) if the client left.
+
+        The client is checked every DISCONNECT_POLL_S by a task of its own, whether or not
+        events flow: tokens of an abandoned request can come for minutes."""
+        watcher = asyncio.create_task(self._watch(request))
+        try:
+            while self.open:
+                items = [await self.queue.get()]
+                while not self.queue.empty():
+                    items.append(self.queue.get_nowait())
+                if self.client_gone:
+                    return
+                batch = [(i, event) for i, event in items if event is not None]
+                self.open -= len(items) - len(batch)  # None: that engine request ended
+                if batch:
+                    yield batch
+        finally:
+            watcher.cancel()
+
+    async def _watch(self, request: Request) -> None:
+        while not await request.is_disconnected():
+            await asyncio.sleep(DISCONNECT_POLL_S)
+        self.client_gone = True
+        self.cancel()
+        self.queue.put_nowait((-1, None))  # wakes batches()
 
     def cancel(self) -> None:
         for h in self.handles:
@@ -366,8 +415,8 @@ async def _send_json(send, status: int, body: dict, headers: dict | None = None)
     await send({"type": "http.response.body", "body": data})
 
 
-async def _read_json(request: Request, limit: int) -> dict:
-    """The body as a JSON object: 413 over ``limit`` bytes, 400 if not a JSON object."""
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body: 413 over ``limit`` bytes."""
     length = request.headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
@@ -376,13 +425,41 @@ async def _read_json(request: Request, limit: int) -> dict:
         body += chunk
         if len(body) > limit:
             raise APIError(413, f"request body over {limit} bytes", code="body_too_large")
+    return bytes(body)
+
+
+def _parse_json(body: bytes) -> dict:
+    """The body as a JSON object: 400 if it is not one (or is nested too deeply)."""
     try:
         data = json.loads(body)
+    except RecursionError:  # e.g. b"[" * 100000: Python's parser recurses per level
+        raise APIError(400, "invalid JSON: nested too deeply", code="invalid_json") from None
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"malformed JSON body: {e}", code="invalid_json") from None
     if not isinstance(data, dict):
-        raise APIError(400, "the JSON body must be an object", code="invalid_json")
+        raise APIError(
+            400, f"the JSON body must be an object, got {type(data).__name__}", code="invalid_json"
+        )
     return data
+
+
+def _json_ints(ids: list[int], chunk: int = 65536) -> str:
+    """``json.dumps(ids)`` in pieces: one C call on millions of ids would hold the GIL (and
+    so stall the event loop) for a third of a second."""
+    return (
+        "["
+        + ",".join(json.dumps(ids[i : i + chunk])[1:-1] for i in range(0, len(ids), chunk))
+        + "]"
+    )
+
+
+def _validate(model: type[RequestModel], body: bytes, limits: RequestLimits) -> RequestModel:
+    """``body`` parsed and validated by ``model`` (runs in a worker thread)."""
+    data = _parse_json(body)
+    try:
+        return model.model_validate(data, context=limits)
+    except RecursionError:  # a deep value in a field pydantic walks
+        raise APIError(400, "invalid JSON: nested too deeply", code="invalid_json") from None
 
 
 # ======================================================= running it in-process

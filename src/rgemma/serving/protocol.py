@@ -31,7 +31,7 @@ from pydantic import (
     model_validator,
 )
 
-from rgemma.inference.engine import Request, SamplingParams, sampling_params
+from rgemma.inference.engine import Request, RequestError, SamplingParams, sampling_params
 from rgemma.io.tokenizer import ChatTemplateError
 from rgemma.serving.errors import (
     APIError,
@@ -46,6 +46,11 @@ MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 128  # stop strings are scanned at every token: keep them short
 MIN_TEMPERATURE = 1e-5  # below this, sampling is greedy (as in vLLM)
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
+# A prompt of more than max_prompt_tokens * PROMPT_BYTES_PER_TOKEN UTF-8 bytes is refused
+# before it is tokenized: no real text averages more than 32 bytes per token (Gemma's
+# longest pieces are runs of ~31 spaces), so such a prompt is over the token limit anyway.
+PROMPT_BYTES_PER_TOKEN = 32
+SAMPLING_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty")
 CHAT_ROLES = ("system", "user", "assistant")
 CHAT_ROLE_ALIASES = {"developer": "system"}
 
@@ -153,6 +158,11 @@ class RequestLimits:
     max_n: largest ``n`` (the engine's batch rows).
     max_prompts: most prompts in one completion request (the engine's queue).
     vocab_size: token ids are in [0, vocab_size).
+    max_request_tokens: most tokens one request may cost: its prompts' tokens plus
+      n * max_tokens per prompt.
+    max_logprob_entries: most log-probabilities one request may return: every scored
+      token (echoed prompt tokens and generated tokens, for each of the n choices)
+      counts 1 + logprobs (the token and its top alternatives).
     """
 
     max_tokens: int = 2048
@@ -160,6 +170,13 @@ class RequestLimits:
     max_n: int = 8
     max_prompts: int = 64
     vocab_size: int = 256_000
+    max_request_tokens: int = 2**20
+    max_logprob_entries: int = 2_000_000
+
+    @property
+    def max_prompt_bytes(self) -> int:
+        """Longest prompt text (UTF-8 bytes) that is tokenized at all."""
+        return self.max_prompt_tokens * PROMPT_BYTES_PER_TOKEN
 
 
 def _limits(info: ValidationInfo) -> RequestLimits:
@@ -184,15 +201,30 @@ def _within_max_tokens(value: int, info: ValidationInfo) -> int:
     return value
 
 
+def _too_many_tokens(count: int, limits: RequestLimits) -> str:
+    return f"the prompt has {count} tokens, over this server's limit of {limits.max_prompt_tokens}"
+
+
 def _check_lengths(prompts: list[tuple[list[int], str]], limits: RequestLimits, param: str) -> None:
     for ids, _ in prompts:
         if len(ids) > limits.max_prompt_tokens:
             raise invalid_request(
-                param,
-                f"the prompt has {len(ids)} tokens, over this "
-                f"server's limit of {limits.max_prompt_tokens}",
-                "context_length_exceeded",
+                param, _too_many_tokens(len(ids), limits), "context_length_exceeded"
             )
+
+
+def _check_bytes(text: str, limits: RequestLimits, param: str) -> None:
+    """Refuses a prompt text too long to be within the token limit, before tokenizing it
+    (tokenizing megabytes takes seconds)."""
+    size = len(text.encode("utf-8"))
+    if size > limits.max_prompt_bytes:
+        raise invalid_request(
+            param,
+            f"the prompt has {size} bytes, over this server's limit of "
+            f"{limits.max_prompt_bytes} ({limits.max_prompt_tokens} tokens x "
+            f"{PROMPT_BYTES_PER_TOKEN} bytes)",
+            "context_length_exceeded",
+        )
 
 
 # ------------------------------------------------------------------ models
@@ -271,6 +303,11 @@ class _GenerationRequest(RequestModel):
             raise client_error(
                 "'stream_options' is only allowed with stream: true", param="stream_options"
             )
+        for name in SAMPLING_FIELDS:  # each alone, to name the field that fails
+            try:
+                sampling_params(**{name: self._sampling_value(name)})
+            except RequestError as e:
+                raise client_error(f"'{name}': {e}", param=name) from None
         return self
 
     @property
@@ -287,14 +324,47 @@ class _GenerationRequest(RequestModel):
         """Top alternatives reported per prompt token (None: not scored)."""
         return None
 
+    def check_budgets(self, prompts: list[tuple[list[int], str]], limits: RequestLimits) -> None:
+        """Refuses (400) a request whose work or whose logprobs are over the server's
+        per-request budgets (``RequestLimits``), before anything runs."""
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
+        tokens = prompt_tokens + len(prompts) * self.n * self.max_tokens
+        if tokens > limits.max_request_tokens:
+            raise invalid_request(
+                "max_tokens",
+                f"this request would cost {tokens} tokens ({prompt_tokens} prompt tokens + "
+                f"{len(prompts)} prompts x n={self.n} x max_tokens={self.max_tokens}), over "
+                f"this server's budget of {limits.max_request_tokens} tokens per request",
+                "request_too_large",
+            )
+        top = self.num_logprobs
+        if top is None:
+            return
+        scored = (self.num_prompt_logprobs is not None) * prompt_tokens
+        scored = (scored + len(prompts) * self.max_tokens) * self.n
+        entries = scored * (1 + top)
+        if entries > limits.max_logprob_entries:
+            param = "top_logprobs" if "top_logprobs" in self.model_fields_set else "logprobs"
+            raise invalid_request(
+                param,
+                f"this request asks for {entries} log-probabilities ({scored} scored tokens "
+                f"x (1 + {top} alternatives)), over this server's budget of "
+                f"{limits.max_logprob_entries} per request: send fewer prompts, a smaller "
+                f"max_tokens or fewer logprobs",
+                "too_many_logprobs",
+            )
+
+    def _sampling_value(self, name: str) -> float:
+        """A sampling field as the sampler gets it (tiny temperatures mean greedy)."""
+        value = getattr(self, name)
+        if name == "temperature" and value < MIN_TEMPERATURE:
+            return 0.0
+        return value
+
     def to_sampling_params(self) -> SamplingParams:
-        temperature = self.temperature if self.temperature >= MIN_TEMPERATURE else 0.0
         return sampling_params(
-            temperature=temperature,
             top_k=max(self.top_k, 0),
-            top_p=self.top_p,
-            min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty,
+            **{name: self._sampling_value(name) for name in SAMPLING_FIELDS},
         )
 
     def to_engine_requests(self, prompt_ids: list[list[int]]) -> list[Request]:
@@ -338,7 +408,11 @@ class CompletionRequest(_GenerationRequest):
         if len(prompts) > limits.max_prompts:
             raise client_error(f"at most {limits.max_prompts} prompts per request")
         for p in prompts:
-            if not isinstance(p, str) and any(not 0 <= t < limits.vocab_size for t in p):
+            if isinstance(p, str):
+                continue
+            if len(p) > limits.max_prompt_tokens:  # before anything looks at each id
+                raise client_error(_too_many_tokens(len(p), limits), "context_length_exceeded")
+            if any(not 0 <= t < limits.vocab_size for t in p):
                 raise client_error(f"prompt token ids must be in [0, {limits.vocab_size})")
         return prompts
 
@@ -359,7 +433,11 @@ class CompletionRequest(_GenerationRequest):
         return self.logprobs if self.echo else None
 
     def encode_prompts(self, tokenizer, limits: RequestLimits) -> list[tuple[list[int], str]]:
-        """(token ids, text) of each prompt; strings get a BOS."""
+        """(token ids, text) of each prompt; strings get a BOS. Slow for long prompts: run
+        it off the event loop."""
+        for p in self.prompt:
+            if isinstance(p, str):
+                _check_bytes(p, limits, "prompt")
         prompts = [
             (tokenizer.encode(p, add_bos=True), p)
             if isinstance(p, str)
@@ -408,8 +486,11 @@ class ChatCompletionRequest(_GenerationRequest):
         return (self.top_logprobs or 0) if self.logprobs else None
 
     def encode_prompts(self, tokenizer, limits: RequestLimits) -> list[tuple[list[int], str]]:
-        """The rendered conversation as the one prompt: [(token ids, text)]."""
+        """The rendered conversation as the one prompt: [(token ids, text)]. Slow for long
+        conversations: run it off the event loop."""
+        _check_bytes("".join(m.content for m in self.messages), limits, "messages")
         text = _render(tokenizer, self.messages, True)
+        _check_bytes(text, limits, "messages")
         prompts = [(tokenizer.encode(text, add_bos=False), text)]
         _check_lengths(prompts, limits, "messages")
         return prompts
