@@ -95,12 +95,13 @@ def resolve_device(device: str | None) -> str:
     return device
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
+    """The flags of every verb that loads a model: what to load, how, and where it runs."""
     p.add_argument("--model", default=None, metavar="PATH",
-                   help="checkpoint: a Hugging Face directory, an official .pt file, an Orbax "
-                        "directory, or a Hugging Face Hub id ORG/NAME (downloaded into the "
-                        "Hugging Face cache; HF_TOKEN for gated models) (default: the bundled "
-                        "demo model)")
+                   help=model_help or "checkpoint: a Hugging Face directory, an official .pt "
+                        "file, an Orbax directory, or a Hugging Face Hub id ORG/NAME "
+                        "(downloaded into the Hugging Face cache; HF_TOKEN for gated models) "
+                        "(default: the bundled demo model)")
     p.add_argument("--revision", default=None, metavar="REV",
                    help="with a Hub id: the branch, tag or commit (default: main)")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
@@ -111,6 +112,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
                    help="quantize the weights to int8 / int4 at load time (CPU decode reads "
                         "2-4x fewer bytes per token; with --compile, int4 is the fastest)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    add_threads_arg(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -128,8 +131,6 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step: the first tokens wait for the compiler "
                         "(a minute or more), then small models decode several times faster")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    add_threads_arg(p)
 
 
 _SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p",

@@ -47,7 +47,6 @@ def register(subparsers) -> None:
         description="Runs lm-evaluation-harness tasks on an rgemma checkpoint "
                     "(a thin wrapper around lm_eval.simple_evaluate; needs rgemma[eval]).")
     add_model_args(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--tasks", "-t", required=True,
                    help="comma-separated lm-eval task or group names")
     p.add_argument("--num-fewshot", "-f", type=int, default=None,

@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from rgemma.cli.common import (CLIError, add_model_args, add_threads_arg, load_model,
+from rgemma.cli.common import (CLIError, add_model_args, load_model,
                                report_error)
 from rgemma.io.documents import DataError, find_documents
 
@@ -50,8 +50,6 @@ def register(subparsers) -> None:
     p.add_argument("files", nargs="+", metavar="FILE",
                    help="text files, JSONL files ({'text': ...} per line) or folders")
     add_model_args(p)
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    add_threads_arg(p)
     p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
                    help=f"tokens per model call (default {DEFAULT_CHUNK_SIZE})")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH_SIZE,

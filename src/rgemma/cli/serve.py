@@ -14,7 +14,13 @@ import os
 import socket
 import sys
 
-from rgemma.cli.common import CLIError, load_model, report_error, resolve_model_path
+from rgemma.cli.common import (
+    CLIError,
+    add_model_args,
+    load_model,
+    report_error,
+    resolve_model_path,
+)
 from rgemma.serving import DEFAULT_HOST, DEFAULT_PORT
 
 DEMO_NAME = "demo"  # --model demo (or no --model): the bundled demo model
@@ -29,11 +35,10 @@ def register(subparsers) -> None:
         description="Serve /v1/completions, /v1/chat/completions, /v1/models, /health and "
         "/metrics (OpenAI-compatible) with continuous batching.",
     )
-    p.add_argument(
-        "--model",
-        default=None,
-        metavar="PATH_OR_NAME",
-        help="checkpoint directory or file, or 'demo' for the bundled demo model (the default)",
+    add_model_args(
+        p,
+        model_help="checkpoint (a directory or file, or a Hugging Face Hub id ORG/NAME), or "
+        "'demo' for the bundled demo model (the default)",
     )
     p.add_argument(
         "--served-model-name",
@@ -115,20 +120,10 @@ def register(subparsers) -> None:
         help="largest request body (default 4 MB; larger gets 413)",
     )
     p.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=None,
-        help="parameter dtype (default: the checkpoint's)",
-    )
-    p.add_argument(
         "--compute-dtype",
         choices=("float32", "bfloat16", "float16"),
         default=None,
         help="activation dtype (e.g. float32 with bfloat16 weights on CPUs)",
-    )
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument(
-        "--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)"
     )
     p.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
@@ -241,9 +236,9 @@ def _load(args):
     path = args.model
     if path == DEMO_NAME and not os.path.exists(path):
         path = None
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, args.revision)
     model, tokenizer = load_model(
-        argparse.Namespace(**{**vars(args), "model": path}), compute_dtype=args.compute_dtype
+        argparse.Namespace(**{**vars(args), "model": path, "revision": None}), compute_dtype=args.compute_dtype
     )
     return model.eval(), tokenizer, path
 
