@@ -10,8 +10,8 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -21,9 +21,14 @@ from rgemma.model import Griffin
 SHAPES = {
     "2b": lambda: GriffinConfig.from_preset("recurrentgemma-2b"),
     "demo": lambda: _demo_config(),
-    "tiny": lambda: GriffinConfig(vocab_size=512, width=128, mlp_width=384, num_heads=2,
-                                  block_types=("recurrent", "recurrent", "attention") * 2,
-                                  attention_window=64),
+    "tiny": lambda: GriffinConfig(
+        vocab_size=512,
+        width=128,
+        mlp_width=384,
+        num_heads=2,
+        block_types=("recurrent", "recurrent", "attention") * 2,
+        attention_window=64,
+    ),
 }
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -32,6 +37,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 def _demo_config() -> GriffinConfig:
     from rgemma.io import demo
     from rgemma.io.files import read_config
+
     return read_config(os.path.join(demo.path(), "config.json"))
 
 
@@ -45,7 +51,7 @@ def random_rgemma(cfg: GriffinConfig, dtype: torch.dtype, seed: int = 0) -> Grif
     with torch.no_grad():
         for name, p in model.named_parameters():
             fan_in = p.shape[-1] if p.ndim > 1 else cfg.width
-            p.copy_(torch.randn(p.shape, dtype=torch.float32).mul_(fan_in ** -0.5).to(dtype))
+            p.copy_(torch.randn(p.shape, dtype=torch.float32).mul_(fan_in**-0.5).to(dtype))
             if "recurrent_param" in name:
                 p.copy_(torch.full(p.shape, 2.0, dtype=dtype))
     return model.eval()
@@ -54,9 +60,14 @@ def random_rgemma(cfg: GriffinConfig, dtype: torch.dtype, seed: int = 0) -> Grif
 def transformers_from(model: Griffin, dtype: torch.dtype):
     """transformers' RecurrentGemmaForCausalLM holding the same weights."""
     import transformers
+
     from rgemma import weights
-    cfg = {k: v for k, v in model.config.to_hf_dict().items()
-           if k not in ("model_type", "architectures", "torch_dtype")}
+
+    cfg = {
+        k: v
+        for k, v in model.config.to_hf_dict().items()
+        if k not in ("model_type", "architectures", "torch_dtype")
+    }
     with torch.device("meta"):
         hf = transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(**cfg))
     sd = weights.add_hf_prefix({k: v.to(dtype) for k, v in model.state_dict().items()})
@@ -64,7 +75,7 @@ def transformers_from(model: Griffin, dtype: torch.dtype):
     hf.lm_head.weight = hf.model.embed_tokens.weight
     # buffers built on the meta device (RoPE frequencies, the embedding normalizer): rebuild
     rebuild_rotary_embeddings(hf, "cpu")
-    hf.model.normalizer = torch.tensor(model.config.width ** 0.5, dtype=torch.bfloat16)
+    hf.model.normalizer = torch.tensor(model.config.width**0.5, dtype=torch.bfloat16)
     hf.generation_config.pad_token_id = 0
     return hf.eval()
 
@@ -82,16 +93,24 @@ def official_from(model: Griffin, dtype: torch.dtype):
     """The official recurrentgemma.torch.Griffin holding the same weights."""
     from recurrentgemma import common
     from recurrentgemma.torch import griffin
+
     from rgemma import weights
+
     cfg = model.config
     kinds = {"attention": common.TemporalBlockType.ATTENTION}
     ocfg = common.GriffinConfig(
-        vocab_size=cfg.vocab_size, width=cfg.width, mlp_expanded_width=cfg.mlp_width,
+        vocab_size=cfg.vocab_size,
+        width=cfg.width,
+        mlp_expanded_width=cfg.mlp_width,
         num_heads=cfg.num_heads,
-        block_types=tuple(kinds.get(b, common.TemporalBlockType.RECURRENT) for b in cfg.block_types),
+        block_types=tuple(
+            kinds.get(b, common.TemporalBlockType.RECURRENT) for b in cfg.block_types
+        ),
         embeddings_scale_by_sqrt_dim=cfg.embeddings_scale_by_sqrt_dim,
-        attention_window_size=cfg.attention_window, logits_soft_cap=cfg.logits_soft_cap,
-        lru_width=cfg.lru_width)
+        attention_window_size=cfg.attention_window,
+        logits_soft_cap=cfg.logits_soft_cap,
+        lru_width=cfg.lru_width,
+    )
     with torch.device("meta"):
         om = griffin.Griffin(ocfg, gradient_checkpointing=False, dtype=dtype)
     sd = {k: v.to(dtype) for k, v in weights.hf_to_official(model.state_dict()).items()}
@@ -102,12 +121,13 @@ def official_from(model: Griffin, dtype: torch.dtype):
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far (MB)."""
     import resource
+
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2 ** 20
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -124,8 +144,8 @@ def timed(fn: Callable[[], object]) -> float:
 @dataclass
 class Result:
     system: str
-    metric: str          # e.g. "decode b=1 ctx=16"
-    unit: str            # "tok/s"
+    metric: str  # e.g. "decode b=1 ctx=16"
+    unit: str  # "tok/s"
     samples: list[float]
 
     @property
@@ -160,16 +180,30 @@ def table(results: list[Result], baseline_prefix: str = "rgemma") -> str:
 
 
 def machine() -> dict:
-    return {"machine": platform.machine(), "python": platform.python_version(),
-            "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count()}
+    return {
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def save(results: list[Result], path: str, meta: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    data = {"meta": {**machine(), **meta},
-            "results": [{"system": r.system, "metric": r.metric, "unit": r.unit,
-                         "median": r.median, "samples": r.samples} for r in results]}
+    data = {
+        "meta": {**machine(), **meta},
+        "results": [
+            {
+                "system": r.system,
+                "metric": r.metric,
+                "unit": r.unit,
+                "median": r.median,
+                "samples": r.samples,
+            }
+            for r in results
+        ],
+    }
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2)
@@ -180,6 +214,7 @@ def bar_plot(results: list[Result], path: str, title: str) -> None:
     """Grouped bars: one group per metric, one bar per system (log scale)."""
     try:
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:

@@ -30,9 +30,18 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import (DTYPES, SHAPES, Result, bar_plot, official_from, random_rgemma, save,  # noqa: E402
-                    table, timed, transformers_from)
-
+from common import (  # noqa: E402
+    DTYPES,
+    SHAPES,
+    Result,
+    bar_plot,
+    official_from,
+    random_rgemma,
+    save,
+    table,
+    timed,
+    transformers_from,
+)
 from rgemma import autotune  # noqa: E402
 from rgemma.model import Griffin  # noqa: E402
 from rgemma.quantize import Int8Linear, quantize_model, quantized_bytes  # noqa: E402
@@ -57,6 +66,7 @@ def _shared_copy(base: Griffin) -> Griffin:
 # ----------------------------------------------------------------- drivers
 # Each driver returns (prefill seconds, decode seconds) for a greedy run of
 # `new` tokens after a prompt of shape [B, T].
+
 
 def drive_rgemma(model: Griffin, prompt: torch.Tensor, new: int) -> tuple[float, float]:
     B, T = prompt.shape
@@ -83,8 +93,9 @@ def drive_transformers(hf, prompt: torch.Tensor, new: int) -> tuple[float, float
     kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
     with torch.inference_mode():
         one = timed(lambda: hf.generate(prompt, max_new_tokens=1, min_new_tokens=1, **kwargs))
-        full = timed(lambda: hf.generate(prompt, max_new_tokens=new + 1, min_new_tokens=new + 1,
-                                         **kwargs))
+        full = timed(
+            lambda: hf.generate(prompt, max_new_tokens=new + 1, min_new_tokens=new + 1, **kwargs)
+        )
     return one, max(full - one, 1e-9)
 
 
@@ -118,21 +129,25 @@ def weight_bytes(model) -> int:
     """Bytes a decode step reads: every weight once (the tied table serves the logits)."""
     if isinstance(model, Griffin):
         return quantized_bytes(model)
-    params = {p.data_ptr(): p for p in model.parameters()}        # tied weights once
+    params = {p.data_ptr(): p for p in model.parameters()}  # tied weights once
     return sum(p.numel() * p.element_size() for p in params.values())
 
 
 def bound_table(results: list[Result], systems: dict, bandwidth: float) -> str:
     """Per decode row and system: measured tok/s over B x bandwidth / weight bytes."""
-    lines = [f"read bandwidth: {bandwidth / 1e9:.1f} GB/s; fraction of the memory bound "
-             "(B x bandwidth / weight bytes) reached by each decode row:"]
+    lines = [
+        f"read bandwidth: {bandwidth / 1e9:.1f} GB/s; fraction of the memory bound "
+        "(B x bandwidth / weight bytes) reached by each decode row:"
+    ]
     for r in results:
         if not r.metric.startswith("decode") or r.system not in systems:
             continue
         B = int(r.metric.split("b=")[1].split()[0])
         bound = B * bandwidth / weight_bytes(systems[r.system][1])
-        lines.append(f"  {r.system:28s} {r.metric:22s} {r.median:9.2f} tok/s of {bound:9.2f}"
-                     f"  = {r.median / bound:6.1%}")
+        lines.append(
+            f"  {r.system:28s} {r.metric:22s} {r.median:9.2f} tok/s of {bound:9.2f}"
+            f"  = {r.median / bound:6.1%}"
+        )
     return "\n".join(lines)
 
 
@@ -143,8 +158,9 @@ def w8a8_quality(base: Griffin, int8: Griffin) -> str:
         if isinstance(m, Int8Linear):
             forced[m] = m.paths
             m.paths = {b: "w8a8" for b in autotune.ROW_BUCKETS}
-    prompt = torch.randint(3, base.config.vocab_size, (1, 64), generator=torch.Generator()
-                           .manual_seed(0))
+    prompt = torch.randint(
+        3, base.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0)
+    )
     positions = torch.arange(64)[None]
     with torch.inference_mode():
         ref, _ = base(prompt, positions)
@@ -152,8 +168,10 @@ def w8a8_quality(base: Griffin, int8: Griffin) -> str:
     for m, paths in forced.items():
         m.paths = paths
     err = (out.float() - ref.float()).abs().max().item()
-    return (f"W8A8 quality: max |logit error| {err:.4f} on random weights (logits up to "
-            f"{ref.abs().max().item():.1f}); {demo_perplexity_delta()}")
+    return (
+        f"W8A8 quality: max |logit error| {err:.4f} on random weights (logits up to "
+        f"{ref.abs().max().item():.1f}); {demo_perplexity_delta()}"
+    )
 
 
 def demo_perplexity_delta(max_files: int = 8) -> str:
@@ -164,6 +182,7 @@ def demo_perplexity_delta(max_files: int = 8) -> str:
 
     from rgemma.evaluation.perplexity import score_texts
     from rgemma.io import demo
+
     spec = importlib.util.find_spec("jinja2")
     files = sorted(Path(spec.origin).parent.glob("*.py"))[:max_files]
     texts = [(f.name, f.read_text()) for f in files]
@@ -176,12 +195,15 @@ def demo_perplexity_delta(max_files: int = 8) -> str:
             if isinstance(m, Int8Linear):
                 m.paths = {b: "w8a8" for b in autotune.ROW_BUCKETS}
         q = score_texts(int8, tok, texts).total
-    return (f"demo perplexity on {len(texts)} jinja2 files ({ref.tokens} tokens): "
-            f"{ref.perplexity:.3f} float, {q.perplexity:.3f} W8A8 "
-            f"({q.perplexity / ref.perplexity - 1:+.2%})")
+    return (
+        f"demo perplexity on {len(texts)} jinja2 files ({ref.tokens} tokens): "
+        f"{ref.perplexity:.3f} float, {q.perplexity:.3f} W8A8 "
+        f"({q.perplexity / ref.perplexity - 1:+.2%})"
+    )
 
 
 # ------------------------------------------------------------------- main
+
 
 def build_systems(args, cfg):
     dtype, device = DTYPES[args.dtype], args.device
@@ -194,11 +216,13 @@ def build_systems(args, cfg):
     if args.compile:
         compiled = _shared_copy(base).compile_step()
         if device == "cuda":
-            compiled.capture_step()                  # and replayed as CUDA graphs
+            compiled.capture_step()  # and replayed as CUDA graphs
         systems["rgemma-compiled"] = (drive_rgemma, compiled)
         for bits in args.quantize:
-            systems[f"rgemma-int{bits}-compiled"] = (drive_rgemma,
-                                                     quantized_copy(base, bits).compile_step())
+            systems[f"rgemma-int{bits}-compiled"] = (
+                drive_rgemma,
+                quantized_copy(base, bits).compile_step(),
+            )
     if "transformers" in args.peers:
         systems["transformers"] = (drive_transformers, transformers_from(base, dtype))
     if "official" in args.peers:
@@ -207,27 +231,54 @@ def build_systems(args, cfg):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--shape", choices=sorted(SHAPES), default="demo")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
-                   help="dtype the weights are held in (rgemma multiplies in float32)")
+    p.add_argument(
+        "--dtype",
+        choices=sorted(DTYPES),
+        default="bfloat16",
+        help="dtype the weights are held in (rgemma multiplies in float32)",
+    )
     p.add_argument("--official-dtype", choices=sorted(DTYPES), default="float32")
-    p.add_argument("--peers", nargs="*", default=["transformers", "official"],
-                   choices=["transformers", "official"])
+    p.add_argument(
+        "--peers",
+        nargs="*",
+        default=["transformers", "official"],
+        choices=["transformers", "official"],
+    )
     p.add_argument("--quantize", nargs="*", type=int, default=[8, 4], choices=[8, 4])
-    p.add_argument("--compile", action="store_true",
-                   help="add rgemma-compiled and rgemma-intN-compiled (torch.compile'd decode "
-                        "step, on CUDA replayed as CUDA graphs; compile time excluded)")
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="add rgemma-compiled and rgemma-intN-compiled (torch.compile'd decode "
+        "step, on CUDA replayed as CUDA graphs; compile time excluded)",
+    )
     p.add_argument("--batches", nargs="+", type=int, default=[1, 4, 16])
-    p.add_argument("--contexts", nargs="+", type=int, default=[16, 4096],
-                   help="prompt lengths before the decode measurement")
-    p.add_argument("--prefill", nargs="+", type=int, default=[256, 1024, 4096],
-                   help="prompt lengths for the prefill measurement (batch 1)")
+    p.add_argument(
+        "--contexts",
+        nargs="+",
+        type=int,
+        default=[16, 4096],
+        help="prompt lengths before the decode measurement",
+    )
+    p.add_argument(
+        "--prefill",
+        nargs="+",
+        type=int,
+        default=[256, 1024, 4096],
+        help="prompt lengths for the prefill measurement (batch 1)",
+    )
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                   help="cuda: every system on the GPU, rgemma multiplying in --dtype")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        choices=["cpu", "cuda"],
+        help="cuda: every system on the GPU, rgemma multiplying in --dtype",
+    )
     p.add_argument("--out", default="bench/results/compare")
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few tokens (CI)")
     args = p.parse_args()
@@ -241,12 +292,12 @@ def main() -> None:
     bandwidth = read_bandwidth(0.05 if args.smoke else 1.0)
     print(f"shape {args.shape}, weights {args.dtype}, systems {list(systems)}", flush=True)
 
-    for name, (drive, model) in systems.items():              # warm-up (and compile), not timed
+    for drive, model in systems.values():  # warm-up (and compile), not timed
         for B in args.batches:
             drive(model, torch.randint(3, cfg.vocab_size, (B, 8), device=args.device), 2)
     samples: dict[tuple[str, str, str], list[float]] = {}
     for r in range(args.rounds):
-        for name, (drive, model) in systems.items():      # interleaved: drift hits all alike
+        for name, (drive, model) in systems.items():  # interleaved: drift hits all alike
             for T in args.prefill:
                 prompt = torch.randint(3, cfg.vocab_size, (1, T), device=args.device)
                 pre, _ = drive(model, prompt, 1)
@@ -256,7 +307,8 @@ def main() -> None:
                     prompt = torch.randint(3, cfg.vocab_size, (B, ctx), device=args.device)
                     _, dec = drive(model, prompt, args.new_tokens)
                     samples.setdefault((name, f"decode b={B} ctx={ctx}", "tok/s"), []).append(
-                        B * args.new_tokens / dec)
+                        B * args.new_tokens / dec
+                    )
             print(f"round {r + 1}/{args.rounds}: {name} done", flush=True)
 
     results = [Result(s, m, u, v) for (s, m, u), v in samples.items()]
@@ -265,10 +317,15 @@ def main() -> None:
         print(bound_table(results, systems, bandwidth))
         if "rgemma-int8" in systems and not args.smoke:
             print(w8a8_quality(systems["rgemma"][1], systems["rgemma-int8"][1]))
-    meta = {"shape": args.shape, "dtype": args.dtype, "official_dtype": args.official_dtype,
-            "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
-            "new_tokens": args.new_tokens, "rounds": args.rounds,
-            "read_bandwidth_gbs": bandwidth / 1e9}
+    meta = {
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "official_dtype": args.official_dtype,
+        "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "read_bandwidth_gbs": bandwidth / 1e9,
+    }
     save(results, args.out + ".json", meta)
     bar_plot(results, args.out + ".png", f"{args.shape} shape, weights {args.dtype} (tok/s)")
     print(f"wrote {args.out}.json and {args.out}.png")

@@ -29,14 +29,16 @@ from pathlib import Path
 import torch
 
 from rgemma import weights
-from rgemma.io.checkpoint import INDEX_FILE, parse_size, plan_shards, shard_file_name
 from rgemma.config import GriffinConfig
+from rgemma.io.checkpoint import INDEX_FILE, parse_size, plan_shards, shard_file_name
 
 
-def write_random_checkpoint(out: Path, config: GriffinConfig, dtype: torch.dtype,
-                            shard_size: int, seed: int = 0) -> int:
+def write_random_checkpoint(
+    out: Path, config: GriffinConfig, dtype: torch.dtype, shard_size: int, seed: int = 0
+) -> int:
     """Writes config.json and random safetensors shards; returns the weight bytes."""
     from safetensors.torch import save_file
+
     shapes = weights.expected_shapes(config)
     sizes = {k: math.prod(s) * dtype.itemsize for k, s in shapes.items()}
     shards = plan_shards(sizes, shard_size)
@@ -44,8 +46,9 @@ def write_random_checkpoint(out: Path, config: GriffinConfig, dtype: torch.dtype
     weight_map = {}
     for k, names in enumerate(shards, start=1):
         file = shard_file_name(k, len(shards))
-        part = {"model." + n: (torch.randn(shapes[n], generator=gen) * 0.02).to(dtype)
-                for n in names}
+        part = {
+            "model." + n: (torch.randn(shapes[n], generator=gen) * 0.02).to(dtype) for n in names
+        }
         save_file(part, str(out / file), metadata={"format": "pt"})
         weight_map.update({n: file for n in part})
         del part
@@ -93,15 +96,23 @@ MEASURE = textwrap.dedent("""
 
 
 def measure(directory: Path, dtype: str) -> dict:
-    proc = subprocess.run([sys.executable, "-c", MEASURE, str(directory), dtype],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(directory), dtype],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dir", type=Path, default=None,
-                        help="where to write the checkpoint (reused if it has a config.json)")
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=None,
+        help="where to write the checkpoint (reused if it has a config.json)",
+    )
     parser.add_argument("--dtype", default="bfloat16", help="stored and loaded dtype")
     parser.add_argument("--shard-size", default="2GB")
     parser.add_argument("--preset", default="recurrentgemma-2b")
@@ -117,8 +128,9 @@ def main() -> None:
             nbytes = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
         else:
             print(f"writing a random {args.preset} checkpoint ({args.dtype}) to {directory}")
-            nbytes = write_random_checkpoint(directory, config, getattr(torch, args.dtype),
-                                             parse_size(args.shard_size))
+            nbytes = write_random_checkpoint(
+                directory, config, getattr(torch, args.dtype), parse_size(args.shard_size)
+            )
         r = measure(directory, args.dtype)
     finally:
         if not args.keep:
@@ -127,10 +139,14 @@ def main() -> None:
     kb = 1024
     print(f"weights:           {nbytes / gb:.2f} GB ({r['param_bytes'] / gb:.2f} GB of parameters)")
     print(f"RSS after imports: {r['base_rss_kb'] * kb / gb:.2f} GB")
-    print(f"peak RSS:          {r['peak_rss_kb'] * kb / gb:.2f} GB "
-          f"(+{(r['peak_rss_kb'] - r['base_rss_kb']) * kb / nbytes:.2f} x weights)")
-    print(f"peak anon RSS:     {r['peak_anon_kb'] * kb / gb:.2f} GB "
-          f"(+{(r['peak_anon_kb'] - r['base_anon_kb']) * kb / nbytes:.2f} x weights)")
+    print(
+        f"peak RSS:          {r['peak_rss_kb'] * kb / gb:.2f} GB "
+        f"(+{(r['peak_rss_kb'] - r['base_rss_kb']) * kb / nbytes:.2f} x weights)"
+    )
+    print(
+        f"peak anon RSS:     {r['peak_anon_kb'] * kb / gb:.2f} GB "
+        f"(+{(r['peak_anon_kb'] - r['base_anon_kb']) * kb / nbytes:.2f} x weights)"
+    )
     print(f"RSS after load:    {r['final_rss_kb'] * kb / gb:.2f} GB")
     print(f"load time:         {r['seconds']:.1f} s")
 

@@ -1,6 +1,6 @@
 """Fast chunked scan vs the reference loop (CPU), at the 2B width.
 
-    python bench/scan.py [--width 2560] [--lengths 1024 4096] [--repeats 5]
+python bench/scan.py [--width 2560] [--lengths 1024 4096] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def main() -> None:
             loop = timed(linear_scan_reference, a, x, h0, repeats=args.repeats)
             chunked = timed(linear_scan_chunked, a, x, h0, repeats=args.repeats)
         diff = (ref - fast).abs().max().item()
-        print(f"{T:>6} {loop * 1e3:>9.1f} {chunked * 1e3:>11.1f} {loop / chunked:>8.1f}x {diff:>11.2e}")
+        print(
+            f"{T:>6} {loop * 1e3:>9.1f} {chunked * 1e3:>11.1f} "
+            f"{loop / chunked:>8.1f}x {diff:>11.2e}"
+        )
 
 
 if __name__ == "__main__":

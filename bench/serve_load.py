@@ -32,9 +32,11 @@ from pathlib import Path
 
 import httpx
 
-WORDS = ("the of and to in is for def return self import class if else while with as "
-         "value data list dict print range len open file name path time model state "
-         "token stream batch server client request answer question").split()
+WORDS = (
+    "the of and to in is for def return self import class if else while with as "
+    "value data list dict print range len open file name path time model state "
+    "token stream batch server client request answer question"
+).split()
 
 
 # ================================================================= the model
@@ -46,20 +48,39 @@ def random_checkpoint(directory: Path) -> str:
     from rgemma.config import GriffinConfig, griffin_pattern
     from rgemma.io import checkpoint
     from rgemma.model import Griffin
+
     rng = random.Random(0)
     lines = [" ".join(rng.choice(WORDS) for _ in range(12)) for _ in range(2000)]
     buf = io.BytesIO()
     specials = [f"<unused{i}>" for i in range(102)] + ["<start_of_turn>", "<end_of_turn>"]
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=1024,
-        hard_vocab_limit=False, byte_fallback=True, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        user_defined_symbols=specials, add_dummy_prefix=False, minloglevel=2, num_threads=1)
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        model_type="bpe",
+        vocab_size=1024,
+        hard_vocab_limit=False,
+        byte_fallback=True,
+        pad_id=0,
+        eos_id=1,
+        bos_id=2,
+        unk_id=3,
+        user_defined_symbols=specials,
+        add_dummy_prefix=False,
+        minloglevel=2,
+        num_threads=1,
+    )
     tok_dir = directory / "tok"
     tok_dir.mkdir()
     (tok_dir / "tokenizer.model").write_bytes(buf.getvalue())
     vocab = sentencepiece.SentencePieceProcessor(model_proto=buf.getvalue()).get_piece_size()
-    config = GriffinConfig(vocab_size=vocab, width=256, mlp_width=768, num_heads=2,
-                           block_types=griffin_pattern(6), attention_window=256)
+    config = GriffinConfig(
+        vocab_size=vocab,
+        width=256,
+        mlp_width=768,
+        num_heads=2,
+        block_types=griffin_pattern(6),
+        attention_window=256,
+    )
     torch.manual_seed(0)
     path = directory / "model"
     checkpoint.save_hf(Griffin(config).init_weights(0), path, tokenizer_dir=tok_dir)
@@ -72,12 +93,29 @@ def start_server(args, path: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "rgemma.cli.serve", "--model", path, "--host", "127.0.0.1",
-           "--port", str(port), "--max-batch", str(args.max_batch or max(args.clients)),
-           "--max-queue", str(max(64, 2 * max(args.clients))),
-           "--prefill-chunk", str(args.prefill_chunk),
-           "--prefix-cache-mb", str(args.prefix_cache_mb),
-           "--max-tokens-limit", str(max(2048, args.max_tokens)), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rgemma.cli.serve",
+        "--model",
+        path,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--max-batch",
+        str(args.max_batch or max(args.clients)),
+        "--max-queue",
+        str(max(64, 2 * max(args.clients))),
+        "--prefill-chunk",
+        str(args.prefill_chunk),
+        "--prefix-cache-mb",
+        str(args.prefix_cache_mb),
+        "--max-tokens-limit",
+        str(max(2048, args.max_tokens)),
+        "--log-level",
+        "warning",
+    ]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     server = subprocess.Popen(cmd)
@@ -97,8 +135,14 @@ def start_server(args, path: str) -> tuple[subprocess.Popen, str]:
 # ================================================================== the load
 async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> dict:
     """One streamed completion: its TTFT, latency and completion tokens."""
-    body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
-            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     t0 = time.perf_counter()
     ttft, tokens = None, 0
     async with http.stream("POST", "/v1/completions", json=body) as r:
@@ -116,8 +160,9 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int) -> 
     return {"status": 200, "ttft": ttft, "latency": time.perf_counter() - t0, "tokens": tokens}
 
 
-async def run_level(url: str, clients: int, requests: int, max_tokens: int,
-                    prompt_words: int, seed: int) -> dict:
+async def run_level(
+    url: str, clients: int, requests: int, max_tokens: int, prompt_words: int, seed: int
+) -> dict:
     """``requests`` requests from ``clients`` concurrent closed-loop clients."""
     rng = random.Random(seed)
     prompts = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(requests)]
@@ -134,10 +179,16 @@ async def run_level(url: str, clients: int, requests: int, max_tokens: int,
         wall = time.perf_counter() - t0
     ok = [r for r in results if r["status"] == 200]
     ttft = sorted(r["ttft"] for r in ok if r["ttft"] is not None)
-    return {"clients": clients, "requests": len(results), "errors": len(results) - len(ok),
-            "tok_s": sum(r["tokens"] for r in ok) / wall, "wall_s": wall,
-            "ttft_p50": _quantile(ttft, 0.5), "ttft_p99": _quantile(ttft, 0.99),
-            "latency_p50": _quantile(sorted(r["latency"] for r in ok), 0.5)}
+    return {
+        "clients": clients,
+        "requests": len(results),
+        "errors": len(results) - len(ok),
+        "tok_s": sum(r["tokens"] for r in ok) / wall,
+        "wall_s": wall,
+        "ttft_p50": _quantile(ttft, 0.5),
+        "ttft_p99": _quantile(ttft, 0.99),
+        "latency_p50": _quantile(sorted(r["latency"] for r in ok), 0.5),
+    }
 
 
 def _quantile(sorted_values: list[float], q: float) -> float:
@@ -148,22 +199,25 @@ def _quantile(sorted_values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     where = p.add_mutually_exclusive_group()
     where.add_argument("--model", help="checkpoint to serve (default: the bundled demo model)")
     where.add_argument("--url", help="benchmark a server already running at this URL")
     where.add_argument("--random", action="store_true", help="serve a random ~5M model")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
-    p.add_argument("--requests", type=int, default=0,
-                   help="requests per level (default: max(8, 2 x clients))")
+    p.add_argument(
+        "--requests", type=int, default=0, help="requests per level (default: max(8, 2 x clients))"
+    )
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--prompt-words", type=int, default=32)
     p.add_argument("--max-batch", type=int, default=0, help="default: the most clients")
     p.add_argument("--prefill-chunk", type=int, default=256)
     p.add_argument("--prefix-cache-mb", type=float, default=0.0)
-    p.add_argument("--threads", type=int, default=0,
-                   help="the server's torch threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=int, default=0, help="the server's torch threads (default: torch's)"
+    )
     args = p.parse_args()
 
     server = None
@@ -175,6 +229,7 @@ def main() -> int:
                 path = random_checkpoint(Path(tmp))
             elif path is None:
                 from rgemma.io import demo
+
                 try:
                     path = demo.path()
                 except FileNotFoundError as e:
@@ -182,16 +237,22 @@ def main() -> int:
             server, url = start_server(args, path)
             print(f"serving {path} at {url}", file=sys.stderr)
         try:
-            asyncio.run(run_level(url, 1, 2, 4, args.prompt_words, seed=123))      # warm-up
-            print(f"{'clients':>7} {'requests':>8} {'errors':>6} {'tok/s':>8} "
-                  f"{'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'wall s':>7}")
+            asyncio.run(run_level(url, 1, 2, 4, args.prompt_words, seed=123))  # warm-up
+            print(
+                f"{'clients':>7} {'requests':>8} {'errors':>6} {'tok/s':>8} "
+                f"{'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'wall s':>7}"
+            )
             for clients in args.clients:
                 n = args.requests or max(8, 2 * clients)
-                r = asyncio.run(run_level(url, clients, n, args.max_tokens, args.prompt_words,
-                                          seed=clients))
-                print(f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['tok_s']:>8.1f} "
-                      f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
-                      f"{r['latency_p50']:>7.2f}s {r['wall_s']:>7.1f}", flush=True)
+                r = asyncio.run(
+                    run_level(url, clients, n, args.max_tokens, args.prompt_words, seed=clients)
+                )
+                print(
+                    f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['tok_s']:>8.1f} "
+                    f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
+                    f"{r['latency_p50']:>7.2f}s {r['wall_s']:>7.1f}",
+                    flush=True,
+                )
         finally:
             if server is not None:
                 server.terminate()

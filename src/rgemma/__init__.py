@@ -19,6 +19,7 @@ _LAZY = {"Griffin": "rgemma.model", "GriffinConfig": "rgemma.config", "State": "
 def __getattr__(name: str):
     if name in _LAZY:
         import importlib
+
         value = getattr(importlib.import_module(_LAZY[name]), name)
         globals()[name] = value
         return value
@@ -28,6 +29,7 @@ def __getattr__(name: str):
 def load(path, **kwargs):
     """(model, tokenizer) from a checkpoint path; see ``rgemma.io.checkpoint.load``."""
     from rgemma.io.checkpoint import load as _load
+
     return _load(path, **kwargs)
 
 
@@ -35,4 +37,5 @@ def save(model, directory, **kwargs):
     """Writes a Hugging Face checkpoint directory that ``transformers`` opens; see
     ``rgemma.io.checkpoint.save_hf``."""
     from rgemma.io.checkpoint import save_hf
+
     return save_hf(model, directory, **kwargs)

@@ -27,10 +27,10 @@ import torch
 
 from rgemma import kernels
 
-ROW_BUCKETS = (1, 4, 16, 64, 256)    # products are tuned at these row counts
+ROW_BUCKETS = (1, 4, 16, 64, 256)  # products are tuned at these row counts
 _REPEATS = 3
 
-_choices: dict[str, str] | None = None      # the cache file's contents, once read
+_choices: dict[str, str] | None = None  # the cache file's contents, once read
 
 
 def row_bucket(rows: int) -> int:
@@ -84,7 +84,7 @@ def forget() -> None:
 
 
 def _seconds(run: Callable[[], object]) -> float:
-    run()                                        # warm-up: packing, page faults, threads
+    run()  # warm-up: packing, page faults, threads
     times = []
     for _ in range(_REPEATS):
         start = time.perf_counter()
@@ -102,7 +102,7 @@ def choose(key: str, candidates: dict[str, Callable[[], object]]) -> str:
         return cached
     if not enabled() or len(candidates) == 1:
         return next(iter(candidates))
-    with torch.no_grad():     # not inference_mode: reused buffers must stay normal tensors
+    with torch.no_grad():  # not inference_mode: reused buffers must stay normal tensors
         times = {name: _seconds(run) for name, run in candidates.items()}
     best = min(times, key=times.get)
     _write(key, best)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from typing import Any
 
 RECURRENT = "recurrent"
@@ -23,9 +22,16 @@ class ConfigError(ValueError):
 # Largest accepted value of each size: far above any published model (2B: vocabulary
 # 256,000, width 2,560, 26 layers, window 2,048), so that a corrupt or hostile config.json
 # is refused before anything is allocated from it.
-MAX_SIZES = {"vocab_size": 1 << 22, "width": 1 << 16, "mlp_width": 1 << 18,
-             "num_heads": 1 << 12, "lru_width": 1 << 16, "attention_window": 1 << 20,
-             "conv1d_width": 1 << 8, "num_layers": 1 << 12}
+MAX_SIZES = {
+    "vocab_size": 1 << 22,
+    "width": 1 << 16,
+    "mlp_width": 1 << 18,
+    "num_heads": 1 << 12,
+    "lru_width": 1 << 16,
+    "attention_window": 1 << 20,
+    "conv1d_width": 1 << 8,
+    "num_layers": 1 << 12,
+}
 
 
 def check_size(name: str, value: Any) -> int:
@@ -36,8 +42,10 @@ def check_size(name: str, value: Any) -> int:
     if value <= 0:
         raise ConfigError(f"GriffinConfig.{name} must be a positive integer, got {value!r}")
     if value > MAX_SIZES[name]:
-        raise ConfigError(f"GriffinConfig.{name} is {value}; rgemma accepts at most "
-                          f"{MAX_SIZES[name]} (a larger value means a corrupt config)")
+        raise ConfigError(
+            f"GriffinConfig.{name} is {value}; rgemma accepts at most "
+            f"{MAX_SIZES[name]} (a larger value means a corrupt config)"
+        )
     return value
 
 
@@ -94,34 +102,49 @@ class GriffinConfig:
     # ------------------------------------------------------------------ checks
     def validate(self) -> None:
         """Raises ConfigError naming the field and the fix when the shape is invalid."""
-        for name in ("vocab_size", "width", "mlp_width", "num_heads", "lru_width",
-                     "attention_window", "conv1d_width"):
+        for name in (
+            "vocab_size",
+            "width",
+            "mlp_width",
+            "num_heads",
+            "lru_width",
+            "attention_window",
+            "conv1d_width",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int):
                 raise ConfigError(f"GriffinConfig.{name} must be a positive integer, got {value!r}")
             check_size(name, value)
         check_size("num_layers", len(self.block_types) or 1)
         if not self.block_types:
-            raise ConfigError("GriffinConfig.block_types is empty: a model needs at least one block")
+            raise ConfigError(
+                "GriffinConfig.block_types is empty: a model needs at least one block"
+            )
         bad = [b for b in self.block_types if b not in BLOCK_KINDS]
         if bad:
             raise ConfigError(
                 f"GriffinConfig.block_types has unknown kinds {sorted(set(bad))}; "
-                f"each must be one of {BLOCK_KINDS}")
+                f"each must be one of {BLOCK_KINDS}"
+            )
         if self.width % self.num_heads:
             raise ConfigError(
                 f"width {self.width} is not divisible by num_heads {self.num_heads}: "
-                "choose num_heads dividing width")
+                "choose num_heads dividing width"
+            )
         if self.lru_width % self.num_heads:
             raise ConfigError(
                 f"lru_width {self.lru_width} is not divisible by num_heads {self.num_heads}: "
-                "the RG-LRU gates are block-diagonal with one block per head")
+                "the RG-LRU gates are block-diagonal with one block per head"
+            )
         if ATTENTION in self.block_types and (self.head_dim % 4):
             raise ConfigError(
                 f"head_dim {self.head_dim} (width / num_heads) must be divisible by 4 "
-                "(RoPE rotates pairs in the first half of each head)")
+                "(RoPE rotates pairs in the first half of each head)"
+            )
         if self.logits_soft_cap < 0:
-            raise ConfigError(f"logits_soft_cap must be >= 0 (0 disables it), got {self.logits_soft_cap}")
+            raise ConfigError(
+                f"logits_soft_cap must be >= 0 (0 disables it), got {self.logits_soft_cap}"
+            )
 
     # --------------------------------------------------------------- derived
     @property
@@ -140,7 +163,7 @@ class GriffinConfig:
     def recurrent_layers(self) -> tuple[int, ...]:
         return tuple(i for i, b in enumerate(self.block_types) if b == RECURRENT)
 
-    def replace(self, **changes: Any) -> "GriffinConfig":
+    def replace(self, **changes: Any) -> GriffinConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -151,31 +174,51 @@ class GriffinConfig:
     def fingerprint(self) -> str:
         """A short string that identifies the architecture (for state files)."""
         import hashlib
-        keys = ("vocab_size", "width", "mlp_width", "num_heads", "block_types", "lru_width",
-                "attention_window", "conv1d_width")
+
+        keys = (
+            "vocab_size",
+            "width",
+            "mlp_width",
+            "num_heads",
+            "block_types",
+            "lru_width",
+            "attention_window",
+            "conv1d_width",
+        )
         blob = json.dumps({k: self.to_dict()[k] for k in keys}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     # ---------------------------------------------------------------- presets
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "GriffinConfig":
+    def from_preset(cls, name: str, **overrides: Any) -> GriffinConfig:
         """A preset by name: recurrentgemma-2b(-it), recurrentgemma-9b(-it), griffin-7b, hawk-7b."""
         key = name.lower().removesuffix("-it")
         if key not in PRESETS:
-            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(preset_names())}")
+            raise ConfigError(
+                f"unknown preset {name!r}; known presets: {', '.join(preset_names())}"
+            )
         return cls(**{**PRESETS[key], **overrides})
 
     # ---------------------------------------------------------- Hugging Face
     @classmethod
-    def from_hf_dict(cls, d: dict[str, Any]) -> "GriffinConfig":
+    def from_hf_dict(cls, d: dict[str, Any]) -> GriffinConfig:
         """Reads a Hugging Face RecurrentGemma ``config.json`` dictionary."""
         model_type = d.get("model_type")
         if model_type != "recurrent_gemma":
             raise ConfigError(
                 f"config.json has model_type {model_type!r}; rgemma reads only 'recurrent_gemma' "
-                "(RecurrentGemma / Griffin checkpoints)")
-        missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                               "intermediate_size") if k not in d]
+                "(RecurrentGemma / Griffin checkpoints)"
+            )
+        missing = [
+            k
+            for k in (
+                "num_hidden_layers",
+                "hidden_size",
+                "num_attention_heads",
+                "intermediate_size",
+            )
+            if k not in d
+        ]
         if missing:
             raise ConfigError(f"config.json lacks the field {missing[0]!r}")
         num_layers = check_size("num_layers", d["num_hidden_layers"])
@@ -186,7 +229,8 @@ class GriffinConfig:
         if kv_heads is not None and int(kv_heads) != 1:
             raise ConfigError(
                 f"config.json: num_key_value_heads is {kv_heads}; RecurrentGemma's local "
-                "attention is multi-query (one K/V head): set it to 1")
+                "attention is multi-query (one K/V head): set it to 1"
+            )
         pattern = d.get("block_types", d.get("_block_types", [RECURRENT, RECURRENT, ATTENTION]))
         if not isinstance(pattern, (list, tuple)) or not pattern:
             raise ConfigError("config.json: block_types must be a non-empty list")
@@ -195,7 +239,8 @@ class GriffinConfig:
         if intermediate % 2:
             raise ConfigError(
                 f"config.json: intermediate_size {intermediate} is odd; for RecurrentGemma it is "
-                "twice the MLP width")
+                "twice the MLP width"
+            )
         rope = d.get("rope_parameters") or {}
         rope_base = rope.get("rope_theta", d.get("rope_theta", 10_000.0))
         eos = d.get("eos_token_id", 1)
@@ -209,8 +254,9 @@ class GriffinConfig:
                 num_heads=heads,
                 block_types=blocks,
                 lru_width=check_size("lru_width", d.get("lru_width") or width),
-                attention_window=check_size("attention_window",
-                                            d.get("attention_window_size", 2048)),
+                attention_window=check_size(
+                    "attention_window", d.get("attention_window_size", 2048)
+                ),
                 logits_soft_cap=float(d.get("logits_soft_cap") or 0.0),
                 embeddings_scale_by_sqrt_dim=bool(d.get("embeddings_scale_by_sqrt_dim", True)),
                 conv1d_width=check_size("conv1d_width", d.get("conv1d_width", 4)),
@@ -220,7 +266,7 @@ class GriffinConfig:
                 eos_token_id=int(eos if eos is not None else 1),
                 bos_token_id=int(d["bos_token_id"] if d.get("bos_token_id") is not None else 2),
             )
-        except (TypeError, ValueError) as e:      # a field of the wrong JSON type
+        except (TypeError, ValueError) as e:  # a field of the wrong JSON type
             if isinstance(e, ConfigError):
                 raise
             raise ConfigError(f"config.json: a field has the wrong type ({e})") from None
@@ -252,8 +298,11 @@ class GriffinConfig:
             "hidden_activation": "gelu_pytorch_tanh",
             "rope_theta": self.rope_base,
             "partial_rotary_factor": 0.5,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_base,
-                                "partial_rotary_factor": 0.5},
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": self.rope_base,
+                "partial_rotary_factor": 0.5,
+            },
             "attention_bias": False,
             "tie_word_embeddings": True,
             "pad_token_id": self.pad_token_id,
@@ -266,16 +315,30 @@ class GriffinConfig:
 def _recurrentgemma(width: int, num_heads: int, num_layers: int) -> dict[str, Any]:
     """RecurrentGemma (the model card's shapes): the MLP 3x wide, the RG-LRU as wide as the
     model, a 2048-token attention window, logits soft-capped at 30."""
-    return dict(width=width, mlp_width=3 * width, num_heads=num_heads, lru_width=width,
-                block_types=griffin_pattern(num_layers), attention_window=2048,
-                logits_soft_cap=30.0, embeddings_scale_by_sqrt_dim=True)
+    return dict(
+        width=width,
+        mlp_width=3 * width,
+        num_heads=num_heads,
+        lru_width=width,
+        block_types=griffin_pattern(num_layers),
+        attention_window=2048,
+        logits_soft_cap=30.0,
+        embeddings_scale_by_sqrt_dim=True,
+    )
 
 
 def _paper_7b(block_types: tuple[str, ...]) -> dict[str, Any]:
     """The Griffin paper's 7B models (Griffin, and Hawk without attention)."""
-    return dict(width=4096, mlp_width=3 * 4096, num_heads=32, lru_width=5632,
-                block_types=block_types, attention_window=1024, logits_soft_cap=0.0,
-                embeddings_scale_by_sqrt_dim=False)
+    return dict(
+        width=4096,
+        mlp_width=3 * 4096,
+        num_heads=32,
+        lru_width=5632,
+        block_types=block_types,
+        attention_window=1024,
+        logits_soft_cap=0.0,
+        embeddings_scale_by_sqrt_dim=False,
+    )
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -7,19 +7,25 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-DTYPE_NAMES = ("float32", "bfloat16", "float16")   # what the command line offers
-_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-            "float": "float32"}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what the command line offers
+_ALIASES = {
+    "bf16": "bfloat16",
+    "fp16": "float16",
+    "half": "float16",
+    "fp32": "float32",
+    "float": "float32",
+}
 _ACCEPTED = DTYPE_NAMES + ("float64",)
 
 
-def as_dtype(dtype: "torch.dtype | str | None") -> "torch.dtype | None":
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     """torch.bfloat16 / "bfloat16" / "bf16" / "torch.bfloat16" -> torch.bfloat16.
 
     None and "auto" give None (keep the checkpoint's); anything else is a
     ValueError naming the accepted names.
     """
     import torch
+
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     name = str(dtype).removeprefix("torch.")

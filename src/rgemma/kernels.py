@@ -39,7 +39,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("kernels.c")
 _FLAG_SETS = (["-O3", "-march=native", "-fopenmp"], ["-O3", "-fopenmp"])
-_SMALL_WORK = 1 << 18          # fewer multiply-adds than this: one thread (no fork/join)
+_SMALL_WORK = 1 << 18  # fewer multiply-adds than this: one thread (no fork/join)
 
 
 def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -55,7 +55,8 @@ def cpu_signature() -> str:
     """What -march=native depends on: the CPU model and flags."""
     try:
         with open("/proc/cpuinfo") as f:
-            lines = [l for l in f if l.startswith(("model name", "flags", "Features", "CPU part"))]
+            keys = ("model name", "flags", "Features", "CPU part")
+            lines = [line for line in f if line.startswith(keys)]
         return "".join(sorted(set(lines)))
     except OSError:
         return platform.processor() or platform.machine()
@@ -77,8 +78,9 @@ def build() -> Path:
     source = SOURCE.read_bytes()
     errors = []
     for flags in _FLAG_SETS:
-        key = hashlib.sha256(source + " ".join([cc, *flags]).encode()
-                             + cpu_signature().encode()).hexdigest()[:16]
+        key = hashlib.sha256(
+            source + " ".join([cc, *flags]).encode() + cpu_signature().encode()
+        ).hexdigest()[:16]
         target = cache_dir() / f"kernels-{key}.so"
         if target.exists():
             return target
@@ -88,7 +90,7 @@ def build() -> Path:
         cmd = [cc, *flags, "-fPIC", "-shared", "-std=gnu11", str(SOURCE), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
-            os.replace(tmp, target)                  # complete or absent, never half-written
+            os.replace(tmp, target)  # complete or absent, never half-written
             return target
         os.unlink(tmp)
         errors.append(f"{' '.join(cmd)}: {proc.stderr.strip().splitlines()[-1:]}")
@@ -96,7 +98,7 @@ def build() -> Path:
 
 
 _lib: ctypes.CDLL | None = None
-_loaded = False                # tried to load (a plain flag: torch.compile reads it)
+_loaded = False  # tried to load (a plain flag: torch.compile reads it)
 
 
 def _load() -> ctypes.CDLL | None:
@@ -105,8 +107,12 @@ def _load() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (RuntimeError, OSError) as e:
-        warnings.warn(f"rgemma: {e}; int8 decode falls back to PyTorch's kernel (slower). "
-                      "Set RGEMMA_NATIVE=0 to silence this.", RuntimeWarning, stacklevel=4)
+        warnings.warn(
+            f"rgemma: {e}; int8 decode falls back to PyTorch's kernel (slower). "
+            "Set RGEMMA_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.rgemma_int8_matmul.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
@@ -128,11 +134,16 @@ def available() -> bool:
 def _int8_matmul_native(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = q.shape[0]
-    x, q, scale = x.float().contiguous(), q.contiguous(), scale.float().contiguous()  # the C contract
+    x, q, scale = (
+        x.float().contiguous(),
+        q.contiguous(),
+        scale.float().contiguous(),
+    )  # the C contract
     y = torch.empty(M, N, dtype=torch.float32)
     threads = 1 if M * N * K < _SMALL_WORK else torch.get_num_threads()
-    _lib.rgemma_int8_matmul(x.data_ptr(), M, K, q.data_ptr(), N, scale.data_ptr(),
-                                  y.data_ptr(), threads)
+    _lib.rgemma_int8_matmul(
+        x.data_ptr(), M, K, q.data_ptr(), N, scale.data_ptr(), y.data_ptr(), threads
+    )
     return y
 
 

@@ -21,9 +21,9 @@ from torch import nn
 from rgemma.scan import linear_scan
 from rgemma.state import AttentionLayerState, RecurrentLayerState
 
-_MASKED = -2.3819763e38          # the official code's "minus infinity" for masked logits
-_MAX_SQRT_GRADIENT = 1000.0      # bound on d sqrt(x) / dx during training
-VOCAB_BLOCK = 16384              # logits of a table held in another dtype: rows per product
+_MASKED = -2.3819763e38  # the official code's "minus infinity" for masked logits
+_MAX_SQRT_GRADIENT = 1000.0  # bound on d sqrt(x) / dx during training
+VOCAB_BLOCK = 16384  # logits of a table held in another dtype: rows per product
 
 
 def normal_(p: torch.Tensor, variance: float, generator: torch.Generator | None = None) -> None:
@@ -61,8 +61,9 @@ class Chunk:
     num_tokens_before: torch.Tensor
 
     @classmethod
-    def build(cls, positions: torch.Tensor, num_tokens: torch.Tensor,
-              doc_start: torch.Tensor) -> "Chunk":
+    def build(
+        cls, positions: torch.Tensor, num_tokens: torch.Tensor, doc_start: torch.Tensor
+    ) -> Chunk:
         is_real = positions >= 0
         reset = positions == 0
         n_pad = (~is_real).sum(dim=1)
@@ -72,27 +73,43 @@ class Chunk:
         minus_one = torch.full_like(stream, -1)
         starts = torch.where(reset, stream, minus_one)
         doc = torch.maximum(torch.cummax(starts, dim=1).values, doc_start[:, None])
-        return cls(positions=positions, is_real=is_real, reset=reset,
-                   stream_index=torch.where(is_real, stream, minus_one), doc_start=doc,
-                   n_pad=n_pad, has_pad=bool(n_pad.any()), num_tokens_before=num_tokens)
+        return cls(
+            positions=positions,
+            is_real=is_real,
+            reset=reset,
+            stream_index=torch.where(is_real, stream, minus_one),
+            doc_start=doc,
+            n_pad=n_pad,
+            has_pad=bool(n_pad.any()),
+            num_tokens_before=num_tokens,
+        )
 
     @classmethod
-    def for_step(cls, positions: torch.Tensor, num_tokens: torch.Tensor,
-                 doc_start: torch.Tensor) -> "Chunk":
+    def for_step(
+        cls, positions: torch.Tensor, num_tokens: torch.Tensor, doc_start: torch.Tensor
+    ) -> Chunk:
         """The same facts for a decode step (T = 1) in a handful of ops. Rows fed
         padding are handled by the step functions (``has_pad`` is False)."""
         is_real = positions >= 0
         reset = positions == 0
         stream = num_tokens[:, None]
         doc = torch.where(reset, stream, doc_start[:, None])
-        return cls(positions=positions, is_real=is_real, reset=reset, stream_index=stream,
-                   doc_start=doc, n_pad=(~is_real[:, 0]).long(), has_pad=False,
-                   num_tokens_before=num_tokens)
+        return cls(
+            positions=positions,
+            is_real=is_real,
+            reset=reset,
+            stream_index=stream,
+            doc_start=doc,
+            n_pad=(~is_real[:, 0]).long(),
+            has_pad=False,
+            num_tokens_before=num_tokens,
+        )
 
 
 # --------------------------------------------------------------------------
 # Matmuls with weights held in another dtype than the activations
 # --------------------------------------------------------------------------
+
 
 def _cpu_has_native_bf16() -> bool:
     """True where the CPU multiplies bf16 natively (AVX512-BF16 or AMX)."""
@@ -122,6 +139,7 @@ def low_precision_matmul_dtype(x: torch.Tensor, rows: int) -> torch.dtype:
     if x.device.type == "cpu" and rows <= LOW_PRECISION_ROWS and not torch.is_grad_enabled():
         return torch.bfloat16
     return x.dtype
+
 
 _workspaces = threading.local()
 
@@ -183,9 +201,16 @@ class Linear(nn.Linear):
     b = 0 (``init_scale`` < 1 for the projections that end a residual branch).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
-                 init_scale: float = 1.0, **factory):
-        self.init_scale = init_scale      # before nn.Linear.__init__ calls reset_parameters
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        init_scale: float = 1.0,
+        **factory,
+    ):
+        self.init_scale = init_scale  # before nn.Linear.__init__ calls reset_parameters
         super().__init__(in_features, out_features, bias, **factory)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
@@ -214,8 +239,13 @@ class Embedding(nn.Embedding):
         table = self.weight
         if table.dtype == x.dtype:
             return F.linear(x, table)
-        return torch.cat([mixed_linear(x, table[i:i + VOCAB_BLOCK])
-                          for i in range(0, table.shape[0], VOCAB_BLOCK)], dim=-1)
+        return torch.cat(
+            [
+                mixed_linear(x, table[i : i + VOCAB_BLOCK])
+                for i in range(0, table.shape[0], VOCAB_BLOCK)
+            ],
+            dim=-1,
+        )
 
 
 class RMSNorm(nn.Module):
@@ -254,6 +284,7 @@ class MLPBlock(nn.Module):
 # Recurrent block: causal conv1d + RG-LRU
 # --------------------------------------------------------------------------
 
+
 class SqrtBoundedGrad(torch.autograd.Function):
     """sqrt(x) whose backward 1 / (2 sqrt(x)) is bounded by _MAX_SQRT_GRADIENT."""
 
@@ -265,7 +296,7 @@ class SqrtBoundedGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         (x,) = ctx.saved_tensors
-        floor = 1.0 / _MAX_SQRT_GRADIENT ** 2
+        floor = 1.0 / _MAX_SQRT_GRADIENT**2
         return grad / torch.sqrt(torch.clamp(4.0 * x, min=floor))
 
 
@@ -307,19 +338,20 @@ class Conv1D(nn.Module):
         normal_(self.weight, 0.01 / self.temporal_width, generator)
         nn.init.zeros_(self.bias)
 
-    def forward(self, u: torch.Tensor, tail: torch.Tensor, chunk: Chunk
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, u: torch.Tensor, tail: torch.Tensor, chunk: Chunk
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """u: [B, T, L]; tail: [B, K-1, L] -> (out [B, T, L], new tail [B, K-1, L])."""
         K, T = self.temporal_width, u.shape[1]
-        ext = _align_with_tail(u, tail, chunk)                       # [B, K-1+T, L]
-        w = self.weight[:, 0, :].T.to(u.dtype)                       # [K, L]
+        ext = _align_with_tail(u, tail, chunk)  # [B, K-1+T, L]
+        w = self.weight[:, 0, :].T.to(u.dtype)  # [K, L]
         # resets_before[t] - resets_before[t-s] > 0 <=> a document starts in (t-s, t]
         resets = torch.cumsum(chunk.reset.to(torch.int32), dim=1)
-        resets = F.pad(resets, (K - 1, 0))                           # [B, K-1+T]
-        out = ext[:, K - 1:] * w[K - 1]
+        resets = F.pad(resets, (K - 1, 0))  # [B, K-1+T]
+        out = ext[:, K - 1 :] * w[K - 1]
         for s in range(1, K):
-            x_s = ext[:, K - 1 - s: K - 1 - s + T]
-            keep = (resets[:, K - 1:] == resets[:, K - 1 - s: K - 1 - s + T])
+            x_s = ext[:, K - 1 - s : K - 1 - s + T]
+            keep = resets[:, K - 1 :] == resets[:, K - 1 - s : K - 1 - s + T]
             out = out + x_s * w[K - 1 - s] * keep[..., None].to(u.dtype)
         out = out + self.bias.to(u.dtype)
         return out, ext[:, T:]
@@ -330,7 +362,7 @@ class Conv1D(nn.Module):
         A document start hides the tail; a padding row keeps its tail.
         """
         history = torch.where(chunk.reset[..., None], torch.zeros_like(tail), tail.to(u.dtype))
-        ext = torch.cat([history, u], dim=1)                                  # [B, K, L]
+        ext = torch.cat([history, u], dim=1)  # [B, K, L]
         out = (ext * self.weight[:, 0, :].T.to(u.dtype)).sum(dim=1, keepdim=True)
         tail.copy_(torch.where(chunk.is_real[..., None], ext[:, 1:], tail))
         return out + self.bias.to(u.dtype)
@@ -376,15 +408,16 @@ class RGLRU(nn.Module):
     def _block_diag(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """[B, T, H*bw] -> [B, T, H*bw]: y_h = x_h @ w_h + b_h per head h."""
         B, T, _ = x.shape
-        xh = x.reshape(B * T, self.num_heads, -1).transpose(0, 1)    # [H, B*T, bw]
-        y = torch.baddbmm(b[:, None, :].to(x.dtype), xh, w.to(x.dtype))                       # [H, B*T, bw]
+        xh = x.reshape(B * T, self.num_heads, -1).transpose(0, 1)  # [H, B*T, bw]
+        y = torch.baddbmm(b[:, None, :].to(x.dtype), xh, w.to(x.dtype))  # [H, B*T, bw]
         return y.transpose(0, 1).reshape(B, T, -1)
 
     def coefficients(self, x: torch.Tensor, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, L] -> (a, b) float32 [B, T, L] with h_t = a_t h_{t-1} + b_t (no padding)."""
         gate_x = torch.sigmoid(self._block_diag(x, self.input_gate_weight, self.input_gate_bias))
-        gate_a = torch.sigmoid(self._block_diag(x, self.recurrent_gate_weight,
-                                                self.recurrent_gate_bias))
+        gate_a = torch.sigmoid(
+            self._block_diag(x, self.recurrent_gate_weight, self.recurrent_gate_bias)
+        )
         log_a = -8.0 * gate_a * F.softplus(self.recurrent_param.to(x.dtype))
         a = torch.exp(log_a)
         mult = SqrtBoundedGrad.apply(1 - torch.exp(2 * log_a))
@@ -394,8 +427,9 @@ class RGLRU(nn.Module):
         a = torch.where(reset, torch.zeros_like(a), a).float()
         return a, x_in
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor, chunk: Chunk
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, h: torch.Tensor, chunk: Chunk
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """x: [B, T, L]; h: [B, L] float32 -> (y [B, T, L], new h [B, L])."""
         a, x_in = self.coefficients(x, chunk)
         if chunk.has_pad:
@@ -416,8 +450,15 @@ class RGLRU(nn.Module):
 class RecurrentBlock(nn.Module):
     """out = linear_out( RG_LRU(conv1d(linear_x(x))) * gelu_tanh(linear_y(x)) )."""
 
-    def __init__(self, width: int, lru_width: int, num_heads: int, conv1d_width: int,
-                 final_init_scale: float = 1.0, **factory):
+    def __init__(
+        self,
+        width: int,
+        lru_width: int,
+        num_heads: int,
+        conv1d_width: int,
+        final_init_scale: float = 1.0,
+        **factory,
+    ):
         super().__init__()
         self.linear_x = Linear(width, lru_width, **factory)
         self.linear_y = Linear(width, lru_width, **factory)
@@ -446,7 +487,7 @@ class RecurrentBlock(nn.Module):
 def _store_conv_tail(state: RecurrentLayerState, tail: torch.Tensor, chunk: Chunk) -> None:
     """Keeps the last K-1 inputs, zeroing those from before the current document."""
     k1 = tail.shape[1]
-    n_after = chunk.num_tokens_before + chunk.is_real.sum(dim=1)            # [B]
+    n_after = chunk.num_tokens_before + chunk.is_real.sum(dim=1)  # [B]
     idx = n_after[:, None] - k1 + torch.arange(k1, device=tail.device)[None]
     doc = chunk.doc_start[:, -1:]
     keep = (idx >= doc)[..., None].to(tail.dtype)
@@ -456,6 +497,7 @@ def _store_conv_tail(state: RecurrentLayerState, tail: torch.Tensor, chunk: Chun
 # --------------------------------------------------------------------------
 # Local multi-query attention
 # --------------------------------------------------------------------------
+
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
     """RoPE on the first half of the last dim, split-half pairing.
@@ -468,7 +510,7 @@ def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.T
     half = rot.shape[-1] // 2
     freq = torch.arange(half, device=x.device)
     inv_freq = 1.0 / (base ** (2 * freq / rot.shape[-1]))
-    angle = positions[..., None, None] * inv_freq                    # [B, T, 1, half]
+    angle = positions[..., None, None] * inv_freq  # [B, T, 1, half]
     sin, cos = torch.sin(angle).to(x.dtype), torch.cos(angle).to(x.dtype)
     r1, r2 = torch.chunk(rot, 2, dim=-1)
     return torch.cat([r1 * cos - r2 * sin, r2 * cos + r1 * sin, rest], dim=-1)
@@ -481,8 +523,16 @@ class LocalAttentionBlock(nn.Module):
     0 <= q - k <= W (up to W + 1 keys): the W previous ones are in the ring.
     """
 
-    def __init__(self, width: int, num_heads: int, window: int, rope_base: float,
-                 query_block: int = 512, final_init_scale: float = 1.0, **factory):
+    def __init__(
+        self,
+        width: int,
+        num_heads: int,
+        window: int,
+        rope_base: float,
+        query_block: int = 512,
+        final_init_scale: float = 1.0,
+        **factory,
+    ):
         super().__init__()
         self.num_heads = num_heads
         self.head_dim = width // num_heads
@@ -494,8 +544,9 @@ class LocalAttentionBlock(nn.Module):
         self.v_proj = Linear(width, self.head_dim, bias=False, **factory)
         self.o_proj = Linear(width, width, bias=True, init_scale=final_init_scale, **factory)
 
-    def forward(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk,
-                ring_index: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk, ring_index: torch.Tensor
+    ) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]; writes the new keys/values into the ring.
 
         ring_index: [B, W] stream index of each ring slot before this call (-1 empty).
@@ -506,7 +557,7 @@ class LocalAttentionBlock(nn.Module):
         v = self.v_proj(x)
         q = apply_rope(q, chunk.positions, self.rope_base)
         k = apply_rope(k, chunk.positions, self.rope_base)[:, :, 0]
-        keys = torch.cat([state.k.to(x.dtype), k], dim=1)              # [B, W+T, Dh]
+        keys = torch.cat([state.k.to(x.dtype), k], dim=1)  # [B, W+T, Dh]
         values = torch.cat([state.v.to(x.dtype), v], dim=1)
         key_index = torch.cat([ring_index, chunk.stream_index], dim=1)  # [B, W+T]
         out = torch.empty(B, T, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
@@ -516,27 +567,33 @@ class LocalAttentionBlock(nn.Module):
             # keys that can be seen from queries a..b-1: the ring while a query is
             # within W of it, then chunk keys from a - W on.
             lo = 0 if a - int(chunk.n_pad.min()) < W else W + a - W
-            out[:, a:b] = self._attend(q[:, a:b], keys[:, lo:W + b], values[:, lo:W + b],
-                                       key_index[:, lo:W + b], chunk.stream_index[:, a:b],
-                                       chunk.doc_start[:, a:b])
+            out[:, a:b] = self._attend(
+                q[:, a:b],
+                keys[:, lo : W + b],
+                values[:, lo : W + b],
+                key_index[:, lo : W + b],
+                chunk.stream_index[:, a:b],
+                chunk.doc_start[:, a:b],
+            )
         self._write_ring(state, k, v, chunk)
         return self.o_proj(out.reshape(B, T, -1))
 
-    def step(self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk,
-             ring_index: torch.Tensor) -> torch.Tensor:
+    def step(
+        self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk, ring_index: torch.Tensor
+    ) -> torch.Tensor:
         """One token: x [B, 1, D] -> [B, 1, D]. Attends to the ring (W keys) and to
         itself without concatenating them, then writes its key/value into the ring."""
         B = x.shape[0]
         q = self.q_proj(x).view(B, 1, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, 1, 1, self.head_dim)
-        v = self.v_proj(x)                                                 # [B, 1, Dh]
-        q = apply_rope(q, chunk.positions, self.rope_base)[:, 0]           # [B, H, Dh]
-        k = apply_rope(k, chunk.positions, self.rope_base)[:, 0]           # [B, 1, Dh]
+        v = self.v_proj(x)  # [B, 1, Dh]
+        q = apply_rope(q, chunk.positions, self.rope_base)[:, 0]  # [B, H, Dh]
+        k = apply_rope(k, chunk.positions, self.rope_base)[:, 0]  # [B, 1, Dh]
         ring_k, ring_v = state.k.to(x.dtype), state.v.to(x.dtype)
-        scale = self.head_dim ** -0.5
-        ring_logits = torch.bmm(q, ring_k.transpose(1, 2)) * scale         # [B, H, W]
-        self_logit = torch.bmm(q, k.transpose(1, 2)) * scale               # [B, H, 1]
-        diff = chunk.stream_index - ring_index                             # [B, W]
+        scale = self.head_dim**-0.5
+        ring_logits = torch.bmm(q, ring_k.transpose(1, 2)) * scale  # [B, H, W]
+        self_logit = torch.bmm(q, k.transpose(1, 2)) * scale  # [B, H, 1]
+        diff = chunk.stream_index - ring_index  # [B, W]
         visible = (diff <= self.window) & (ring_index >= chunk.doc_start) & (ring_index >= 0)
         logits = torch.cat([ring_logits, self_logit], dim=-1).float()
         logits[..., :-1].masked_fill_(~visible[:, None], _MASKED)
@@ -546,33 +603,39 @@ class LocalAttentionBlock(nn.Module):
         return self.o_proj(out.reshape(B, 1, -1))
 
     def _attend(self, q, keys, values, key_index, q_index, q_doc) -> torch.Tensor:
-        """q [B,Q,H,Dh], keys/values [B,S,Dh], key_index [B,S], q_index/q_doc [B,Q] -> [B,Q,H,Dh]."""
+        """q [B,Q,H,Dh], keys/values [B,S,Dh], key_index [B,S], q_index/q_doc [B,Q]
+        -> [B,Q,H,Dh]."""
         B, Q, H, Dh = q.shape
-        logits = torch.einsum("bqhd,bsd->bhqs", q, keys) * (Dh ** -0.5)
-        diff = q_index[:, :, None] - key_index[:, None, :]             # [B, Q, S]
-        visible = ((diff >= 0) & (diff <= self.window) & (key_index[:, None, :] >= 0)
-                   & (key_index[:, None, :] >= q_doc[:, :, None]))
+        logits = torch.einsum("bqhd,bsd->bhqs", q, keys) * (Dh**-0.5)
+        diff = q_index[:, :, None] - key_index[:, None, :]  # [B, Q, S]
+        visible = (
+            (diff >= 0)
+            & (diff <= self.window)
+            & (key_index[:, None, :] >= 0)
+            & (key_index[:, None, :] >= q_doc[:, :, None])
+        )
         logits = logits.float().masked_fill(~visible[:, None], _MASKED)
         probs = torch.softmax(logits, dim=-1).to(q.dtype)
         return torch.einsum("bhqs,bsd->bqhd", probs, values)
 
-    def _write_ring(self, state: AttentionLayerState, k: torch.Tensor, v: torch.Tensor,
-                    chunk: Chunk) -> None:
+    def _write_ring(
+        self, state: AttentionLayerState, k: torch.Tensor, v: torch.Tensor, chunk: Chunk
+    ) -> None:
         """Stores the last min(R, W) real keys/values of each row at slot index % W."""
         W, T = self.window, k.shape[1]
-        if T == 1:   # decode: one slot per row, in place
+        if T == 1:  # decode: one slot per row, in place
             rows = torch.arange(k.shape[0], device=k.device)
             slot = torch.remainder(chunk.num_tokens_before, W)
             real = chunk.is_real[:, 0, None]
             state.k[rows, slot] = torch.where(real, k[:, 0].to(state.k.dtype), state.k[rows, slot])
             state.v[rows, slot] = torch.where(real, v[:, 0].to(state.v.dtype), state.v[rows, slot])
             return
-        n_real = chunk.is_real.sum(dim=1)[:, None]                     # [B, 1]
+        n_real = chunk.is_real.sum(dim=1)[:, None]  # [B, 1]
         slots = torch.arange(W, device=k.device)[None]
-        d = torch.remainder(slots - chunk.num_tokens_before[:, None], W)   # real index mod W
+        d = torch.remainder(slots - chunk.num_tokens_before[:, None], W)  # real index mod W
         written = d < n_real
         last = d + torch.div(n_real - 1 - d, W, rounding_mode="floor").clamp(min=0) * W
-        src = (chunk.n_pad[:, None] + last).clamp(max=T - 1)            # [B, W] chunk position
+        src = (chunk.n_pad[:, None] + last).clamp(max=T - 1)  # [B, W] chunk position
         gather = src[..., None].expand(-1, -1, k.shape[-1])
         new_k = torch.gather(k, 1, gather).to(state.k.dtype)
         new_v = torch.gather(v, 1, gather).to(state.v.dtype)

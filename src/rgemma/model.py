@@ -18,7 +18,6 @@ import math
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rgemma import weights
@@ -45,20 +44,24 @@ class ResidualBlock(nn.Module):
         self.kind = kind
         final = 2.0 / config.num_layers
         self.temporal_pre_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
-        if kind == RECURRENT:
-            self.temporal_block = RecurrentBlock(config.width, config.lru_width, config.num_heads,
-                                                 config.conv1d_width, final_init_scale=final,
-                                                 **factory)
-        else:
-            self.temporal_block = LocalAttentionBlock(config.width, config.num_heads,
-                                                      config.attention_window, config.rope_base,
-                                                      final_init_scale=final, **factory)
+        self.temporal_block = (
+            RecurrentBlock(config.width, config.lru_width, config.num_heads,
+                           config.conv1d_width, final_init_scale=final, **factory)
+            if kind == RECURRENT
+            else LocalAttentionBlock(config.width, config.num_heads, config.attention_window,
+                                     config.rope_base, final_init_scale=final, **factory)
+        )  # fmt: skip
         self.channel_pre_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
-        self.mlp_block = MLPBlock(config.width, config.mlp_width, final_init_scale=final,
-                                  **factory)
+        self.mlp_block = MLPBlock(config.width, config.mlp_width, final_init_scale=final, **factory)
 
-    def forward(self, x: torch.Tensor, layer_state, chunk: Chunk,
-                ring_index: torch.Tensor | None, step: bool = False) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        layer_state,
+        chunk: Chunk,
+        ring_index: torch.Tensor | None,
+        step: bool = False,
+    ) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]; updates ``layer_state`` in place.
 
         step: T == 1 decode, through the temporal block's ``step`` (same math).
@@ -76,14 +79,20 @@ class ResidualBlock(nn.Module):
 class Griffin(nn.Module):
     """RecurrentGemma / Griffin / Hawk language model."""
 
-    def __init__(self, config: GriffinConfig, *, dtype: torch.dtype | None = None,
-                 device: torch.device | str | None = None):
+    def __init__(
+        self,
+        config: GriffinConfig,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ):
         super().__init__()
         self.config = config
         factory = {"dtype": dtype, "device": device}
         self.embed_tokens = Embedding(config.vocab_size, config.width, **factory)
-        self.layers = nn.ModuleList(ResidualBlock(config, kind, **factory)
-                                    for kind in config.block_types)
+        self.layers = nn.ModuleList(
+            ResidualBlock(config, kind, **factory) for kind in config.block_types
+        )
         self.final_norm = RMSNorm(config.width, config.rms_norm_eps, **factory)
         self.gradient_checkpointing = False
         # dtype of the activations; None = the weights' dtype (the official numerics).
@@ -102,7 +111,7 @@ class Griffin(nn.Module):
     def activation_dtype(self) -> torch.dtype:
         return self.compute_dtype or self.dtype
 
-    def set_compute_dtype(self, dtype: torch.dtype | None) -> "Griffin":
+    def set_compute_dtype(self, dtype: torch.dtype | None) -> Griffin:
         """Multiply in ``dtype`` whatever dtype the weights are held in (None = theirs)."""
         self.compute_dtype = dtype
         return self
@@ -114,15 +123,30 @@ class Griffin(nn.Module):
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def init_state(self, batch_size: int, *, dtype: torch.dtype | None = None,
-                   device: torch.device | str | None = None) -> State:
+    def init_state(
+        self,
+        batch_size: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> State:
         """An empty state for ``batch_size`` rows (K/V and conv in the activation dtype)."""
-        return State.empty(self.config, batch_size, dtype=dtype or self.activation_dtype,
-                           device=device or self.device)
+        return State.empty(
+            self.config,
+            batch_size,
+            dtype=dtype or self.activation_dtype,
+            device=device or self.device,
+        )
 
     # -------------------------------------------------------------- forward
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, state: State | None = None,
-                *, logits: LogitsMode = "all") -> tuple[torch.Tensor | None, State]:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        state: State | None = None,
+        *,
+        logits: LogitsMode = "all",
+    ) -> tuple[torch.Tensor | None, State]:
         """Runs T tokens of B rows on top of ``state`` (updated in place and returned).
 
         Args:
@@ -140,8 +164,10 @@ class Griffin(nn.Module):
         if state is None:
             state = self.init_state(tokens.shape[0])
         elif state.batch_size != tokens.shape[0]:
-            raise InputError(f"state has {state.batch_size} rows but tokens have "
-                             f"{tokens.shape[0]}; use state.select(...) or init_state(B)")
+            raise InputError(
+                f"state has {state.batch_size} rows but tokens have "
+                f"{tokens.shape[0]}; use state.select(...) or init_state(B)"
+            )
         elif len(state.layers) != self.config.num_layers:
             raise InputError("state comes from a model with a different number of layers")
 
@@ -165,8 +191,11 @@ class Griffin(nn.Module):
 
     def _blocks(self, x: torch.Tensor, state: State, chunk: Chunk, step: bool) -> torch.Tensor:
         """All residual blocks on x [B, T, D]; updates the state in place."""
-        ring_index = (state.ring_positions(self.config.attention_window)
-                      if self.config.attention_layers else None)
+        ring_index = (
+            state.ring_positions(self.config.attention_window)
+            if self.config.attention_layers
+            else None
+        )
         for block, layer_state in zip(self.layers, state.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = _checkpointed(block, x, layer_state, chunk, ring_index)
@@ -176,8 +205,9 @@ class Griffin(nn.Module):
         state.doc_start.copy_(chunk.doc_start[:, -1])
         return x
 
-    def _step(self, tokens: torch.Tensor, positions: torch.Tensor, state: State,
-              logits: LogitsMode) -> torch.Tensor | None:
+    def _step(
+        self, tokens: torch.Tensor, positions: torch.Tensor, state: State, logits: LogitsMode
+    ) -> torch.Tensor | None:
         """One decode step (T == 1): no checks, no Python branching on values, so
         ``torch.compile`` can capture it whole (see ``compile_step``)."""
         if self._graphed_step is not None and tokens.is_cuda:
@@ -193,18 +223,19 @@ class Griffin(nn.Module):
         z = self.logits(x)
         return z[:, -1] if logits == "last" else z
 
-    def compile_step(self, enable: bool = True, **compile_kwargs) -> "Griffin":
+    def compile_step(self, enable: bool = True, **compile_kwargs) -> Griffin:
         """Compiles the decode step with ``torch.compile`` (CPU: C++ codegen, needs a
         compiler; CUDA: add ``capture_step()`` to replay it as CUDA graphs, since
         ``mode="reduce-overhead"`` skips graphs for steps that update their inputs
         in place, as this one does). The first steps are slow while it compiles."""
-        self._compiled_step = (torch.compile(self._step_eager, dynamic=False, **compile_kwargs)
-                               if enable else None)
-        if self._graphed_step is not None:       # recorded graphs hold the old function
+        self._compiled_step = (
+            torch.compile(self._step_eager, dynamic=False, **compile_kwargs) if enable else None
+        )
+        if self._graphed_step is not None:  # recorded graphs hold the old function
             self.capture_step()
         return self
 
-    def capture_step(self, enable: bool = True, max_graphs: int = 8) -> "Griffin":
+    def capture_step(self, enable: bool = True, max_graphs: int = 8) -> Griffin:
         """CUDA: record the decode step as CUDA graphs and replay them.
 
         A decode step is hundreds of small kernels; at batch 1 launching them
@@ -226,7 +257,7 @@ class Griffin(nn.Module):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V]: final norm, tied embeddings, soft-cap."""
-        z = self.embed_tokens.attend(self.final_norm(x))    # tied table (maybe quantized)
+        z = self.embed_tokens.attend(self.final_norm(x))  # tied table (maybe quantized)
         c = self.config.logits_soft_cap
         return torch.tanh(z / c) * c if c else z
 
@@ -236,20 +267,26 @@ class Griffin(nn.Module):
         tokens = torch.as_tensor(tokens, device=self.device)
         positions = torch.as_tensor(positions, device=self.device)
         if tokens.ndim != 2 or positions.shape != tokens.shape:
-            raise InputError(f"tokens and positions must both be [B, T]; got {tuple(tokens.shape)} "
-                             f"and {tuple(positions.shape)}")
+            raise InputError(
+                f"tokens and positions must both be [B, T]; got {tuple(tokens.shape)} "
+                f"and {tuple(positions.shape)}"
+            )
         if tokens.is_floating_point() or positions.is_floating_point():
             raise InputError("tokens and positions must be integer tensors")
-        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size):
-            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got "
-                             f"{int(tokens.min())}..{int(tokens.max())}")
+        if tokens.numel() and (
+            int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size
+        ):
+            raise InputError(
+                f"token ids must be in [0, {self.config.vocab_size}); got "
+                f"{int(tokens.min())}..{int(tokens.max())}"
+            )
         if positions.numel() and int(positions.min()) < -1:
             raise InputError("positions must be >= 0, or -1 for padding")
         return tokens.long(), positions.long()
 
     # ------------------------------------------------------------ weights
     @torch.no_grad()
-    def init_weights(self, seed: int | None = None) -> "Griffin":
+    def init_weights(self, seed: int | None = None) -> Griffin:
         """Random initialisation for training: every module's ``reset_parameters``
         (the Griffin paper's scales), drawn from one generator seeded by ``seed``."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
@@ -259,7 +296,7 @@ class Griffin(nn.Module):
         return self
 
     @classmethod
-    def from_hf_state_dict(cls, sd, config: GriffinConfig, *, dtype=None, device=None) -> "Griffin":
+    def from_hf_state_dict(cls, sd, config: GriffinConfig, *, dtype=None, device=None) -> Griffin:
         """A model from a Hugging Face state dict (with or without ``model.``)."""
 
         sd = weights.strip_hf_prefix(sd)
@@ -267,8 +304,9 @@ class Griffin(nn.Module):
         return cls._from_our_state_dict(sd, config, dtype=dtype, device=device)
 
     @classmethod
-    def from_official_state_dict(cls, sd, config: GriffinConfig, *, dtype=None,
-                                 device=None) -> "Griffin":
+    def from_official_state_dict(
+        cls, sd, config: GriffinConfig, *, dtype=None, device=None
+    ) -> Griffin:
         """A model from the official ``recurrentgemma.torch.Griffin`` state dict."""
 
         sd = weights.official_to_hf(sd)
@@ -276,7 +314,7 @@ class Griffin(nn.Module):
         return cls._from_our_state_dict(sd, config, dtype=dtype, device=device)
 
     @classmethod
-    def _from_our_state_dict(cls, sd, config, *, dtype, device) -> "Griffin":
+    def _from_our_state_dict(cls, sd, config, *, dtype, device) -> Griffin:
         if dtype is None:
             dtype = next(iter(sd.values())).dtype
         with torch.device("meta"):
@@ -296,12 +334,17 @@ class _GraphedStep:
         self.model, self.max_graphs = model, max_graphs
         self.graphs: dict[tuple, dict] = {}
 
-    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, state: State,
-                 logits: LogitsMode) -> torch.Tensor | None:
-        key = (logits, tuple(tokens.shape), torch.is_inference_mode_enabled(),
-               tuple((t.data_ptr(), t.dtype) for t in state.tensors().values()))
+    def __call__(
+        self, tokens: torch.Tensor, positions: torch.Tensor, state: State, logits: LogitsMode
+    ) -> torch.Tensor | None:
+        key = (
+            logits,
+            tuple(tokens.shape),
+            torch.is_inference_mode_enabled(),
+            tuple((t.data_ptr(), t.dtype) for t in state.tensors().values()),
+        )
         rec = self.graphs.pop(key, None) or self._record(tokens, positions, state, logits)
-        self.graphs[key] = rec                       # most recently used last
+        self.graphs[key] = rec  # most recently used last
         while len(self.graphs) > self.max_graphs:
             del self.graphs[next(iter(self.graphs))]
         rec["tokens"].copy_(tokens)
@@ -312,7 +355,7 @@ class _GraphedStep:
     def _record(self, tokens, positions, state, logits) -> dict:
         step = self.model._compiled_step or self.model._step_eager
         static_tokens, static_positions = tokens.clone(), positions.clone()
-        before = state.clone()                       # warm-up runs step the state: undo them
+        before = state.clone()  # warm-up runs step the state: undo them
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -320,15 +363,15 @@ class _GraphedStep:
                 step(static_tokens, static_positions, state, logits)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):                # recorded, not run
+        with torch.cuda.graph(graph):  # recorded, not run
             out = step(static_tokens, static_positions, state, logits)
         state.copy_(before)
-        return {"graph": graph, "tokens": static_tokens, "positions": static_positions,
-                "out": out}
+        return {"graph": graph, "tokens": static_tokens, "positions": static_positions, "out": out}
 
 
-def _checkpointed(block: ResidualBlock, x: torch.Tensor, layer_state, chunk: Chunk,
-                  ring_index) -> torch.Tensor:
+def _checkpointed(
+    block: ResidualBlock, x: torch.Tensor, layer_state, chunk: Chunk, ring_index
+) -> torch.Tensor:
     """Activation checkpointing of one block. The block updates its state in place,
     so backward's recomputation must start from a copy of the state as it was."""
     before = clone_layer(layer_state)

@@ -40,10 +40,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from rgemma import autotune, kernels
-from rgemma.layers import (VOCAB_BLOCK, Linear, converted, low_precision_matmul_dtype,
-                           workspace_like)
+from rgemma.layers import VOCAB_BLOCK, Linear, converted, low_precision_matmul_dtype, workspace_like
 
-_DECODE_ROWS = 16          # at most this many rows: use the packed kernels
+_DECODE_ROWS = 16  # at most this many rows: use the packed kernels
 # Inside a compiled step a call to rgemma's kernel (a custom op) costs ~13 us
 # against ~6 us for PyTorch's; below ~1M weights that outweighs the faster
 # streaming, so small layers (the demo model's) keep PyTorch's kernel there.
@@ -58,6 +57,7 @@ class QuantizationError(ValueError):
 # The math: quantize / dequantize (reference, used by tests and prefill)
 # --------------------------------------------------------------------------
 
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """W [N, K] -> (q int8 [N, K], scale float32 [N])."""
     w = w.float()
@@ -70,11 +70,15 @@ def dequantize_int8(q: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -
     return q.to(dtype) * scale.to(dtype)[:, None]
 
 
-def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_int4(
+    w: torch.Tensor, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """W [N, K] -> (q uint8 [N, K] in 0..15, scale [N, K/G], minimum [N, K/G]) float32."""
     N, K = w.shape
     if K % group_size:
-        raise QuantizationError(f"int4: input width {K} is not divisible by group size {group_size}")
+        raise QuantizationError(
+            f"int4: input width {K} is not divisible by group size {group_size}"
+        )
     g = w.float().reshape(N, K // group_size, group_size)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     scale = ((hi - lo) / 15.0).clamp(min=1e-12)
@@ -82,8 +86,9 @@ def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     return q.reshape(N, K), scale, lo
 
 
-def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor,
-                    dtype=torch.float32) -> torch.Tensor:
+def dequantize_int4(
+    q: torch.Tensor, scale: torch.Tensor, lo: torch.Tensor, dtype=torch.float32
+) -> torch.Tensor:
     N, K = q.shape
     G = K // scale.shape[1]
     w = q.reshape(N, -1, G).to(dtype) * scale.to(dtype)[..., None] + lo.to(dtype)[..., None]
@@ -113,8 +118,9 @@ def w8a8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return y.reshape(*x.shape[:-1], -1)
 
 
-def int8_linear(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor,
-                dtype: torch.dtype) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """x [..., K] @ dequantize_int8(q, scale).T in ``dtype``, computed as (x @ q.T) * scale:
     q converted exactly (int8 fits bf16, through a reused buffer), the scale on the output."""
     return F.linear(x.to(dtype), converted(q, dtype)) * scale.to(dtype)
@@ -138,6 +144,7 @@ def _has_op(name: str) -> bool:
 # Modules
 # --------------------------------------------------------------------------
 
+
 class _QuantLinear(nn.Module):
     """What the int8 and int4 layers share. Few rows (decode) on the CPU go
     through a packed kernel (``_few_rows``, None where there is none): rgemma's
@@ -152,14 +159,15 @@ class _QuantLinear(nn.Module):
     def __init__(self):
         super().__init__()
         self._kernel: tuple[torch.Tensor, ...] | None = None
-        self.paths: dict[int, str] = {}      # row bucket -> path, from ``tune``
+        self.paths: dict[int, str] = {}  # row bucket -> path, from ``tune``
 
     @classmethod
     def from_linear(cls, lin: nn.Linear, *args):
         """The quantized copy of ``lin`` (``args``: the subclass's settings, e.g. the int4
         group size); a bias stays in float32."""
-        m = cls(lin.in_features, lin.out_features, lin.bias is not None, *args,
-                device=lin.weight.device)
+        m = cls(
+            lin.in_features, lin.out_features, lin.bias is not None, *args, device=lin.weight.device
+        )
         m.set_weight(lin.weight.detach())
         if lin.bias is not None:
             m.bias = lin.bias.detach().float().clone()
@@ -193,8 +201,11 @@ class _QuantLinear(nn.Module):
             return self.paths
         for rows in autotune.ROW_BUCKETS:
             x = torch.randn(rows, self.in_features)
-            candidates = {p: functools.partial(self._product_or_dense, p, x, rows)
-                          for p in self.PATHS if p != "kernel" or rows <= _DECODE_ROWS}
+            candidates = {
+                p: functools.partial(self._product_or_dense, p, x, rows)
+                for p in self.PATHS
+                if p != "kernel" or rows <= _DECODE_ROWS
+            }
             key = f"{type(self).__name__}|{self.out_features}|{self.in_features}|{rows}"
             self.paths[rows] = autotune.choose(key, candidates)
         return self.paths
@@ -233,8 +244,9 @@ class Int8Linear(_QuantLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool, device=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8,
-                                                    device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
@@ -279,16 +291,19 @@ class Int4Linear(_QuantLinear):
 
     bits = 4
 
-    def __init__(self, in_features: int, out_features: int, bias: bool, group_size: int,
-                 device=None):
+    def __init__(
+        self, in_features: int, out_features: int, bias: bool, group_size: int, device=None
+    ):
         super().__init__()
         if in_features % group_size:
-            raise QuantizationError(f"int4: in_features {in_features} not divisible by "
-                                    f"group size {group_size}")
+            raise QuantizationError(
+                f"int4: in_features {in_features} not divisible by group size {group_size}"
+            )
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         n_groups = in_features // group_size
-        self.register_buffer("qweight", torch.zeros(out_features, in_features // 2,
-                                                    dtype=torch.uint8, device=device))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features // 2, dtype=torch.uint8, device=device)
+        )
         self.register_buffer("scale", torch.zeros(out_features, n_groups, device=device))
         self.register_buffer("minimum", torch.zeros(out_features, n_groups, device=device))
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
@@ -310,7 +325,7 @@ class Int4Linear(_QuantLinear):
         nibbles = workspace_like((N, K // 2), torch.uint8) if on_cpu else None
         if w is None or nibbles is None:
             return dequantize_int4(unpack_nibbles(self.qweight), self.scale, self.minimum, dtype)
-        pairs = w.view(N, K // 2, 2)                   # even column: low nibble
+        pairs = w.view(N, K // 2, 2)  # even column: low nibble
         pairs[..., 0].copy_(torch.bitwise_and(self.qweight, 0xF, out=nibbles))
         pairs[..., 1].copy_(torch.bitwise_right_shift(self.qweight, 4, out=nibbles))
         groups = w.view(N, -1, self.group_size)
@@ -331,10 +346,12 @@ class Int4Linear(_QuantLinear):
         scales_zeros = torch.stack([self.scale, zero], dim=-1).transpose(0, 1).contiguous()
         return packed, scales_zeros.to(torch.bfloat16)
 
-    def _kernel_mm(self, flat: torch.Tensor, packed: torch.Tensor,
-                   scales_zeros: torch.Tensor) -> torch.Tensor:
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, self.group_size,
-                                                          scales_zeros)
+    def _kernel_mm(
+        self, flat: torch.Tensor, packed: torch.Tensor, scales_zeros: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(
+            flat, packed, self.group_size, scales_zeros
+        )
 
 
 class QuantEmbedding(nn.Module):
@@ -343,15 +360,16 @@ class QuantEmbedding(nn.Module):
 
     def __init__(self, table: Int8Linear | Int4Linear):
         super().__init__()
-        self.table = table        # [V, D] as a linear layer: logits = x @ table.T
+        self.table = table  # [V, D] as a linear layer: logits = x @ table.T
 
     def rows(self, index, dtype=torch.float32) -> torch.Tensor:
         """Dequantized table rows ``index`` (an index tensor or a slice) -> [n, D]."""
         t = self.table
         if isinstance(t, Int8Linear):
             return dequantize_int8(t.qweight[index], t.scale[index], dtype)
-        return dequantize_int4(unpack_nibbles(t.qweight[index]), t.scale[index],
-                               t.minimum[index], dtype)
+        return dequantize_int4(
+            unpack_nibbles(t.qweight[index]), t.scale[index], t.minimum[index], dtype
+        )
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.rows(tokens.reshape(-1)).reshape(*tokens.shape, -1)
@@ -363,8 +381,10 @@ class QuantEmbedding(nn.Module):
         V = self.table.out_features
         dtype = low_precision_matmul_dtype(x, x.numel() // x.shape[-1])
         xd = x.to(dtype)
-        parts = [self._block_logits(xd, slice(i, i + VOCAB_BLOCK), dtype)   # block by block
-                 for i in range(0, V, VOCAB_BLOCK)]
+        parts = [
+            self._block_logits(xd, slice(i, i + VOCAB_BLOCK), dtype)  # block by block
+            for i in range(0, V, VOCAB_BLOCK)
+        ]
         return torch.cat(parts, dim=-1).to(x.dtype)
 
     def _block_logits(self, x: torch.Tensor, index: slice, dtype: torch.dtype) -> torch.Tensor:
@@ -382,14 +402,14 @@ class QuantEmbedding(nn.Module):
 # Whole models
 # --------------------------------------------------------------------------
 
+
 def _quantized(lin: nn.Linear, bits: int, group_size: int) -> nn.Module:
     if bits == 8:
         return Int8Linear.from_linear(lin)
     return Int4Linear.from_linear(lin, group_size)
 
 
-def quantize_model(model, bits: int = 8, group_size: int = 128, *,
-                   embedding: bool = True):
+def quantize_model(model, bits: int = 8, group_size: int = 128, *, embedding: bool = True):
     """Replaces the model's linear layers (and embedding) with quantized ones, in place.
 
     The model then computes in float32 (``compute_dtype``) whatever it held before.
@@ -397,8 +417,9 @@ def quantize_model(model, bits: int = 8, group_size: int = 128, *,
     if bits not in (8, 4):
         raise QuantizationError(f"bits must be 8 or 4, got {bits}")
     if bits == 4 and model.config.width % group_size:
-        raise QuantizationError(f"int4 group size {group_size} must divide the width "
-                                f"{model.config.width}")
+        raise QuantizationError(
+            f"int4 group size {group_size} must divide the width {model.config.width}"
+        )
     with torch.no_grad():
         for block in model.layers:
             for name, module in list(block.named_modules()):
@@ -411,8 +432,11 @@ def quantize_model(model, bits: int = 8, group_size: int = 128, *,
             lin = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
             lin.weight = emb.weight
             model.embed_tokens = QuantEmbedding(_quantized(lin, bits, group_size))
-    model.quantization = {"bits": bits, "group_size": group_size if bits == 4 else None,
-                          "embedding": embedding}
+    model.quantization = {
+        "bits": bits,
+        "group_size": group_size if bits == 4 else None,
+        "embedding": embedding,
+    }
     return ready_quantized(model)
 
 

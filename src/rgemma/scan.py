@@ -25,8 +25,9 @@ import math
 import torch
 
 
-def linear_scan_reference(a: torch.Tensor, x: torch.Tensor,
-                          h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_scan_reference(
+    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = a_t * h_{t-1} + x_t, one step at a time.
 
     Args:
@@ -44,8 +45,9 @@ def linear_scan_reference(a: torch.Tensor, x: torch.Tensor,
     return torch.stack(ys, dim=1), h
 
 
-def _chunked_forward(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor,
-                     chunk: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _chunked_forward(
+    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor, chunk: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The two-level scan, without autograd. Shapes as in linear_scan_reference."""
     B, T, L = x.shape
     C = chunk or max(8, int(math.sqrt(T)))
@@ -54,18 +56,18 @@ def _chunked_forward(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor,
         a = torch.cat([a, a.new_ones(B, N * C - T, L)], dim=1)
         x = torch.cat([x, x.new_zeros(B, N * C - T, L)], dim=1)
     a4, x4 = a.reshape(B, N, C, L), x.reshape(B, N, C, L)
-    h = torch.empty_like(x4)        # (1) local scans, then (3) the true h
-    a_prod = torch.empty_like(a4)   # running product of a inside each chunk
+    h = torch.empty_like(x4)  # (1) local scans, then (3) the true h
+    a_prod = torch.empty_like(a4)  # running product of a inside each chunk
     h[:, :, 0], a_prod[:, :, 0] = x4[:, :, 0], a4[:, :, 0]
     for c in range(1, C):
         torch.addcmul(x4[:, :, c], a4[:, :, c], h[:, :, c - 1], out=h[:, :, c])
         torch.mul(a4[:, :, c], a_prod[:, :, c - 1], out=a_prod[:, :, c])
     carry_in = torch.empty(B, N, 1, L, dtype=x.dtype, device=x.device)
     carry = h0
-    for n in range(N):              # (2) carry across chunk boundaries
+    for n in range(N):  # (2) carry across chunk boundaries
         carry_in[:, n, 0] = carry
         carry = torch.addcmul(h[:, n, -1], a_prod[:, n, -1], carry)
-    h.addcmul_(a_prod, carry_in)    # (3)
+    h.addcmul_(a_prod, carry_in)  # (3)
     return h.reshape(B, N * C, L)[:, :T], carry
 
 
@@ -92,16 +94,18 @@ class _ChunkedScan(torch.autograd.Function):
         return g * h_prev, g, a[:, 0] * g[:, 0], None
 
 
-def linear_scan_chunked(a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None,
-                        chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_scan_chunked(
+    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None, chunk: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as ``linear_scan_reference``, in about 2 sqrt(T) Python steps."""
     if h0 is None:
         h0 = torch.zeros_like(x[:, 0])
     return _ChunkedScan.apply(a, x, h0, chunk)
 
 
-def linear_scan(a: torch.Tensor, x: torch.Tensor,
-                h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+def linear_scan(
+    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The fastest exact scan for this shape (see the module docstring)."""
     if x.shape[1] == 1:
         h = x[:, 0] if h0 is None else a[:, 0] * h0 + x[:, 0]

@@ -21,15 +21,15 @@ of batching, beam search and branching a conversation.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 
 
 @dataclasses.dataclass
 class RecurrentLayerState:
-    conv: torch.Tensor   # [B, conv_width - 1, lru_width]
-    h: torch.Tensor      # [B, lru_width] float32
+    conv: torch.Tensor  # [B, conv_width - 1, lru_width]
+    h: torch.Tensor  # [B, lru_width] float32
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"conv": self.conv, "h": self.h}
@@ -37,8 +37,8 @@ class RecurrentLayerState:
 
 @dataclasses.dataclass
 class AttentionLayerState:
-    k: torch.Tensor      # [B, window, head_dim]
-    v: torch.Tensor      # [B, window, head_dim]
+    k: torch.Tensor  # [B, window, head_dim]
+    v: torch.Tensor  # [B, window, head_dim]
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"k": self.k, "v": self.v}
@@ -56,28 +56,47 @@ def clone_layer(layer: LayerState) -> LayerState:
 class State:
     """The fixed-size state of a Griffin model for a batch of sequences."""
 
-    num_tokens: torch.Tensor            # [B] int64
-    doc_start: torch.Tensor             # [B] int64
+    num_tokens: torch.Tensor  # [B] int64
+    doc_start: torch.Tensor  # [B] int64
     layers: list[LayerState]
 
     # ----------------------------------------------------------- creation
     @classmethod
-    def empty(cls, config, batch_size: int, dtype: torch.dtype = torch.float32,
-              device: torch.device | str = "cpu") -> "State":
+    def empty(
+        cls,
+        config,
+        batch_size: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ) -> State:
         """An empty state (no tokens seen) for ``batch_size`` rows."""
         from rgemma.config import RECURRENT
+
         layers: list[LayerState] = []
         for kind in config.block_types:
             if kind == RECURRENT:
-                layers.append(RecurrentLayerState(
-                    conv=torch.zeros(batch_size, config.conv1d_width - 1, config.lru_width,
-                                     dtype=dtype, device=device),
-                    h=torch.zeros(batch_size, config.lru_width, dtype=torch.float32, device=device)))
+                layers.append(
+                    RecurrentLayerState(
+                        conv=torch.zeros(
+                            batch_size,
+                            config.conv1d_width - 1,
+                            config.lru_width,
+                            dtype=dtype,
+                            device=device,
+                        ),
+                        h=torch.zeros(
+                            batch_size, config.lru_width, dtype=torch.float32, device=device
+                        ),
+                    )
+                )
             else:
                 shape = (batch_size, config.attention_window, config.head_dim)
-                layers.append(AttentionLayerState(
-                    k=torch.zeros(shape, dtype=dtype, device=device),
-                    v=torch.zeros(shape, dtype=dtype, device=device)))
+                layers.append(
+                    AttentionLayerState(
+                        k=torch.zeros(shape, dtype=dtype, device=device),
+                        v=torch.zeros(shape, dtype=dtype, device=device),
+                    )
+                )
         zeros = torch.zeros(batch_size, dtype=torch.int64, device=device)
         return cls(num_tokens=zeros, doc_start=zeros.clone(), layers=layers)
 
@@ -115,70 +134,83 @@ class State:
         return torch.where(idx >= self.doc_start[:, None], idx, torch.full_like(idx, -1))
 
     # ---------------------------------------------------------- batch ops
-    def _map(self, fn) -> "State":
+    def _map(self, fn) -> State:
         layers: list[LayerState] = []
         for layer in self.layers:
             kwargs = {name: fn(t) for name, t in layer.tensors().items()}
             layers.append(type(layer)(**kwargs))
         return State(num_tokens=fn(self.num_tokens), doc_start=fn(self.doc_start), layers=layers)
 
-    def clone(self) -> "State":
+    def clone(self) -> State:
         """An independent copy (a snapshot, or a branch of a conversation)."""
         return self._map(lambda t: t.clone())
 
     fork = clone
 
-    def select(self, rows: Sequence[int] | torch.Tensor) -> "State":
+    def select(self, rows: Sequence[int] | torch.Tensor) -> State:
         """A new state with the given rows, in the given order (repeats allowed)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         if index.ndim != 1:
             raise ValueError("State.select: rows must be a 1-D list of row indices")
         if index.numel() and (index.min() < -self.batch_size or index.max() >= self.batch_size):
-            raise IndexError(f"State.select: row index out of range for batch size {self.batch_size}")
+            raise IndexError(
+                f"State.select: row index out of range for batch size {self.batch_size}"
+            )
         return self._map(lambda t: t.index_select(0, index % max(self.batch_size, 1)))
 
     reorder = select
 
-    def drop(self, rows: Iterable[int]) -> "State":
+    def drop(self, rows: Iterable[int]) -> State:
         """A new state without the given rows."""
         gone = {int(r) % self.batch_size for r in rows}
         return self.select([i for i in range(self.batch_size) if i not in gone])
 
-    def expand(self, n: int) -> "State":
+    def expand(self, n: int) -> State:
         """Each row repeated n times (row i -> rows i*n ... i*n + n - 1)."""
         return self.select(torch.arange(self.batch_size).repeat_interleave(n))
 
     @staticmethod
-    def concat(states: Sequence["State"]) -> "State":
+    def concat(states: Sequence[State]) -> State:
         """Stacks states of the same model along the batch dimension."""
         if not states:
             raise ValueError("State.concat needs at least one state")
         first = states[0]
         for s in states[1:]:
             if len(s.layers) != len(first.layers) or any(
-                    type(a) is not type(b) or any(x.shape[1:] != y.shape[1:] for x, y in
-                                                  zip(a.tensors().values(), b.tensors().values()))
-                    for a, b in zip(first.layers, s.layers)):
+                type(a) is not type(b)
+                or any(
+                    x.shape[1:] != y.shape[1:]
+                    for x, y in zip(a.tensors().values(), b.tensors().values())
+                )
+                for a, b in zip(first.layers, s.layers)
+            ):
                 raise ValueError("State.concat: states come from models with different shapes")
         layers: list[LayerState] = []
         for i, layer in enumerate(first.layers):
-            kwargs = {name: torch.cat([s.layers[i].tensors()[name] for s in states])
-                      for name in layer.tensors()}
+            kwargs = {
+                name: torch.cat([s.layers[i].tensors()[name] for s in states])
+                for name in layer.tensors()
+            }
             layers.append(type(layer)(**kwargs))
-        return State(num_tokens=torch.cat([s.num_tokens for s in states]),
-                     doc_start=torch.cat([s.doc_start for s in states]), layers=layers)
+        return State(
+            num_tokens=torch.cat([s.num_tokens for s in states]),
+            doc_start=torch.cat([s.doc_start for s in states]),
+            layers=layers,
+        )
 
-    def copy_(self, other: "State", rows: Sequence[int] | torch.Tensor | None = None) -> "State":
+    def copy_(self, other: State, rows: Sequence[int] | torch.Tensor | None = None) -> State:
         """Writes ``other`` into this state in place (into ``rows`` if given)."""
         mine, theirs = self.tensors(), other.tensors()
         for name, t in mine.items():
             if rows is None:
                 t.copy_(theirs[name])
             else:
-                t[torch.as_tensor(rows, dtype=torch.long, device=t.device)] = theirs[name].to(t.device)
+                t[torch.as_tensor(rows, dtype=torch.long, device=t.device)] = theirs[name].to(
+                    t.device
+                )
         return self
 
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "State":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> State:
         """Moves the state; ``dtype`` applies to conv/K/V (h stays float32)."""
         out = self._map(lambda t: t.to(device) if device is not None else t)
         if dtype is not None:

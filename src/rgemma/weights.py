@@ -65,8 +65,11 @@ _COMMON_RENAMES = {
     "mlp_block.ffw_down.bias": "mlp_block.down_proj.bias",
 }
 _RECURRENT_RENAMES = {
-    **{f"recurrent_block.{lin}.{p}": f"temporal_block.{lin}.{p}"
-       for lin in ("linear_x", "linear_y", "linear_out") for p in ("weight", "bias")},
+    **{
+        f"recurrent_block.{lin}.{p}": f"temporal_block.{lin}.{p}"
+        for lin in ("linear_x", "linear_y", "linear_out")
+        for p in ("weight", "bias")
+    },
     "recurrent_block.conv_1d.b": "temporal_block.conv_1d.bias",
     "recurrent_block.rg_lru.a_param": "temporal_block.rg_lru.recurrent_param",
     "recurrent_block.rg_lru.input_gate.w": "temporal_block.rg_lru.input_gate_weight",
@@ -108,8 +111,9 @@ def conv_hf_to_official(w: torch.Tensor) -> torch.Tensor:
     return w[:, 0, :].t()
 
 
-def ffw_up_official_to_hf(w: torch.Tensor, b: torch.Tensor | None = None
-                          ) -> dict[str, torch.Tensor]:
+def ffw_up_official_to_hf(
+    w: torch.Tensor, b: torch.Tensor | None = None
+) -> dict[str, torch.Tensor]:
     """Splits the official fused up projection into gate / up (views).
 
     Args:
@@ -149,11 +153,12 @@ def strip_hf_prefix(sd: Mapping[str, Any]) -> dict[str, Any]:
     for name, value in sd.items():
         if name == LM_HEAD:
             continue
-        out[name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name] = value
+        out[name[len(HF_PREFIX) :] if name.startswith(HF_PREFIX) else name] = value
     if LM_HEAD in sd and EMBED in out and not _tied(sd[LM_HEAD], out[EMBED]):
         raise WeightsError(
             "lm_head.weight differs from model.embed_tokens.weight; RecurrentGemma ties the "
-            "output projection to the embeddings, so an untied lm_head cannot be loaded")
+            "output projection to the embeddings, so an untied lm_head cannot be loaded"
+        )
     return out
 
 
@@ -186,8 +191,7 @@ def official_to_hf(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _map_tensors(sd, _official_tensor_to_hf, "an official RecurrentGemma state dict")
 
 
-def _map_tensors(sd: Mapping[str, torch.Tensor], map_one, layout: str
-                 ) -> dict[str, torch.Tensor]:
+def _map_tensors(sd: Mapping[str, torch.Tensor], map_one, layout: str) -> dict[str, torch.Tensor]:
     """Every tensor of ``sd`` through ``map_one(name, sd)`` (a dict of new tensors, or
     None for a name it does not know); WeightsError naming the unknown ones."""
     out: dict[str, torch.Tensor] = {}
@@ -215,14 +219,25 @@ class _Layout:
     conv: tuple[str, str, Callable[[torch.Tensor], torch.Tensor]]
 
 
-_TO_HF = _Layout(_TOP_RENAMES, _OFFICIAL_BLOCK, "layers", _BLOCK_RENAMES,
-                 (_OFF_CONV_W, _OUR_CONV_W, conv_official_to_hf))
-_TO_OFFICIAL = _Layout(_TOP_RENAMES_INV, _OUR_BLOCK, "blocks", _BLOCK_RENAMES_INV,
-                       (_OUR_CONV_W, _OFF_CONV_W, conv_hf_to_official))
+_TO_HF = _Layout(
+    _TOP_RENAMES,
+    _OFFICIAL_BLOCK,
+    "layers",
+    _BLOCK_RENAMES,
+    (_OFF_CONV_W, _OUR_CONV_W, conv_official_to_hf),
+)
+_TO_OFFICIAL = _Layout(
+    _TOP_RENAMES_INV,
+    _OUR_BLOCK,
+    "blocks",
+    _BLOCK_RENAMES_INV,
+    (_OUR_CONV_W, _OFF_CONV_W, conv_hf_to_official),
+)
 
 
-def _rename(name: str, sd: Mapping[str, torch.Tensor], to: _Layout
-            ) -> tuple[dict[str, torch.Tensor] | None, str | None, str | None]:
+def _rename(
+    name: str, sd: Mapping[str, torch.Tensor], to: _Layout
+) -> tuple[dict[str, torch.Tensor] | None, str | None, str | None]:
     """(mapped tensors or None, block index, rest of the name) for the renames both
     directions share; the caller handles what they do not (the MLP's fused up projection)."""
     if name in to.top:
@@ -239,8 +254,9 @@ def _rename(name: str, sd: Mapping[str, torch.Tensor], to: _Layout
     return None, i, rest
 
 
-def _official_tensor_to_hf(name: str, sd: Mapping[str, torch.Tensor]
-                           ) -> dict[str, torch.Tensor] | None:
+def _official_tensor_to_hf(
+    name: str, sd: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
     """Our tensors made from the official tensor ``name`` (None if unknown)."""
     mapped, i, rest = _rename(name, sd, _TO_HF)
     if mapped is not None or rest is None:
@@ -267,8 +283,9 @@ def hf_to_official(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return _map_tensors(sd, _hf_tensor_to_official, "a RecurrentGemma state dict")
 
 
-def _hf_tensor_to_official(name: str, sd: Mapping[str, torch.Tensor]
-                           ) -> dict[str, torch.Tensor] | None:
+def _hf_tensor_to_official(
+    name: str, sd: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
     """Official tensors made from our tensor ``name`` (None if unknown)."""
     mapped, i, rest = _rename(name, sd, _TO_OFFICIAL)
     if mapped is not None or rest is None:
@@ -283,8 +300,9 @@ def _hf_tensor_to_official(name: str, sd: Mapping[str, torch.Tensor]
     return None
 
 
-def _stack_gate_up(name: str, param: str, i: str, sd: Mapping[str, torch.Tensor]
-                   ) -> dict[str, torch.Tensor] | None:
+def _stack_gate_up(
+    name: str, param: str, i: str, sd: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor] | None:
     """The official ``ffw_up.{w,b}`` of layer ``i`` from its gate / up ``param``."""
     up_name = f"layers.{i}.{_OUR_UP}.{param}"
     if param not in ("weight", "bias"):
@@ -331,6 +349,7 @@ def array_to_torch(x: Any) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x
     import numpy as np
+
     arr = np.asarray(x)
     if arr.dtype.name == "bfloat16":  # ml_dtypes: reinterpret the 16-bit pattern
         return torch.from_numpy(np.ascontiguousarray(arr).view(np.int16)).view(torch.bfloat16)
@@ -355,9 +374,12 @@ def expected_shapes(config: GriffinConfig) -> dict[str, tuple[int, ...]]:
 def _mlp_shapes(c: GriffinConfig) -> dict[str, tuple[int, ...]]:
     m, d = c.mlp_width, c.width
     return {
-        "mlp_block.gate_proj.weight": (m, d), "mlp_block.gate_proj.bias": (m,),
-        "mlp_block.up_proj.weight": (m, d), "mlp_block.up_proj.bias": (m,),
-        "mlp_block.down_proj.weight": (d, m), "mlp_block.down_proj.bias": (d,),
+        "mlp_block.gate_proj.weight": (m, d),
+        "mlp_block.gate_proj.bias": (m,),
+        "mlp_block.up_proj.weight": (m, d),
+        "mlp_block.up_proj.bias": (m,),
+        "mlp_block.down_proj.weight": (d, m),
+        "mlp_block.down_proj.bias": (d,),
     }
 
 
@@ -365,18 +387,28 @@ def _temporal_shapes(c: GriffinConfig, kind: str) -> dict[str, tuple[int, ...]]:
     d, lru, h = c.width, c.lru_width, c.num_heads
     t = "temporal_block."
     if kind == ATTENTION:
-        return {t + "q_proj.weight": (d, d), t + "k_proj.weight": (c.head_dim, d),
-                t + "v_proj.weight": (c.head_dim, d), t + "o_proj.weight": (d, d),
-                t + "o_proj.bias": (d,)}
+        return {
+            t + "q_proj.weight": (d, d),
+            t + "k_proj.weight": (c.head_dim, d),
+            t + "v_proj.weight": (c.head_dim, d),
+            t + "o_proj.weight": (d, d),
+            t + "o_proj.bias": (d,),
+        }
     bw = lru // h
     return {
-        t + "linear_y.weight": (lru, d), t + "linear_y.bias": (lru,),
-        t + "linear_x.weight": (lru, d), t + "linear_x.bias": (lru,),
-        t + "linear_out.weight": (d, lru), t + "linear_out.bias": (d,),
-        t + "conv_1d.weight": (lru, 1, c.conv1d_width), t + "conv_1d.bias": (lru,),
+        t + "linear_y.weight": (lru, d),
+        t + "linear_y.bias": (lru,),
+        t + "linear_x.weight": (lru, d),
+        t + "linear_x.bias": (lru,),
+        t + "linear_out.weight": (d, lru),
+        t + "linear_out.bias": (d,),
+        t + "conv_1d.weight": (lru, 1, c.conv1d_width),
+        t + "conv_1d.bias": (lru,),
         t + "rg_lru.recurrent_param": (lru,),
-        t + "rg_lru.input_gate_weight": (h, bw, bw), t + "rg_lru.input_gate_bias": (h, bw),
-        t + "rg_lru.recurrent_gate_weight": (h, bw, bw), t + "rg_lru.recurrent_gate_bias": (h, bw),
+        t + "rg_lru.input_gate_weight": (h, bw, bw),
+        t + "rg_lru.input_gate_bias": (h, bw),
+        t + "rg_lru.recurrent_gate_weight": (h, bw, bw),
+        t + "rg_lru.recurrent_gate_bias": (h, bw),
     }
 
 
@@ -386,8 +418,12 @@ def shape_of(value: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in shape)
 
 
-def check_state_dict(sd: Mapping[str, Any], config: GriffinConfig, source: str,
-                     locations: Mapping[str, str] | None = None) -> None:
+def check_state_dict(
+    sd: Mapping[str, Any],
+    config: GriffinConfig,
+    source: str,
+    locations: Mapping[str, str] | None = None,
+) -> None:
     """Raises WeightsError unless ``sd`` has exactly the tensors of ``config``.
 
     Args:
@@ -401,9 +437,11 @@ def check_state_dict(sd: Mapping[str, Any], config: GriffinConfig, source: str,
     unexpected = [k for k in sd if k not in want]
     found = {k: shape_of(sd[k]) for k in want if k in sd}
     where = locations or {}
-    wrong = [f"{k}: expected {want[k]}, found {found[k]}"
-             + (f" in {where[k]}" if k in where else "")
-             for k in found if found[k] != want[k]]
+    wrong = [
+        f"{k}: expected {want[k]}, found {found[k]}" + (f" in {where[k]}" if k in where else "")
+        for k in found
+        if found[k] != want[k]
+    ]
     if not (missing or unexpected or wrong):
         return
     lines = [f"{source}: the tensors do not match the model ({_describe(config)}):"]
@@ -417,8 +455,10 @@ def check_state_dict(sd: Mapping[str, Any], config: GriffinConfig, source: str,
 
 
 def _describe(c: GriffinConfig) -> str:
-    return (f"{c.num_layers} layers, width {c.width}, lru_width {c.lru_width}, "
-            f"mlp_width {c.mlp_width}, {c.num_heads} heads, vocab {c.vocab_size}")
+    return (
+        f"{c.num_layers} layers, width {c.width}, lru_width {c.lru_width}, "
+        f"mlp_width {c.mlp_width}, {c.num_heads} heads, vocab {c.vocab_size}"
+    )
 
 
 def _short_list(items: list[str], limit: int = 8, sep: str = ", ") -> str:
@@ -427,14 +467,16 @@ def _short_list(items: list[str], limit: int = 8, sep: str = ", ") -> str:
 
 
 # ------------------------------------------------------------ config inference
-_DEFAULT_HYPERS = dict(attention_window=2048, logits_soft_cap=30.0,
-                       embeddings_scale_by_sqrt_dim=True)
+_DEFAULT_HYPERS = dict(
+    attention_window=2048, logits_soft_cap=30.0, embeddings_scale_by_sqrt_dim=True
+)
 _HYPER_FIELDS = tuple(_DEFAULT_HYPERS)
 _SHAPE_FIELDS = ("width", "mlp_width", "num_heads", "lru_width", "block_types")
 
 
-def infer_config_from_official(sd: Mapping[str, Any], preset: str | None = None,
-                               source: str = "state dict") -> GriffinConfig:
+def infer_config_from_official(
+    sd: Mapping[str, Any], preset: str | None = None, source: str = "state dict"
+) -> GriffinConfig:
     """The GriffinConfig of an official state dict, from its tensor shapes.
 
     Shapes give vocab, width, MLP width, layers and their kinds, heads (the
@@ -448,6 +490,7 @@ def infer_config_from_official(sd: Mapping[str, Any], preset: str | None = None,
     shapes = _infer_shapes(sd, source)
     if preset is not None:
         from rgemma.config import ConfigError
+
         try:
             reference = GriffinConfig.from_preset(preset)
         except ConfigError as e:
@@ -480,19 +523,28 @@ def _infer_shapes(sd: Mapping[str, Any], source: str) -> dict[str, Any]:
             head_dim = shape_of(key)[0]
             heads.add(width // head_dim if head_dim and width % head_dim == 0 else -1)
         else:
-            raise WeightsError(f"{source}: blocks.{i} has neither recurrent_block.rg_lru.a_gate.w "
-                               "nor attention_block.proj_k.weight")
+            raise WeightsError(
+                f"{source}: blocks.{i} has neither recurrent_block.rg_lru.a_gate.w "
+                "nor attention_block.proj_k.weight"
+            )
     if len(heads) != 1 or -1 in heads:
-        raise WeightsError(f"{source}: inconsistent number of heads across blocks: "
-                           f"{sorted(heads)}")
-    return dict(vocab_size=vocab, width=width, mlp_width=mlp_width, num_heads=heads.pop(),
-                block_types=tuple(kinds), lru_width=lru_width or width, conv1d_width=conv_width)
+        raise WeightsError(f"{source}: inconsistent number of heads across blocks: {sorted(heads)}")
+    return dict(
+        vocab_size=vocab,
+        width=width,
+        mlp_width=mlp_width,
+        num_heads=heads.pop(),
+        block_types=tuple(kinds),
+        lru_width=lru_width or width,
+        conv1d_width=conv_width,
+    )
 
 
 def _require(sd: Mapping[str, Any], name: str, source: str) -> Any:
     if name not in sd:
-        raise WeightsError(f"{source}: missing tensor {name}: not an official RecurrentGemma "
-                           "state dict")
+        raise WeightsError(
+            f"{source}: missing tensor {name}: not an official RecurrentGemma state dict"
+        )
     return sd[name]
 
 
@@ -500,29 +552,36 @@ def _count_blocks(sd: Mapping[str, Any], source: str) -> int:
     """Number of residual blocks; they must be numbered 0..n-1."""
     found = {int(m.group(1)) for k in sd if (m := _OFFICIAL_BLOCK.fullmatch(k))}
     if not found:
-        raise WeightsError(f"{source}: no blocks.* tensors: not an official RecurrentGemma "
-                           "state dict")
+        raise WeightsError(
+            f"{source}: no blocks.* tensors: not an official RecurrentGemma state dict"
+        )
     n = len(found)
-    if max(found) >= n:     # a gap; list a few of the missing without ranging to max(found)
+    if max(found) >= n:  # a gap; list a few of the missing without ranging to max(found)
         absent = [i for i in range(min(max(found), n + 8)) if i not in found][:8]
         more = " ..." if max(found) > n + 8 else ""
-        raise WeightsError(f"{source}: blocks are not numbered 0..{n - 1} (block {max(found)} "
-                           f"is there): missing blocks {absent}{more}")
+        raise WeightsError(
+            f"{source}: blocks are not numbered 0..{n - 1} (block {max(found)} "
+            f"is there): missing blocks {absent}{more}"
+        )
     if n > MAX_SIZES["num_layers"]:
-        raise WeightsError(f"{source}: {n} blocks; rgemma accepts at most "
-                           f"{MAX_SIZES['num_layers']}")
+        raise WeightsError(
+            f"{source}: {n} blocks; rgemma accepts at most {MAX_SIZES['num_layers']}"
+        )
     return n
 
 
-def _check_against_preset(shapes: dict[str, Any], reference: GriffinConfig, preset: str,
-                          source: str) -> None:
+def _check_against_preset(
+    shapes: dict[str, Any], reference: GriffinConfig, preset: str, source: str
+) -> None:
     for field in _SHAPE_FIELDS + ("conv1d_width",):
         got, want = shapes[field], getattr(reference, field)
         if got != want:
             if field == "block_types":
                 got, want = _pattern_summary(got), _pattern_summary(want)
-            raise WeightsError(f"{source}: the weights do not match preset {preset!r}: "
-                               f"{field} is {got} in the weights but {want} in the preset")
+            raise WeightsError(
+                f"{source}: the weights do not match preset {preset!r}: "
+                f"{field} is {got} in the weights but {want} in the preset"
+            )
 
 
 def _pattern_summary(kinds: tuple[str, ...]) -> str:
@@ -542,4 +601,3 @@ def _hypers_for_shapes(shapes: dict[str, Any]) -> dict[str, Any]:
 def num_bytes(sd: Mapping[str, torch.Tensor]) -> int:
     """Total bytes of the tensors of ``sd``."""
     return sum(math.prod(t.shape) * t.element_size() for t in sd.values())
-

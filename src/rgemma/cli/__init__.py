@@ -27,9 +27,10 @@ VERBS = {
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rgemma",
-        description="RecurrentGemma (Griffin) in PyTorch: generate, chat, convert, train.")
+        description="RecurrentGemma (Griffin) in PyTorch: generate, chat, convert, train.",
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for module_name in VERBS.values():   # each imports nothing heavy until it runs
+    for module_name in VERBS.values():  # each imports nothing heavy until it runs
         importlib.import_module(module_name).register(sub)
     return parser
 

@@ -11,8 +11,16 @@ from __future__ import annotations
 import signal
 import sys
 
-from rgemma.cli.common import (CLIError, add_model_args, add_sampling_args, check_sampling_args,
-                               load_model, print_stats, report_error, sampling_kwargs)
+from rgemma.cli.common import (
+    CLIError,
+    add_model_args,
+    add_sampling_args,
+    check_sampling_args,
+    load_model,
+    print_stats,
+    report_error,
+    sampling_kwargs,
+)
 
 HELP = """commands:
   /save FILE   save the conversation state (continue it later with /load)
@@ -26,16 +34,25 @@ Ctrl-C stops the current answer."""
 def register(subparsers) -> None:
     """Adds the ``chat`` verb."""
     p = subparsers.add_parser(
-        "chat", help="interactive multi-turn chat (Gemma chat format)",
+        "chat",
+        help="interactive multi-turn chat (Gemma chat format)",
         description="Chat with the model. Each turn is fed on top of the live state. "
-                    "Commands: /save FILE, /load FILE, /reset, /help, /quit.")
+        "Commands: /save FILE, /load FILE, /reset, /help, /quit.",
+    )
     add_model_args(p)
     add_sampling_args(p, max_tokens=512)
     p.add_argument("--system", default=None, help="system text, put in the first user turn")
-    p.add_argument("--load-state", metavar="FILE", default=None,
-                   help="continue a conversation saved with /save")
-    p.add_argument("--verbose", action="store_true",
-                   help="print speed and state size after each answer (stderr)")
+    p.add_argument(
+        "--load-state",
+        metavar="FILE",
+        default=None,
+        help="continue a conversation saved with /save",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print speed and state size after each answer (stderr)",
+    )
     p.set_defaults(func=run)
 
 
@@ -43,11 +60,13 @@ def run(args) -> int:
     """``rgemma chat``: returns the exit status."""
     from rgemma.inference.chat import ChatSession
     from rgemma.io.snapshot import SnapshotError
+
     try:
         check_sampling_args(args)
         model, tokenizer = load_model(args)
-        session = ChatSession(model, tokenizer, sampling=sampling_kwargs(args), seed=args.seed,
-                              system=args.system)
+        session = ChatSession(
+            model, tokenizer, sampling=sampling_kwargs(args), seed=args.seed, system=args.system
+        )
         if args.load_state:
             session.load(args.load_state)
     except (CLIError, SnapshotError) as e:
@@ -58,8 +77,7 @@ def run(args) -> int:
 class Repl:
     """The read-answer loop (terminal or pipe)."""
 
-    def __init__(self, session, *, verbose: bool = False,
-                 stdin=None, stdout=None, stderr=None):
+    def __init__(self, session, *, verbose: bool = False, stdin=None, stdout=None, stderr=None):
         self.session = session
         self.verbose = verbose
         self.stdin = stdin or sys.stdin
@@ -126,11 +144,13 @@ class Repl:
                     self.say(f"(saved {self.session.num_tokens} tokens of state to {arg})")
                 else:
                     self.session.load(arg)
-                    self.say(f"(loaded {arg}: {self.session.num_tokens} tokens, "
-                             f"{len(self.session.messages) // 2} turns)")
+                    self.say(
+                        f"(loaded {arg}: {self.session.num_tokens} tokens, "
+                        f"{len(self.session.messages) // 2} turns)"
+                    )
             else:
                 raise CLIError(f"unknown command {name}; /help lists them")
-        except (CLIError, ValueError) as e:      # SnapshotError, GenerationError
+        except (CLIError, ValueError) as e:  # SnapshotError, GenerationError
             self.error(str(e))
         except OSError as e:
             self.error(f"{arg}: {e.strerror or e}")
@@ -144,7 +164,7 @@ class Repl:
                 if delta.text:
                     self.stdout.write(delta.text)
                     self.stdout.flush()
-        except ValueError as e:                  # GenerationError, ChatTemplateError
+        except ValueError as e:  # GenerationError, ChatTemplateError
             self.error(str(e))
             return
         finally:
@@ -163,7 +183,7 @@ class Repl:
 def _install_sigint(handler):
     try:
         return signal.signal(signal.SIGINT, handler)
-    except ValueError:          # not the main thread
+    except ValueError:  # not the main thread
         return None
 
 

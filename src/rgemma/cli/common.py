@@ -29,9 +29,13 @@ def report_error(verb: str, e: BaseException, code: int | None = None) -> int:
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--threads", type=int, default=0,
-                   help="CPU threads (default 0: one per physical core); 1 is often fastest "
-                        "for small models or on a busy machine")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="CPU threads (default 0: one per physical core); 1 is often fastest "
+        "for small models or on a busy machine",
+    )
 
 
 def physical_cores() -> int:
@@ -56,6 +60,7 @@ def set_threads(args) -> None:
     if threads < 0:
         raise CLIError(f"--threads must be >= 0, got {threads}", 2)
     import torch
+
     torch.set_num_threads(threads or physical_cores())
 
 
@@ -65,8 +70,11 @@ def read_stdin_text(what: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise CLIError(f"{what} read from stdin is not UTF-8 text (byte 0x{data[e.start]:02x} "
-                       f"at offset {e.start}); convert it first, e.g. iconv -t UTF-8", 2) from None
+        raise CLIError(
+            f"{what} read from stdin is not UTF-8 text (byte 0x{data[e.start]:02x} "
+            f"at offset {e.start}); convert it first, e.g. iconv -t UTF-8",
+            2,
+        ) from None
 
 
 def check_writable(path: str, flag: str) -> None:
@@ -83,6 +91,7 @@ def check_writable(path: str, flag: str) -> None:
 def resolve_device(device: str | None) -> str:
     """``--device`` (default: cuda if available, else cpu), checked against this PyTorch."""
     import torch
+
     if device is None:
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -90,56 +99,106 @@ def resolve_device(device: str | None) -> str:
     except (RuntimeError, ValueError):
         raise CLIError(f"--device {device!r} is not a device; use cpu or cuda", 2) from None
     if kind == "cuda" and not torch.cuda.is_available():
-        raise CLIError(f"--device {device}: this PyTorch has no CUDA device (a CPU-only build, "
-                       "or no GPU visible); use --device cpu", 2)
+        raise CLIError(
+            f"--device {device}: this PyTorch has no CUDA device (a CPU-only build, "
+            "or no GPU visible); use --device cpu",
+            2,
+        )
     return device
 
 
 def add_model_args(p: argparse.ArgumentParser, model_help: str | None = None) -> None:
     """The flags of every verb that loads a model: what to load, how, and where it runs."""
-    p.add_argument("--model", default=None, metavar="PATH",
-                   help=model_help or "checkpoint: a Hugging Face directory, an official .pt "
-                        "file, an Orbax directory, or a Hugging Face Hub id ORG/NAME "
-                        "(downloaded into the Hugging Face cache; HF_TOKEN for gated models) "
-                        "(default: the bundled demo model)")
-    p.add_argument("--revision", default=None, metavar="REV",
-                   help="with a Hub id: the branch, tag or commit (default: main)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="parameter dtype (default: the checkpoint's)")
-    p.add_argument("--tokenizer", default=None, metavar="PATH",
-                   help="tokenizer directory or file (tokenizer.model / tokenizer.json), for "
-                        "a checkpoint without one beside it (default: the checkpoint's)")
-    p.add_argument("--quantize", type=int, choices=[8, 4], default=None,
-                   help="quantize the weights to int8 / int4 at load time (CPU decode reads "
-                        "2-4x fewer bytes per token; with --compile, int4 is the fastest)")
+    p.add_argument(
+        "--model",
+        default=None,
+        metavar="PATH",
+        help=model_help
+        or "checkpoint: a Hugging Face directory, an official .pt "
+        "file, an Orbax directory, or a Hugging Face Hub id ORG/NAME "
+        "(downloaded into the Hugging Face cache; HF_TOKEN for gated models) "
+        "(default: the bundled demo model)",
+    )
+    p.add_argument(
+        "--revision",
+        default=None,
+        metavar="REV",
+        help="with a Hub id: the branch, tag or commit (default: main)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default=None,
+        help="parameter dtype (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="PATH",
+        help="tokenizer directory or file (tokenizer.model / tokenizer.json), for "
+        "a checkpoint without one beside it (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--quantize",
+        type=int,
+        choices=[8, 4],
+        default=None,
+        help="quantize the weights to int8 / int4 at load time (CPU decode reads "
+        "2-4x fewer bytes per token; with --compile, int4 is the fastest)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_threads_arg(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
-    p.add_argument("-m", "--max-tokens", type=int, default=max_tokens,
-                   help=f"maximum tokens to generate (default {max_tokens})")
+    p.add_argument(
+        "-m",
+        "--max-tokens",
+        type=int,
+        default=max_tokens,
+        help=f"maximum tokens to generate (default {max_tokens})",
+    )
     p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
     p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 = off")
     p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, in [0, 1]; 0 = off")
-    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty", type=float,
-                   default=1.0, help="CTRL repetition penalty (> 0); 1 = off")
+    p.add_argument(
+        "--repeat-penalty",
+        "--repetition-penalty",
+        dest="repeat_penalty",
+        type=float,
+        default=1.0,
+        help="CTRL repetition penalty (> 0); 1 = off",
+    )
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                   help="stop string (repeatable); cut from the output")
-    p.add_argument("--compile", action="store_true",
-                   help="torch.compile the decode step: the first tokens wait for the compiler "
-                        "(a minute or more), then small models decode several times faster")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop string (repeatable); cut from the output",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: the first tokens wait for the compiler "
+        "(a minute or more), then small models decode several times faster",
+    )
 
 
-_SAMPLING_FLAGS = {"temperature": "--temp", "top_k": "--top-k", "top_p": "--top-p",
-                   "min_p": "--min-p", "repetition_penalty": "--repeat-penalty"}
+_SAMPLING_FLAGS = {
+    "temperature": "--temp",
+    "top_k": "--top-k",
+    "top_p": "--top-p",
+    "min_p": "--min-p",
+    "repetition_penalty": "--repeat-penalty",
+}
 
 
 def check_sampling_args(args) -> None:
     """Raises CLIError (exit 2) for out-of-range sampling flags."""
     from rgemma.inference.sampling import SamplingError, SamplingParams
+
     if getattr(args, "threads", 0) < 0:
         raise CLIError(f"--threads must be >= 0, got {args.threads}", 2)
     if args.max_tokens <= 0:
@@ -150,7 +209,7 @@ def check_sampling_args(args) -> None:
         msg = str(e)
         for name, flag in _SAMPLING_FLAGS.items():
             if msg.startswith(name + " "):
-                msg = flag + msg[len(name):]
+                msg = flag + msg[len(name) :]
                 break
         raise CLIError(msg, 2) from None
     if any(not s for s in args.stop):
@@ -159,9 +218,16 @@ def check_sampling_args(args) -> None:
 
 def sampling_kwargs(args) -> dict:
     """``rgemma.inference.generate.stream`` keyword arguments of the sampling flags."""
-    return dict(max_new_tokens=args.max_tokens, temperature=args.temp, top_k=args.top_k,
-                top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repeat_penalty,
-                stop_strings=list(args.stop), compile=args.compile)
+    return dict(
+        max_new_tokens=args.max_tokens,
+        temperature=args.temp,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repeat_penalty,
+        stop_strings=list(args.stop),
+        compile=args.compile,
+    )
 
 
 def resolve_model_path(path: str | None, revision: str | None = None) -> str:
@@ -169,6 +235,7 @@ def resolve_model_path(path: str | None, revision: str | None = None) -> str:
     bundled demo model."""
     if path:
         from rgemma.io import hub
+
         if hub.is_hub_id(path):
             try:
                 return hub.snapshot(path, revision)
@@ -178,12 +245,15 @@ def resolve_model_path(path: str | None, revision: str | None = None) -> str:
             raise CLIError(f"--revision needs a Hugging Face Hub id as --model, not {path!r}", 2)
         return path
     from rgemma.io import demo
+
     try:
         return demo.path()
-    except OSError as e:                 # demo.DemoMissingError is a FileNotFoundError
-        raise CLIError(f"no --model given and the bundled demo model is unavailable "
-                       f"({one_line(e)}); pass --model PATH (a Hugging Face RecurrentGemma "
-                       "directory)") from None
+    except OSError as e:  # demo.DemoMissingError is a FileNotFoundError
+        raise CLIError(
+            f"no --model given and the bundled demo model is unavailable "
+            f"({one_line(e)}); pass --model PATH (a Hugging Face RecurrentGemma "
+            "directory)"
+        ) from None
 
 
 def load_model(args, *, compute_dtype: str | None = None):
@@ -191,22 +261,30 @@ def load_model(args, *, compute_dtype: str | None = None):
     ``--threads``; CLIError on failure."""
     from rgemma.dtypes import as_dtype
     from rgemma.io import checkpoint
+
     path = resolve_model_path(getattr(args, "model", None), getattr(args, "revision", None))
     if not os.path.exists(path):
-        raise CLIError(f"model {path!r} not found: pass --model PATH to a checkpoint "
-                       "directory or file")
+        raise CLIError(
+            f"model {path!r} not found: pass --model PATH to a checkpoint directory or file"
+        )
     set_threads(args)
     device = resolve_device(getattr(args, "device", None))
     try:
-        model, tokenizer = checkpoint.load(path, dtype=as_dtype(getattr(args, "dtype", None)),
-                                           device=device, quantize=getattr(args, "quantize", None))
+        model, tokenizer = checkpoint.load(
+            path,
+            dtype=as_dtype(getattr(args, "dtype", None)),
+            device=device,
+            quantize=getattr(args, "quantize", None),
+        )
     except (ValueError, OSError, RuntimeError, KeyError) as e:
         raise CLIError(f"cannot load model {path!r}: {one_line(e)}") from None
     if getattr(args, "tokenizer", None):
         tokenizer = _load_tokenizer(args.tokenizer)
     if tokenizer is None:
-        raise CLIError(f"{path}: no tokenizer (tokenizer.model or tokenizer.json) next to "
-                       "the checkpoint; pass --tokenizer PATH")
+        raise CLIError(
+            f"{path}: no tokenizer (tokenizer.model or tokenizer.json) next to "
+            "the checkpoint; pass --tokenizer PATH"
+        )
     if compute_dtype:
         model.set_compute_dtype(as_dtype(compute_dtype))
     return model, tokenizer
@@ -215,6 +293,7 @@ def load_model(args, *, compute_dtype: str | None = None):
 def _load_tokenizer(path: str):
     """The tokenizer at ``path`` (a directory or a tokenizer.model / tokenizer.json file)."""
     from rgemma.io.tokenizer import Tokenizer
+
     try:
         return Tokenizer.from_dir(path) if os.path.isdir(path) else Tokenizer.from_file(path)
     except (ValueError, OSError) as e:
@@ -225,11 +304,15 @@ def print_stats(stats, file=None) -> None:
     """Speed and state size of a generation (``GenerationStats``), on stderr."""
     file = file or sys.stderr
     print("=" * 10, file=file)
-    print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec",
-          file=file)
-    print(f"Generation: {stats.generated_tokens} tokens, {stats.decode_tps:.3f} tokens-per-sec",
-          file=file)
+    print(f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tps:.3f} tokens-per-sec", file=file)
+    print(
+        f"Generation: {stats.generated_tokens} tokens, {stats.decode_tps:.3f} tokens-per-sec",
+        file=file,
+    )
     if stats.compile_seconds:
-        print(f"Compile: {stats.compile_seconds:.1f} s (the first decode step; not in the "
-              "tokens-per-sec)", file=file)
+        print(
+            f"Compile: {stats.compile_seconds:.1f} s (the first decode step; not in the "
+            "tokens-per-sec)",
+            file=file,
+        )
     print(f"State: {stats.state_nbytes / 1e6:.3f} MB (fixed, whatever the length)", file=file)

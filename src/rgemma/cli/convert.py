@@ -11,7 +11,6 @@ import sys
 from rgemma.cli.common import CLIError, add_threads_arg, report_error, set_threads
 from rgemma.dtypes import DTYPE_NAMES
 
-
 DESCRIPTION = """\
 Convert a RecurrentGemma checkpoint.
 
@@ -32,28 +31,53 @@ examples:
 def register(subparsers) -> argparse.ArgumentParser:
     """Adds the ``convert`` verb to ``rgemma``'s subparsers."""
     p = subparsers.add_parser(
-        "convert", help="convert a checkpoint between HF, official PyTorch and Orbax layouts",
-        description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        "convert",
+        help="convert a checkpoint between HF, official PyTorch and Orbax layouts",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("src", metavar="SRC", help="checkpoint to read (HF dir, .pt file, Orbax dir)")
-    p.add_argument("dst", metavar="DST",
-                   help="where to write; a name ending in "
-                        ".pt/.pth/.ckpt gives an official file, else a HF dir")
-    p.add_argument("--to", choices=("hf", "official"), default=None,
-                   help="output layout (default: from DST's name)")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default=None,
-                   help="dtype of the written tensors (default: keep the source's)")
-    p.add_argument("--shard-size", default="5GB", metavar="SIZE",
-                   help="largest safetensors shard of a HF output, e.g. 5GB, 500MB "
-                        "(default: %(default)s)")
-    p.add_argument("--preset", default=None, metavar="NAME",
-                   help="for official / Orbax sources: the preset giving the attention window, "
-                        "logits soft-cap and embedding scaling, which are not in the weights "
-                        "(recurrentgemma-2b, recurrentgemma-9b, griffin-7b, hawk-7b; -it "
-                        "variants too); default: inferred (RecurrentGemma values)")
-    p.add_argument("--tokenizer", default=None, metavar="DIR",
-                   help="copy the tokenizer files from DIR into a Hugging Face DST (default: "
-                        "those beside SRC; official .pt files usually have none)")
+    p.add_argument(
+        "dst",
+        metavar="DST",
+        help="where to write; a name ending in "
+        ".pt/.pth/.ckpt gives an official file, else a HF dir",
+    )
+    p.add_argument(
+        "--to",
+        choices=("hf", "official"),
+        default=None,
+        help="output layout (default: from DST's name)",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=DTYPE_NAMES,
+        default=None,
+        help="dtype of the written tensors (default: keep the source's)",
+    )
+    p.add_argument(
+        "--shard-size",
+        default="5GB",
+        metavar="SIZE",
+        help="largest safetensors shard of a HF output, e.g. 5GB, 500MB (default: %(default)s)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        metavar="NAME",
+        help="for official / Orbax sources: the preset giving the attention window, "
+        "logits soft-cap and embedding scaling, which are not in the weights "
+        "(recurrentgemma-2b, recurrentgemma-9b, griffin-7b, hawk-7b; -it "
+        "variants too); default: inferred (RecurrentGemma values)",
+    )
+    p.add_argument(
+        "--tokenizer",
+        default=None,
+        metavar="DIR",
+        help="copy the tokenizer files from DIR into a Hugging Face DST (default: "
+        "those beside SRC; official .pt files usually have none)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     add_threads_arg(p)
     p.set_defaults(func=run)
@@ -63,18 +87,30 @@ def register(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     """Runs the conversion; returns 0, or 2 after a one-line error on stderr."""
     from rgemma.io import checkpoint
+
     try:
         set_threads(args)
         out = checkpoint.convert(
-            args.src, args.dst, to=args.to,
-            dtype=args.dtype, shard_size=args.shard_size,
-            preset=args.preset, overwrite=args.overwrite, tokenizer_dir=args.tokenizer)
+            args.src,
+            args.dst,
+            to=args.to,
+            dtype=args.dtype,
+            shard_size=args.shard_size,
+            preset=args.preset,
+            overwrite=args.overwrite,
+            tokenizer_dir=args.tokenizer,
+        )
     except (ValueError, OSError, CLIError) as e:  # CheckpointError, WeightsError, I/O
         return report_error("convert", e, 2)
     print(f"wrote {out}")
-    if out.is_dir() and not (out / "tokenizer.model").exists() and \
-            not (out / "tokenizer.json").exists():
-        print(f"rgemma convert: note: {out} has no tokenizer (none was found beside {args.src}); "
-              "generate and serve need one: convert again with --tokenizer DIR", file=sys.stderr)
+    if (
+        out.is_dir()
+        and not (out / "tokenizer.model").exists()
+        and not (out / "tokenizer.json").exists()
+    ):
+        print(
+            f"rgemma convert: note: {out} has no tokenizer (none was found beside {args.src}); "
+            "generate and serve need one: convert again with --tokenizer DIR",
+            file=sys.stderr,
+        )
     return 0
-

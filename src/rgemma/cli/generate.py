@@ -5,31 +5,62 @@ from __future__ import annotations
 import os
 import sys
 
-from rgemma.cli.common import (CLIError, add_model_args, add_sampling_args, check_sampling_args,
-                               check_writable, load_model, print_stats, read_stdin_text,
-                               report_error, sampling_kwargs)
+from rgemma.cli.common import (
+    CLIError,
+    add_model_args,
+    add_sampling_args,
+    check_sampling_args,
+    check_writable,
+    load_model,
+    print_stats,
+    read_stdin_text,
+    report_error,
+    sampling_kwargs,
+)
 
 
 def register(subparsers) -> None:
     """Adds the ``generate`` verb."""
     p = subparsers.add_parser(
-        "generate", help="generate text from a prompt, streamed to stdout",
+        "generate",
+        help="generate text from a prompt, streamed to stdout",
         description="Generate text from a prompt (streamed to stdout). "
-                    "Use - as the prompt to read it from stdin.")
+        "Use - as the prompt to read it from stdin.",
+    )
     p.add_argument("prompt", nargs="?", default=None, help="the prompt, or - to read stdin")
-    p.add_argument("-p", "--prompt", dest="prompt_flag", default=None, metavar="PROMPT",
-                   help="the prompt (same as the positional argument)")
+    p.add_argument(
+        "-p",
+        "--prompt",
+        dest="prompt_flag",
+        default=None,
+        metavar="PROMPT",
+        help="the prompt (same as the positional argument)",
+    )
     add_model_args(p)
     add_sampling_args(p, max_tokens=256)
-    p.add_argument("--chat-template", action="store_true",
-                   help="wrap the prompt as one user turn of the chat format")
-    p.add_argument("--save-state", metavar="FILE", default=None,
-                   help="write the final state (and history) to FILE to continue later")
-    p.add_argument("--load-state", metavar="FILE", default=None,
-                   help="continue from a state saved with --save-state (or chat's /save); "
-                        "the prompt is optional then")
-    p.add_argument("--verbose", action="store_true",
-                   help="print prompt / generation speed and the state size to stderr")
+    p.add_argument(
+        "--chat-template",
+        action="store_true",
+        help="wrap the prompt as one user turn of the chat format",
+    )
+    p.add_argument(
+        "--save-state",
+        metavar="FILE",
+        default=None,
+        help="write the final state (and history) to FILE to continue later",
+    )
+    p.add_argument(
+        "--load-state",
+        metavar="FILE",
+        default=None,
+        help="continue from a state saved with --save-state (or chat's /save); "
+        "the prompt is optional then",
+    )
+    p.add_argument(
+        "--verbose",
+        action="store_true",
+        help="print prompt / generation speed and the state size to stderr",
+    )
     p.set_defaults(func=run)
 
 
@@ -50,7 +81,7 @@ def _read_prompt(args) -> str | None:
         prompt = read_stdin_text("the prompt")
     if prompt is None or (args.load_state and not prompt.strip()):
         if args.load_state:
-            return None                      # continue the saved state as it is
+            return None  # continue the saved state as it is
         raise CLIError("no prompt given (pass PROMPT, or - to read stdin)", 2)
     if not prompt.strip():
         raise CLIError("the prompt is empty" if not prompt else "the prompt is only whitespace", 2)
@@ -60,8 +91,7 @@ def _read_prompt(args) -> str | None:
 def _generate(args) -> int:
     from rgemma.inference.generate import GenerationError, stream
     from rgemma.inference.sampling import SamplingError
-    from rgemma.io.snapshot import (Conversation, SnapshotError, load_conversation,
-                                    save_conversation)
+    from rgemma.io.snapshot import Conversation, SnapshotError, load_conversation, save_conversation
 
     check_sampling_args(args)
     prompt = _read_prompt(args)
@@ -80,7 +110,7 @@ def _generate(args) -> int:
     history = saved.history_ids if saved else []
     ids = list(saved.pending_ids) if saved else []
     if prompt is not None:
-        if args.chat_template and saved is not None:     # a new turn after the saved one
+        if args.chat_template and saved is not None:  # a new turn after the saved one
             ids = tokenizer.next_turn_ids(saved.pending_ids, prompt)
         elif args.chat_template:
             ids = tokenizer.encode_chat([{"role": "user", "content": prompt}])
@@ -92,9 +122,16 @@ def _generate(args) -> int:
 
     completion = None
     try:
-        for delta in stream(model, tokenizer, [ids], state=saved.state if saved else None,
-                            seed=args.seed, rng_states=rng, context_ids=[history],
-                            **sampling_kwargs(args)):
+        for delta in stream(
+            model,
+            tokenizer,
+            [ids],
+            state=saved.state if saved else None,
+            seed=args.seed,
+            rng_states=rng,
+            context_ids=[history],
+            **sampling_kwargs(args),
+        ):
             if delta.text:
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()
@@ -105,10 +142,17 @@ def _generate(args) -> int:
     sys.stdout.write("\n")
     sys.stdout.flush()
     if args.save_state:
-        save_conversation(args.save_state, Conversation(
-            completion.state, history + completion.prompt_ids + completion.token_ids[:-1],
-            completion.pending_ids, completion.rng_state, {"kind": "generate"}),
-            model_config=model.config)
+        save_conversation(
+            args.save_state,
+            Conversation(
+                completion.state,
+                history + completion.prompt_ids + completion.token_ids[:-1],
+                completion.pending_ids,
+                completion.rng_state,
+                {"kind": "generate"},
+            ),
+            model_config=model.config,
+        )
     if args.verbose:
         print_stats(completion.stats)
     return 0

@@ -12,8 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-from rgemma.cli.common import (CLIError, add_model_args, load_model,
-                               report_error)
+from rgemma.cli.common import CLIError, add_model_args, load_model, report_error
 from rgemma.io.documents import DataError, find_documents
 
 # rgemma.evaluation.perplexity's DEFAULT_CHUNK_SIZE / DEFAULT_BATCH_SIZE, spelled out here

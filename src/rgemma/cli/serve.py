@@ -238,7 +238,8 @@ def _load(args):
         path = None
     path = resolve_model_path(path, args.revision)
     model, tokenizer = load_model(
-        argparse.Namespace(**{**vars(args), "model": path, "revision": None}), compute_dtype=args.compute_dtype
+        argparse.Namespace(**{**vars(args), "model": path, "revision": None}),
+        compute_dtype=args.compute_dtype,
     )
     return model.eval(), tokenizer, path
 

@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         if args.init:
-            args.init = resolve_model_path(args.init)     # a path, or a Hub id's snapshot
+            args.init = resolve_model_path(args.init)  # a path, or a Hub id's snapshot
         cfg = config_from_args(args)
         summary = train(cfg)
     except CLIError as e:

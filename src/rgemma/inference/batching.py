@@ -8,16 +8,22 @@ gives the same numbers in a batch as alone.
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
 TopLogprobs = list[tuple[int, float]]
 
 
-def pad_batch(rows: Sequence[Sequence[int]], starts: Sequence[int], *,
-              side: Literal["left", "right"] = "left", width: int | None = None,
-              device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_batch(
+    rows: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    *,
+    side: Literal["left", "right"] = "left",
+    width: int | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [B, width] and segment positions [B, width] of rows padded to ``width``.
 
     Row b's tokens get positions starts[b], starts[b] + 1, ...; padding gets

@@ -53,19 +53,42 @@ import torch
 
 from rgemma.inference.batching import TopLogprobs, top_logprobs
 from rgemma.inference.prefix_cache import PrefixCache
-from rgemma.inference.requests import (ERROR, PROMPT, TOKEN, EngineConfig, EngineError, Event,
-                                       QueueFull, Request, RequestError, RequestHandle,
-                                       sampling_params)
+from rgemma.inference.requests import (
+    ERROR,
+    PROMPT,
+    TOKEN,
+    EngineConfig,
+    EngineError,
+    Event,
+    QueueFull,
+    Request,
+    RequestError,
+    RequestHandle,
+    sampling_params,
+)
 from rgemma.inference.sampling import Sampler, SamplingParams
 from rgemma.inference.stopping import StopChecker
 from rgemma.state import State
 
-__all__ = ["ERROR", "PROMPT", "TOKEN", "Engine", "EngineConfig", "EngineError", "EngineStats",
-           "Event", "QueueFull", "Request", "RequestError", "RequestHandle", "sampling_params"]
+__all__ = [
+    "ERROR",
+    "PROMPT",
+    "TOKEN",
+    "Engine",
+    "EngineConfig",
+    "EngineError",
+    "EngineStats",
+    "Event",
+    "QueueFull",
+    "Request",
+    "RequestError",
+    "RequestHandle",
+    "sampling_params",
+]
 
 log = logging.getLogger(__name__)
 
-PROMPT_LOGITS_BYTES = 64 * 2**20    # largest [T, V] logits block when scoring prompts
+PROMPT_LOGITS_BYTES = 64 * 2**20  # largest [T, V] logits block when scoring prompts
 
 
 # ============================================================ engine internals
@@ -76,11 +99,11 @@ class _Job:
         self.handle = handle
         self.request = handle.request
         self.ids = list(handle.request.prompt_ids)
-        self.state: State | None = None        # 1-row, while prefilling
-        self.done = 0                          # prompt tokens in self.state
+        self.state: State | None = None  # 1-row, while prefilling
+        self.done = 0  # prompt tokens in self.state
         self.cached = 0
-        self.split: int | None = None          # prefix length to snapshot into the cache
-        self.logits: torch.Tensor | None = None    # [1, V] after the whole prompt
+        self.split: int | None = None  # prefix length to snapshot into the cache
+        self.logits: torch.Tensor | None = None  # [1, V] after the whole prompt
         self.prompt_lp: list[float | None] = []
         self.prompt_top: list[TopLogprobs | None] = []
         self.open_choices = handle.request.n
@@ -95,7 +118,7 @@ class _Sequence:
         self.index = index
         self.sampler = sampler
         self.stopper = stopper
-        self.next_token = 0        # sampled, not yet fed
+        self.next_token = 0  # sampled, not yet fed
         self.position = len(job.ids)
 
 
@@ -160,21 +183,24 @@ class Engine:
         self.tokenizer = tokenizer
         self.config = config or EngineConfig()
         self.vocab_size = model.config.vocab_size
-        self.cache = (PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_min_tokens)
-                      if self.config.prefix_cache_bytes > 0 else None)
+        self.cache = (
+            PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_min_tokens)
+            if self.config.prefix_cache_bytes > 0
+            else None
+        )
         self._stats = EngineStats(max_slots=self.config.max_batch)
         self._rate = _RateMeter()
         self._cond = threading.Condition()
         self._waiting: collections.deque[RequestHandle] = collections.deque()
         self._prefilling: list[_Job] = []
-        self._rows: list[_Sequence] = []      # row i of self.state runs self._rows[i]
-        self._reserved = 0                    # rows promised to prefilling jobs
+        self._rows: list[_Sequence] = []  # row i of self.state runs self._rows[i]
+        self._reserved = 0  # rows promised to prefilling jobs
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.state: State | None = None       # [max_batch], allocated by the thread
+        self.state: State | None = None  # [max_batch], allocated by the thread
 
     # ------------------------------------------------------------ lifecycle
-    def start(self) -> "Engine":
+    def start(self) -> Engine:
         """Starts the scheduler thread (idempotent); returns self."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="rgemma-engine", daemon=True)
@@ -193,15 +219,16 @@ class Engine:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    def __enter__(self) -> "Engine":
+    def __enter__(self) -> Engine:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
 
     # -------------------------------------------------------------- clients
-    def submit(self, request: Request,
-               on_event: Callable[[Event | None], None] | None = None) -> RequestHandle:
+    def submit(
+        self, request: Request, on_event: Callable[[Event | None], None] | None = None
+    ) -> RequestHandle:
         """Queues a request (thread-safe). Raises RequestError, QueueFull or EngineError."""
         self._check(request)
         handle = RequestHandle(request, on_event, wake=self._wake)
@@ -233,8 +260,10 @@ class Engine:
         ids = list(r.prompt_ids)
         if not ids:
             raise RequestError("the prompt is empty: at least one token is needed")
-        if any(not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
-               for t in ids):
+        if any(
+            not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size
+            for t in ids
+        ):
             raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if not 1 <= r.n <= self.config.max_batch:
             raise RequestError(f"n must be in [1, {self.config.max_batch}] (the batch size)")
@@ -258,7 +287,7 @@ class Engine:
             while self._wait_for_work():
                 try:
                     self._step()
-                except Exception as e:           # a bug, not a request: keep serving
+                except Exception as e:  # a bug, not a request: keep serving
                     log.exception("engine step failed")
                     self._fail_all(f"internal error: {e}", waiting=False)
         self._fail_all("the server is shutting down")
@@ -328,8 +357,9 @@ class Engine:
                 self._end(h, cancelled=True)
         for job in [j for j in self._prefilling if j.handle.cancelled]:
             self._drop_job(job, cancelled=True)
-        rows = {i for i, s in enumerate(self._rows)
-                if s.job.handle.cancelled or s.job.handle.finished}
+        rows = {
+            i for i, s in enumerate(self._rows) if s.job.handle.cancelled or s.job.handle.finished
+        }
         if rows:
             jobs = {id(self._rows[i].job): self._rows[i].job for i in rows}
             self._remove_rows(rows)
@@ -365,8 +395,9 @@ class Engine:
     def _fail_all(self, message: str, *, waiting: bool = True) -> None:
         """Ends every request in flight (and those waiting) with an error."""
         with self._cond:
-            waiting, self._waiting = (list(self._waiting), collections.deque()) if waiting \
-                else ([], self._waiting)
+            waiting, self._waiting = (
+                (list(self._waiting), collections.deque()) if waiting else ([], self._waiting)
+            )
         jobs = {id(s.job): s.job for s in self._rows}
         self._rows = []
         for job in list(self._prefilling):
@@ -405,7 +436,7 @@ class Engine:
         scoring = job.request.prompt_logprobs is not None
         if scoring:
             end = min(end, start + max(1, PROMPT_LOGITS_BYTES // (4 * self.vocab_size)))
-        if start == end:                      # the whole prompt came from the cache
+        if start == end:  # the whole prompt came from the cache
             return 0
         tokens = torch.tensor([job.ids[start:end]], device=self.model.device)
         positions = torch.arange(start, end, device=self.model.device)[None]
@@ -427,8 +458,8 @@ class Engine:
 
     def _score_prompt(self, job: _Job, logits: torch.Tensor, start: int, end: int) -> None:
         """Logprobs of prompt tokens start+1 .. end (logits [T, V] at start .. end-1)."""
-        targets = torch.tensor(job.ids[start + 1:end + 1], device=logits.device)
-        lsm = torch.log_softmax(logits[:len(targets)].float(), dim=-1)
+        targets = torch.tensor(job.ids[start + 1 : end + 1], device=logits.device)
+        lsm = torch.log_softmax(logits[: len(targets)].float(), dim=-1)
         job.prompt_lp += lsm.gather(1, targets[:, None])[:, 0].tolist()
         k = job.request.prompt_logprobs
         job.prompt_top += top_logprobs(lsm, k) if k else [[] for _ in lsm]
@@ -437,10 +468,15 @@ class Engine:
         """After the prefill: the first token of each choice; rows for those that go on."""
         r = job.request
         self._stats.prompt_tokens_cached += job.cached
-        job.handle._emit(Event(
-            PROMPT, prompt_tokens=len(job.ids), cached_tokens=job.cached,
-            prompt_logprobs=job.prompt_lp if r.prompt_logprobs is not None else None,
-            prompt_top_logprobs=job.prompt_top if r.prompt_logprobs is not None else None))
+        job.handle._emit(
+            Event(
+                PROMPT,
+                prompt_tokens=len(job.ids),
+                cached_tokens=job.cached,
+                prompt_logprobs=job.prompt_lp if r.prompt_logprobs is not None else None,
+                prompt_top_logprobs=job.prompt_top if r.prompt_logprobs is not None else None,
+            )
+        )
         if r.max_tokens == 0:
             self._end(job.handle)
             return
@@ -461,8 +497,13 @@ class Engine:
     def _new_sequence(self, job: _Job, index: int) -> _Sequence:
         r = job.request
         seed = None if r.seed is None else r.seed + index
-        sampler = Sampler([r.params], self.vocab_size, self.model.device, seeds=[seed],
-                          history=[job.ids] if r.params.repetition_penalty != 1 else None)
+        sampler = Sampler(
+            [r.params],
+            self.vocab_size,
+            self.model.device,
+            seeds=[seed],
+            history=[job.ids] if r.params.repetition_penalty != 1 else None,
+        )
         stopper = StopChecker(self.tokenizer, job.stop_ids, list(r.stop_strings), r.max_tokens)
         return _Sequence(job, index, sampler, stopper)
 
@@ -487,7 +528,7 @@ class Engine:
             seq.position += 1
         try:
             ended = self._sample(self._rows, logits)
-        except Exception as e:                   # e.g. a NaN distribution: fails this step
+        except Exception as e:  # e.g. a NaN distribution: fails this step
             log.warning("sampling failed: %s", e)
             ended = [True] * k
             for job in {id(s.job): s.job for s in self._rows}.values():
@@ -512,7 +553,7 @@ class Engine:
         tops = top_logprobs(torch.log_softmax(logits.float(), -1), k) if k else None
         ended = []
         for i, seq in enumerate(seqs):
-            if seq.job.handle.finished:          # failed or cancelled meanwhile
+            if seq.job.handle.finished:  # failed or cancelled meanwhile
                 ended.append(True)
                 continue
             want = seq.job.request.logprobs
@@ -520,14 +561,23 @@ class Engine:
             ended.append(self._emit_token(seq, ids[i], lps[i] if want is not None else None, top))
         return ended
 
-    def _emit_token(self, seq: _Sequence, token: int, logprob: float | None,
-                    top: TopLogprobs | None) -> bool:
+    def _emit_token(
+        self, seq: _Sequence, token: int, logprob: float | None, top: TopLogprobs | None
+    ) -> bool:
         """Sends a sampled token to its request; True if the choice ended with it."""
         seq.next_token = token
         self._stats.generated_tokens += 1
         text = seq.stopper.add(token)
-        event = Event(TOKEN, index=seq.index, token_id=token, logprob=logprob, top_logprobs=top,
-                      text=text, finish_reason=seq.stopper.finish_reason, stop=seq.stopper.stop)
+        event = Event(
+            TOKEN,
+            index=seq.index,
+            token_id=token,
+            logprob=logprob,
+            top_logprobs=top,
+            text=text,
+            finish_reason=seq.stopper.finish_reason,
+            stop=seq.stopper.stop,
+        )
         seq.job.handle._emit(event)
         if event.finish_reason:
             seq.job.open_choices -= 1
@@ -563,8 +613,10 @@ def _rows_needed(request: Request) -> int:
 
 def _rows_view(state: State, k: int) -> State:
     """A State whose tensors are views of rows [0, k) of ``state`` (in-place updates land there)."""
-    layers = [type(layer)(**{name: t[:k] for name, t in layer.tensors().items()})
-              for layer in state.layers]
+    layers = [
+        type(layer)(**{name: t[:k] for name, t in layer.tensors().items()})
+        for layer in state.layers
+    ]
     return State(num_tokens=state.num_tokens[:k], doc_start=state.doc_start[:k], layers=layers)
 
 

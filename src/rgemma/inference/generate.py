@@ -30,11 +30,9 @@ continues exactly as an uninterrupted run would (``continue_from`` does that).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import sys
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -53,13 +51,13 @@ class GenerationStats:
     """Timings of one ``generate`` / ``stream`` call (shared by its rows)."""
 
     batch_size: int = 0
-    prompt_tokens: int = 0          # real prompt tokens prefilled, all rows
+    prompt_tokens: int = 0  # real prompt tokens prefilled, all rows
     prompt_seconds: float = 0.0
-    generated_tokens: int = 0       # tokens sampled, all rows
-    decode_steps: int = 0           # batched model calls after the prefill
-    decode_seconds: float = 0.0     # compile time excluded
-    compile_seconds: float = 0.0    # the first compiled decode step (torch.compile at work)
-    state_nbytes: int = 0           # bytes of the whole batch's state
+    generated_tokens: int = 0  # tokens sampled, all rows
+    decode_steps: int = 0  # batched model calls after the prefill
+    decode_seconds: float = 0.0  # compile time excluded
+    compile_seconds: float = 0.0  # the first compiled decode step (torch.compile at work)
+    state_nbytes: int = 0  # bytes of the whole batch's state
 
     @property
     def prompt_tps(self) -> float:
@@ -135,8 +133,7 @@ def prefill(model, prompt_ids: Sequence[Sequence[int]], state: State) -> torch.T
     return logits
 
 
-def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor,
-                state: State) -> torch.Tensor:
+def decode_step(model, tokens: torch.Tensor, positions: torch.Tensor, state: State) -> torch.Tensor:
     """tokens, positions [B, 1] -> logits [B, V]; ``state`` updated in place."""
     logits, _ = model(tokens, positions, state, logits="last")
     return logits
@@ -164,9 +161,10 @@ def _per_row(value, B: int, name: str) -> list:
 
 
 def _encode_prompts(tokenizer, prompts, add_bos: bool) -> list[list[int]]:
-    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                    and all(isinstance(t, int) for t in prompts)):
-        prompts = [prompts]                     # one prompt: a string or a list of ids
+    if isinstance(prompts, str) or (
+        isinstance(prompts, (list, tuple)) and prompts and all(isinstance(t, int) for t in prompts)
+    ):
+        prompts = [prompts]  # one prompt: a string or a list of ids
     if not prompts:
         raise GenerationError("no prompts given")
     out = []
@@ -198,7 +196,7 @@ class _Row:
         self.text_parts: list[str] = []
         self.logprobs: list[float] | None = [] if logprobs else None
         self.stopper = stopper
-        self.reported = 0                  # ids already sent in a Delta
+        self.reported = 0  # ids already sent in a Delta
 
     @property
     def finish_reason(self) -> str | None:
@@ -220,14 +218,28 @@ class _Row:
         return text
 
 
-def stream(model, tokenizer, prompts, *, max_new_tokens: int = 256,
-           temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-           seed=None, stop_token_ids: Sequence[int] | None = None,
-           stop_strings: Sequence[str] = (), logprobs: bool = False,
-           state: State | None = None, rng_states: Sequence[torch.Tensor | None] | None = None,
-           context_ids: Sequence[Sequence[int]] | None = None, add_bos: bool | None = None,
-           compile: bool = False, should_stop: Callable[[], bool] | None = None,
-           ) -> Iterator[Delta]:
+def stream(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    max_new_tokens: int = 256,
+    temperature=0.0,
+    top_k=0,
+    top_p=1.0,
+    min_p=0.0,
+    repetition_penalty=1.0,
+    seed=None,
+    stop_token_ids: Sequence[int] | None = None,
+    stop_strings: Sequence[str] = (),
+    logprobs: bool = False,
+    state: State | None = None,
+    rng_states: Sequence[torch.Tensor | None] | None = None,
+    context_ids: Sequence[Sequence[int]] | None = None,
+    add_bos: bool | None = None,
+    compile: bool = False,
+    should_stop: Callable[[], bool] | None = None,
+) -> Iterator[Delta]:
     """Generates for a batch of prompts, yielding text deltas as they are decoded.
 
     Args:
@@ -258,14 +270,23 @@ def stream(model, tokenizer, prompts, *, max_new_tokens: int = 256,
         add_bos = state is None
     prompt_ids = _encode_prompts(tokenizer, prompts, add_bos)
     B = len(prompt_ids)
-    if (not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool)
-            or max_new_tokens < 1):
+    if (
+        not isinstance(max_new_tokens, int)
+        or isinstance(max_new_tokens, bool)
+        or max_new_tokens < 1
+    ):
         raise GenerationError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     try:
-        params = [SamplingParams(*p) for p in zip(
-            _per_row(temperature, B, "temperature"), _per_row(top_k, B, "top_k"),
-            _per_row(top_p, B, "top_p"), _per_row(min_p, B, "min_p"),
-            _per_row(repetition_penalty, B, "repetition_penalty"))]
+        params = [
+            SamplingParams(*p)
+            for p in zip(
+                _per_row(temperature, B, "temperature"),
+                _per_row(top_k, B, "top_k"),
+                _per_row(top_p, B, "top_p"),
+                _per_row(min_p, B, "min_p"),
+                _per_row(repetition_penalty, B, "repetition_penalty"),
+            )
+        ]
     except SamplingError as e:
         raise GenerationError(str(e)) from None
     vocab = model.config.vocab_size
@@ -278,30 +299,60 @@ def stream(model, tokenizer, prompts, *, max_new_tokens: int = 256,
         state = state.expand(B)
     elif state.batch_size != B:
         raise GenerationError(f"state has {state.batch_size} rows for {B} prompts")
-    stop_ids = frozenset(tokenizer.stop_ids if stop_token_ids is None else
-                         (int(t) for t in stop_token_ids))
+    stop_ids = frozenset(
+        tokenizer.stop_ids if stop_token_ids is None else (int(t) for t in stop_token_ids)
+    )
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     history = [list(c) + p for c, p in zip(context_ids or [[]] * B, prompt_ids)]
-    sampler = Sampler(params, vocab, model.device, seeds=_row_seeds(seed, B),
-                      rng_states=rng_states, history=history)
-    rows = [_Row(b, prompt_ids[b], StopChecker(tokenizer, stop_ids, stop_strings, max_new_tokens),
-                 logprobs) for b in range(B)]
-    return _run(model, state, sampler, rows, logprobs, _make_step(model, compile), should_stop,
-                compiling=compile)
+    sampler = Sampler(
+        params,
+        vocab,
+        model.device,
+        seeds=_row_seeds(seed, B),
+        rng_states=rng_states,
+        history=history,
+    )
+    rows = [
+        _Row(
+            b,
+            prompt_ids[b],
+            StopChecker(tokenizer, stop_ids, stop_strings, max_new_tokens),
+            logprobs,
+        )
+        for b in range(B)
+    ]
+    return _run(
+        model,
+        state,
+        sampler,
+        rows,
+        logprobs,
+        _make_step(model, compile),
+        should_stop,
+        compiling=compile,
+    )
 
 
-def _run(model, state: State, sampler: Sampler, rows: list[_Row], want_logprobs: bool,
-         step: Callable, should_stop: Callable[[], bool] | None,
-         compiling: bool = False) -> Iterator[Delta]:
+def _run(
+    model,
+    state: State,
+    sampler: Sampler,
+    rows: list[_Row],
+    want_logprobs: bool,
+    step: Callable,
+    should_stop: Callable[[], bool] | None,
+    compiling: bool = False,
+) -> Iterator[Delta]:
     """The prefill + decode loop behind ``stream``.
 
     Model calls run under ``torch.inference_mode`` one at a time (never across
     a ``yield``, so the caller's code between deltas keeps its own grad mode).
     """
     B, device = len(rows), model.device
-    stats = GenerationStats(batch_size=B, prompt_tokens=sum(len(r.prompt_ids) for r in rows),
-                            state_nbytes=state.nbytes)
+    stats = GenerationStats(
+        batch_size=B, prompt_tokens=sum(len(r.prompt_ids) for r in rows), state_nbytes=state.nbytes
+    )
     t0 = time.perf_counter()
     with torch.inference_mode():
         logits = prefill(model, [r.prompt_ids for r in rows], state)
@@ -346,29 +397,41 @@ def _run(model, state: State, sampler: Sampler, rows: list[_Row], want_logprobs:
             positions_in.copy_(next_pos).masked_fill_(inactive_mask, -1)
             logits = step(tokens_in, positions_in, state)
             next_pos += ~inactive_mask
-        if first_compiled:           # the compiler's time is not decoding speed
+        if first_compiled:  # the compiler's time is not decoding speed
             _sync(device)
             stats.compile_seconds = time.perf_counter() - started
         stats.decode_steps += 1
     stats.decode_seconds = time.perf_counter() - t1 - stats.compile_seconds
 
 
-def _final_delta(row: _Row, text: str, state: State, sampler: Sampler,
-                 stats: GenerationStats, B: int) -> Delta:
+def _final_delta(
+    row: _Row, text: str, state: State, sampler: Sampler, stats: GenerationStats, B: int
+) -> Delta:
     completion = Completion(
-        text="".join(row.text_parts), token_ids=row.ids, finish_reason=row.finish_reason,
-        prompt_ids=row.prompt_ids, logprobs=row.logprobs,
+        text="".join(row.text_parts),
+        token_ids=row.ids,
+        finish_reason=row.finish_reason,
+        prompt_ids=row.prompt_ids,
+        logprobs=row.logprobs,
         state=state if B == 1 else state.select([row.index]),
-        rng_state=sampler.rng_state(row.index), stop=row.stopper.stop, stats=stats)
+        rng_state=sampler.rng_state(row.index),
+        stop=row.stopper.stop,
+        stats=stats,
+    )
     return _delta(row, text, completion)
 
 
 def _delta(row: _Row, text: str, completion: Completion | None = None) -> Delta:
     """A Delta with the row's tokens (and logprobs) not yet reported."""
     start, row.reported = row.reported, len(row.ids)
-    return Delta(row.index, text, row.ids[start:],
-                 None if row.logprobs is None else row.logprobs[start:],
-                 row.finish_reason, completion)
+    return Delta(
+        row.index,
+        text,
+        row.ids[start:],
+        None if row.logprobs is None else row.logprobs[start:],
+        row.finish_reason,
+        completion,
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -376,12 +439,8 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def generate(model, tokenizer, prompts, *, max_new_tokens: int = 256,
-             temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0,
-             seed=None, stop_token_ids: Sequence[int] | None = None,
-             stop_strings: Sequence[str] = (), logprobs: bool = False,
-             state: State | None = None, **kwargs) -> list[Completion]:
-    """One Completion per prompt, in order (arguments as for ``stream``).
+def generate(model, tokenizer, prompts, **kwargs) -> list[Completion]:
+    """One Completion per prompt, in order (keyword arguments as for ``stream``).
 
     Example::
 
@@ -390,18 +449,15 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int = 256,
         c.text, c.token_ids, c.finish_reason, c.state
     """
     out: dict[int, Completion] = {}
-    for delta in stream(model, tokenizer, prompts, max_new_tokens=max_new_tokens,
-                        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                        repetition_penalty=repetition_penalty, seed=seed,
-                        stop_token_ids=stop_token_ids, stop_strings=stop_strings,
-                        logprobs=logprobs, state=state, **kwargs):
+    for delta in stream(model, tokenizer, prompts, **kwargs):
         if delta.completion is not None:
             out[delta.index] = delta.completion
     return [out[i] for i in range(len(out))]
 
 
-def continue_from(model, tokenizer, completion: Completion, more_ids: Sequence[int] = (),
-                  **kwargs) -> list[Completion]:
+def continue_from(
+    model, tokenizer, completion: Completion, more_ids: Sequence[int] = (), **kwargs
+) -> list[Completion]:
     """Continues a finished 1-row Completion (its pending token, then ``more_ids``).
 
     Uses ``completion.state`` in place and resumes its generator, so greedy and
@@ -409,5 +465,10 @@ def continue_from(model, tokenizer, completion: Completion, more_ids: Sequence[i
     """
     kwargs.setdefault("rng_states", [completion.rng_state])
     kwargs.setdefault("context_ids", [completion.prompt_ids + completion.token_ids[:-1]])
-    return generate(model, tokenizer, [completion.pending_ids + list(more_ids)],
-                    state=completion.state, **kwargs)
+    return generate(
+        model,
+        tokenizer,
+        [completion.pending_ids + list(more_ids)],
+        state=completion.state,
+        **kwargs,
+    )

@@ -14,6 +14,7 @@ import torch
 from rgemma.io.tokenizer import common_prefix_length
 from rgemma.state import State
 
+
 class PrefixCache:
     """Token-id prefix -> (1-row State after it, logits [1, V] after it); LRU, bounded bytes."""
 
@@ -23,8 +24,9 @@ class PrefixCache:
         self.bytes = 0
         self.hits = 0
         self.misses = 0
-        self._entries: collections.OrderedDict[tuple, tuple[State, torch.Tensor, int]] = \
+        self._entries: collections.OrderedDict[tuple, tuple[State, torch.Tensor, int]] = (
             collections.OrderedDict()
+        )
         self._lengths: collections.Counter[int] = collections.Counter()
         self._recent: collections.deque[tuple] = collections.deque(maxlen=recent)
 

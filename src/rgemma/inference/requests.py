@@ -1,8 +1,8 @@
 """What a client hands the engine and what it gets back: requests, events, handles.
 
-    handle = engine.submit(Request(prompt_ids=ids, max_tokens=32))
-    for event in handle:            # Events as they happen, on the client's thread
-        ...
+handle = engine.submit(Request(prompt_ids=ids, max_tokens=32))
+for event in handle:            # Events as they happen, on the client's thread
+    ...
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 from rgemma.inference.batching import TopLogprobs
 from rgemma.inference.sampling import SamplingError, SamplingParams
+
 
 class EngineError(RuntimeError):
     """The engine cannot take the request (stopped, or its queue is full)."""
@@ -136,8 +137,12 @@ class RequestHandle:
 
     _ids = itertools.count(1)
 
-    def __init__(self, request: Request, on_event: Callable[[Event | None], None] | None = None,
-                 wake: Callable[[], None] | None = None):
+    def __init__(
+        self,
+        request: Request,
+        on_event: Callable[[Event | None], None] | None = None,
+        wake: Callable[[], None] | None = None,
+    ):
         self.id = next(self._ids)
         self.request = request
         self.submitted_at = time.perf_counter()
@@ -203,7 +208,7 @@ class RequestHandle:
             self.first_token_at = time.perf_counter()
         try:
             self._on_event(event)
-        except Exception:       # e.g. the consumer's event loop is closed: it is gone
+        except Exception:  # e.g. the consumer's event loop is closed: it is gone
             self.cancelled = True
 
     def _close(self) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -62,8 +62,13 @@ class SamplingParams:
         self.validate()
 
     def validate(self) -> None:
-        t, k, p, m, r = (self.temperature, self.top_k, self.top_p, self.min_p,
-                         self.repetition_penalty)
+        t, k, p, m, r = (
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.min_p,
+            self.repetition_penalty,
+        )
         if not (isinstance(t, (int, float)) and math.isfinite(t) and t >= 0):
             raise SamplingError(f"temperature must be a finite number >= 0, got {t!r}")
         if not isinstance(k, int) or isinstance(k, bool) or k < 0:
@@ -77,13 +82,18 @@ class SamplingParams:
         # Representable in float32, the dtype the sampler computes in: a nonzero value must
         # be a normal float32 (1e-300 becomes 0, a subnormal divides logits to inf: garbage).
         tiny, big = float(torch.finfo(torch.float32).tiny), float(torch.finfo(torch.float32).max)
-        for name, value, zero_ok in (("temperature", t, True), ("top_p", p, False),
-                                     ("min_p", m, True), ("repetition_penalty", r, False)):
+        for name, value, zero_ok in (
+            ("temperature", t, True),
+            ("top_p", p, False),
+            ("min_p", m, True),
+            ("repetition_penalty", r, False),
+        ):
             if not (zero_ok and value == 0) and not tiny <= value <= big:
                 raise SamplingError(
                     f"{name} must be {'0 or ' if zero_ok else ''}a number in "
                     f"[{tiny:.4g}, {big:.4g}] (representable in float32, which sampling "
-                    f"computes in), got {value!r}")
+                    f"computes in), got {value!r}"
+                )
 
     @property
     def greedy(self) -> bool:
@@ -94,8 +104,10 @@ class SamplingParams:
 # Logits processors: each takes logits [B, V] and per-row parameters [B, 1].
 # --------------------------------------------------------------------------
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor,
-                             penalty: torch.Tensor) -> torch.Tensor:
+
+def apply_repetition_penalty(
+    logits: torch.Tensor, seen: torch.Tensor, penalty: torch.Tensor
+) -> torch.Tensor:
     """CTRL penalty (Keskar et al. 2019) on the tokens seen by each row.
 
     logits [B, V] float; seen [B, V] bool; penalty [B, 1]. Seen tokens with a
@@ -110,8 +122,9 @@ def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.
     return logits / torch.where(temperature > 0, temperature, torch.ones_like(temperature))
 
 
-def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
-                      top_p: torch.Tensor) -> torch.Tensor:
+def apply_top_k_top_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor
+) -> torch.Tensor:
     """Masks (-inf) tokens outside each row's top-k, then outside its nucleus.
 
     logits [B, V]; top_k [B, 1] int (0 = off); top_p [B, 1] (1 = off).
@@ -123,7 +136,7 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor,
     k = torch.where(top_k > 0, top_k, torch.full_like(top_k, vocab))
     sorted_logits = sorted_logits.masked_fill(rank >= k, NEG_INF)
     probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = torch.cumsum(probs, dim=-1) - probs        # mass of the better tokens
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # mass of the better tokens
     drop = (mass_before >= top_p) & (top_p < 1) & (rank > 0)
     sorted_logits = sorted_logits.masked_fill(drop, NEG_INF)
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
@@ -158,6 +171,7 @@ def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Te
 # The per-batch sampler.
 # --------------------------------------------------------------------------
 
+
 def make_generator(seed: int | None) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (a random seed when None)."""
     gen = torch.Generator()
@@ -182,10 +196,16 @@ class Sampler:
         for the repetition penalty.
     """
 
-    def __init__(self, params: Sequence[SamplingParams], vocab_size: int,
-                 device: torch.device | str = "cpu", *, seeds: Sequence[int | None] | None = None,
-                 rng_states: Sequence[torch.Tensor | None] | None = None,
-                 history: Sequence[Sequence[int]] | None = None):
+    def __init__(
+        self,
+        params: Sequence[SamplingParams],
+        vocab_size: int,
+        device: torch.device | str = "cpu",
+        *,
+        seeds: Sequence[int | None] | None = None,
+        rng_states: Sequence[torch.Tensor | None] | None = None,
+        history: Sequence[Sequence[int]] | None = None,
+    ):
         self.params = list(params)
         self.vocab_size = vocab_size
         self.device = torch.device(device)
@@ -196,10 +216,11 @@ class Sampler:
             raise SamplingError(f"need one seed / rng state per row ({B} rows)")
 
         def column(name: str, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor([[getattr(p, name)] for p in self.params], dtype=dtype,
-                                device=self.device)
+            return torch.tensor(
+                [[getattr(p, name)] for p in self.params], dtype=dtype, device=self.device
+            )
 
-        self.temperature = column("temperature", torch.float32)      # [B, 1]
+        self.temperature = column("temperature", torch.float32)  # [B, 1]
         self.top_k = column("top_k", torch.long)
         self.top_p = column("top_p", torch.float32)
         self.min_p = column("min_p", torch.float32)
@@ -214,7 +235,7 @@ class Sampler:
             if rng_states[b] is not None:
                 gen.set_state(rng_states[b].cpu().to(torch.uint8))
             self.generators.append(gen)
-        self.seen: torch.Tensor | None = None                        # [B, V] bool
+        self.seen: torch.Tensor | None = None  # [B, V] bool
         if any(p.repetition_penalty != 1 for p in self.params):
             self.seen = torch.zeros(B, vocab_size, dtype=torch.bool, device=self.device)
             for b, ids in enumerate(history or []):
@@ -222,7 +243,7 @@ class Sampler:
                     self.seen[b, torch.as_tensor(list(ids), device=self.device)] = True
 
     @classmethod
-    def stack(cls, samplers: Sequence["Sampler"]) -> "Sampler":
+    def stack(cls, samplers: Sequence[Sampler]) -> Sampler:
         """One sampler over the rows of several, in order, to sample them in one call.
 
         The generators are shared (each row draws from its own sampler's
@@ -237,9 +258,14 @@ class Sampler:
         out.generators = [g for s in samplers for g in s.generators]
         out.seen = None
         if any(s.seen is not None for s in samplers):
-            out.seen = torch.cat([s.seen if s.seen is not None else
-                                  torch.zeros(s.batch_size, s.vocab_size, dtype=torch.bool,
-                                              device=s.device) for s in samplers])
+            out.seen = torch.cat(
+                [
+                    s.seen
+                    if s.seen is not None
+                    else torch.zeros(s.batch_size, s.vocab_size, dtype=torch.bool, device=s.device)
+                    for s in samplers
+                ]
+            )
         out._parts = list(samplers)
         return out
 
@@ -281,8 +307,9 @@ class Sampler:
             z = apply_min_p(z, self.min_p)
         return z
 
-    def sample(self, logits: torch.Tensor, active: Sequence[bool] | None = None,
-               *, logprobs: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def sample(
+        self, logits: torch.Tensor, active: Sequence[bool] | None = None, *, logprobs: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Picks one token per row and records it for the repetition penalty.
 
         Args:
@@ -296,14 +323,18 @@ class Sampler:
         finite = torch.isfinite(logits).all(dim=-1)
         if not bool(finite.all()):
             row = int((~finite).nonzero()[0, 0])
-            raise SamplingError(f"the model gave NaN or infinite logits (row {row}): its weights "
-                                "or its state hold NaN/Inf values, so there is nothing to sample")
+            raise SamplingError(
+                f"the model gave NaN or infinite logits (row {row}): its weights "
+                "or its state hold NaN/Inf values, so there is nothing to sample"
+            )
         z = self.process(logits)
         tokens = z.argmax(dim=-1)
         rows = [b for b in self.sampled_rows if active is None or active[b]]
         if rows:
-            u = torch.tensor([torch.rand(1, generator=self.generators[b]).item() for b in rows],
-                             dtype=torch.float64)
+            u = torch.tensor(
+                [torch.rand(1, generator=self.generators[b]).item() for b in rows],
+                dtype=torch.float64,
+            )
             index = torch.tensor(rows, device=z.device)
             drawn = sample_inverse_cdf(z.index_select(0, index), u.to(z.device))
             tokens = tokens.index_copy(0, index, drawn)
@@ -317,8 +348,11 @@ class Sampler:
     def _record(self, tokens: torch.Tensor, active: Sequence[bool] | None) -> None:
         """Marks the tokens picked by active rows as seen (for the repetition penalty)."""
         B = tokens.shape[0]
-        mask = (torch.ones(B, dtype=torch.bool, device=tokens.device) if active is None
-                else torch.tensor(list(active), dtype=torch.bool, device=tokens.device))
+        mask = (
+            torch.ones(B, dtype=torch.bool, device=tokens.device)
+            if active is None
+            else torch.tensor(list(active), dtype=torch.bool, device=tokens.device)
+        )
         self.seen[mask, tokens[mask]] = True
         first = 0
         for part in self._parts or []:

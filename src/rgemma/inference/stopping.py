@@ -53,8 +53,8 @@ class TextStream:
             self.held = ""
             return buf[:at]
         keep = _longest_stop_prefix_suffix(buf, self.stop_strings)
-        self.held = buf[len(buf) - keep:] if keep else ""
-        return buf[:len(buf) - keep]
+        self.held = buf[len(buf) - keep :] if keep else ""
+        return buf[: len(buf) - keep]
 
 
 def _longest_stop_prefix_suffix(text: str, stops: Sequence[str]) -> int:
@@ -81,8 +81,9 @@ class StopChecker:
     else FINISH_STOP / FINISH_LENGTH (``stop``: the stop id or string).
     """
 
-    def __init__(self, tokenizer, stop_ids: frozenset[int], stop_strings: Sequence[str],
-                 max_tokens: int):
+    def __init__(
+        self, tokenizer, stop_ids: frozenset[int], stop_strings: Sequence[str], max_tokens: int
+    ):
         self.text = TextStream(tokenizer, stop_strings)
         self.stop_ids = stop_ids
         self.max_tokens = max_tokens

@@ -47,7 +47,9 @@ def render_chat(
     alternate user/assistant starting with user.
     """
     if chat_template is not None:
-        return _render_template(chat_template, messages, add_generation_prompt, bos_token, eos_token)
+        return _render_template(
+            chat_template, messages, add_generation_prompt, bos_token, eos_token
+        )
     turns = _gemma_turns(messages)
     parts = [bos_token]
     parts += [f"{START_OF_TURN}{role}\n{text}{END_OF_TURN}\n" for role, text in turns]
@@ -64,12 +66,16 @@ def _gemma_turns(messages: Sequence[Mapping[str, Any]]) -> list[tuple[str, str]]
     if rest and rest[0][1]["role"] == "system":
         system = rest.pop(0)[1]["content"]
         if not rest:
-            raise ChatTemplateError("message 0: a system message must be followed by a user message")
+            raise ChatTemplateError(
+                "message 0: a system message must be followed by a user message"
+            )
     turns = []
     for position, (index, message) in enumerate(rest):
         role = message["role"]
         if role == "system":
-            raise ChatTemplateError(f"message {index}: role 'system' is only allowed as the first message")
+            raise ChatTemplateError(
+                f"message {index}: role 'system' is only allowed as the first message"
+            )
         expected = "user" if position % 2 == 0 else "assistant"
         if role != expected:
             raise ChatTemplateError(
@@ -97,7 +103,8 @@ def _check_messages(messages: Sequence[Mapping[str, Any]]) -> None:
             )
         if not isinstance(message["content"], str):
             raise ChatTemplateError(
-                f"message {index} ({role}): content must be a string, got {type(message['content']).__name__}"
+                f"message {index} ({role}): content must be a string, "
+                f"got {type(message['content']).__name__}"
             )
 
 
@@ -163,8 +170,9 @@ def _tojson(
     )
 
 
-def next_turn_text(text: str, *, chat_template: str | None = None, bos_token: str = BOS,
-                   eos_token: str = EOS) -> tuple[str, str]:
+def next_turn_text(
+    text: str, *, chat_template: str | None = None, bos_token: str = BOS, eos_token: str = EOS
+) -> tuple[str, str]:
     """(close, turn): the text that ends a model answer, and the user turn ``text``
     followed by the generation prompt, as the template writes them after an answer.
 
@@ -174,12 +182,21 @@ def next_turn_text(text: str, *, chat_template: str | None = None, bos_token: st
     """
     user, answer = "\x00user\x00", "\x00answer\x00"
     kw = dict(chat_template=chat_template, bos_token=bos_token, eos_token=eos_token)
-    before = render_chat([{"role": "user", "content": user},
-                          {"role": "assistant", "content": answer}], False, **kw)
-    after = render_chat([{"role": "user", "content": user},
-                         {"role": "assistant", "content": answer},
-                         {"role": "user", "content": text}], True, **kw)
+    before = render_chat(
+        [{"role": "user", "content": user}, {"role": "assistant", "content": answer}], False, **kw
+    )
+    after = render_chat(
+        [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": answer},
+            {"role": "user", "content": text},
+        ],
+        True,
+        **kw,
+    )
     if not after.startswith(before) or answer not in before:
-        raise ChatTemplateError("the chat template rewrites earlier turns when a turn is added, "
-                                "so a conversation cannot go on from a saved state")
-    return before[before.index(answer) + len(answer):], after[len(before):]
+        raise ChatTemplateError(
+            "the chat template rewrites earlier turns when a turn is added, "
+            "so a conversation cannot go on from a saved state"
+        )
+    return before[before.index(answer) + len(answer) :], after[len(before) :]

@@ -21,7 +21,6 @@ a destination that ``load`` would accept.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -34,21 +33,50 @@ import torch
 from rgemma import weights
 from rgemma.config import GriffinConfig
 from rgemma.dtypes import as_dtype
-from rgemma.io.files import (CONFIG_FILE, GENERATION_CONFIG_FILE, INDEX_FILE, OFFICIAL_SUFFIXES,
-                             SINGLE_FILE, CheckpointError, atomic_dir, copy_tokenizer,
-                             has_tokenizer, progress_bar, release_pages, umask, write_json)
+from rgemma.io.files import (
+    CONFIG_FILE,
+    GENERATION_CONFIG_FILE,
+    INDEX_FILE,
+    OFFICIAL_SUFFIXES,
+    SINGLE_FILE,
+    CheckpointError,
+    atomic_dir,
+    copy_tokenizer,
+    has_tokenizer,
+    progress_bar,
+    release_pages,
+    umask,
+    write_json,
+)
 from rgemma.io.sources import SafetensorsStore, Source, open_checkpoint
 from rgemma.weights import WeightsError
 
-__all__ = ["CheckpointError", "INDEX_FILE", "SINGLE_FILE", "Source", "convert", "load",
-           "open_checkpoint", "parse_size", "plan_shards", "save_hf", "save_official",
-           "shard_file_name"]
+__all__ = [
+    "CheckpointError",
+    "INDEX_FILE",
+    "SINGLE_FILE",
+    "Source",
+    "convert",
+    "load",
+    "open_checkpoint",
+    "parse_size",
+    "plan_shards",
+    "save_hf",
+    "save_official",
+    "shard_file_name",
+]
 
 
 # ========================================================================= load
-def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
-         device: torch.device | str = "cpu", preset: str | None = None,
-         progress: bool = True, quantize: int | None = None):
+def load(
+    path: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    preset: str | None = None,
+    progress: bool = True,
+    quantize: int | None = None,
+):
     """A Griffin model (and its tokenizer, if the checkpoint has one) from ``path``.
 
     Args:
@@ -68,6 +96,7 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
       CheckpointError naming the file and the problem.
     """
     from rgemma.io import quantized
+
     directory = Path(path)
     if directory.is_dir() and quantized.is_quantized_dir(directory):
         return quantized.load_quantized(directory, device=device), load_tokenizer(directory)
@@ -75,12 +104,18 @@ def load(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     model = build_model(source, dtype=dtype, device=device, progress=progress)
     if quantize:
         from rgemma.quantize import quantize_model
+
         quantize_model(model, bits=int(quantize))
     return model, load_tokenizer(source.directory)
 
 
-def build_model(source: Source, *, dtype: torch.dtype | None = None,
-                device: torch.device | str = "cpu", progress: bool = True):
+def build_model(
+    source: Source,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+):
     """Griffin for ``source.config`` with the source's tensors, copied one at a time.
 
     Each tensor is copied into fresh memory of ``dtype`` on ``device`` and then
@@ -88,6 +123,7 @@ def build_model(source: Source, *, dtype: torch.dtype | None = None,
     plus one tensor. Parameters are contiguous and own their memory.
     """
     from rgemma.model import Griffin
+
     source.check()
     dtype = as_dtype(dtype) or source.dtype()
     with torch.device("meta"):
@@ -106,8 +142,9 @@ def build_model(source: Source, *, dtype: torch.dtype | None = None,
     return model.eval()
 
 
-def iter_tensors(tensors: Mapping[str, torch.Tensor], names: list[str]
-                 ) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_tensors(
+    tensors: Mapping[str, torch.Tensor], names: list[str]
+) -> Iterator[tuple[str, torch.Tensor]]:
     """(name, tensor) in checkpoint order when known; drops each from a dict once read."""
     if isinstance(tensors, SafetensorsStore):
         names = sorted(names, key=lambda n: tensors.file_of(n))
@@ -116,14 +153,16 @@ def iter_tensors(tensors: Mapping[str, torch.Tensor], names: list[str]
 
 
 def _check_materialized(model: torch.nn.Module) -> None:
-    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers())
-            if t.device.type == "meta"]
+    left = [
+        n
+        for n, t in list(model.named_parameters()) + list(model.named_buffers())
+        if t.device.type == "meta"
+    ]
     if left:
         raise RuntimeError(f"internal error: tensors left on the meta device: {left[:5]}")
 
 
-def tokenizer_source(source: Source, tokenizer_dir: str | os.PathLike | None = None
-                     ) -> Path | None:
+def tokenizer_source(source: Source, tokenizer_dir: str | os.PathLike | None = None) -> Path | None:
     """The directory whose tokenizer files go with ``source``: ``tokenizer_dir`` (which must
     hold them), else the source's own directory if it has them, else None."""
     if tokenizer_dir is not None:
@@ -138,13 +177,14 @@ def load_tokenizer(directory: Path):
     for d in (directory, directory.parent):
         if any((d / f).exists() for f in ("tokenizer.model", "tokenizer.json")):
             from rgemma.io.tokenizer import Tokenizer
+
             return Tokenizer.from_dir(d)
     return None
 
 
 # ======================================================================== save
 def parse_size(size: int | str) -> int:
-    """"5GB" / "500MB" / "2GiB" / "1000" / 1000 -> bytes (decimal units, like HF)."""
+    """ "5GB" / "500MB" / "2GiB" / "1000" / 1000 -> bytes (decimal units, like HF)."""
     if isinstance(size, int):
         return size
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*", str(size), re.IGNORECASE)
@@ -177,10 +217,17 @@ def shard_file_name(k: int, n: int) -> str:
     return SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
 
 
-def save_hf(model, directory: str | os.PathLike, *, dtype: torch.dtype | None = None,
-            shard_size: int | str = "5GB", tokenizer_dir: str | os.PathLike | None = None,
-            overwrite: bool = False, config: GriffinConfig | None = None,
-            release_source_pages: bool = False) -> Path:
+def save_hf(
+    model,
+    directory: str | os.PathLike,
+    *,
+    dtype: torch.dtype | None = None,
+    shard_size: int | str = "5GB",
+    tokenizer_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
+    config: GriffinConfig | None = None,
+    release_source_pages: bool = False,
+) -> Path:
     """Writes a Hugging Face RecurrentGemma directory, atomically.
 
     Args:
@@ -215,8 +262,9 @@ def save_hf(model, directory: str | os.PathLike, *, dtype: torch.dtype | None = 
     return dst
 
 
-def _tensors_and_config(model, config: GriffinConfig | None
-                        ) -> tuple[Mapping[str, torch.Tensor], GriffinConfig]:
+def _tensors_and_config(
+    model, config: GriffinConfig | None
+) -> tuple[Mapping[str, torch.Tensor], GriffinConfig]:
     if isinstance(model, Mapping):
         if config is None:
             raise TypeError("save_hf: pass config= when saving a state dict")
@@ -226,32 +274,37 @@ def _tensors_and_config(model, config: GriffinConfig | None
     return model.state_dict(), config or model.config
 
 
-def tensor_info(tensors: Mapping[str, torch.Tensor]
-                ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def tensor_info(
+    tensors: Mapping[str, torch.Tensor],
+) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """name -> (shape, dtype), without reading a lazily stored tensor."""
     if isinstance(tensors, SafetensorsStore):
         return {k: (shape, tensors.dtype_of(k)) for k, shape in tensors.shapes().items()}
     return {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
 
 
-def _check_tensors(tensors: Mapping[str, torch.Tensor], config: GriffinConfig,
-                   label: str) -> None:
+def _check_tensors(tensors: Mapping[str, torch.Tensor], config: GriffinConfig, label: str) -> None:
     try:
         weights.check_state_dict(tensors, config, label)
     except WeightsError as e:
         raise CheckpointError(str(e)) from None
 
 
-def _write_shards(tensors: Mapping[str, torch.Tensor], info: Mapping[str, tuple],
-                  out: Path, dtype: torch.dtype | None, shard_size: int,
-                  release: bool = False) -> None:
+def _write_shards(
+    tensors: Mapping[str, torch.Tensor],
+    info: Mapping[str, tuple],
+    out: Path,
+    dtype: torch.dtype | None,
+    shard_size: int,
+    release: bool = False,
+) -> None:
     """model.safetensors, or shards + model.safetensors.index.json, into ``out``.
 
     Only one shard's tensors are in memory at a time.
     """
     from safetensors.torch import save_file
-    sizes = {name: math.prod(shape) * (dtype or dt).itemsize
-             for name, (shape, dt) in info.items()}
+
+    sizes = {name: math.prod(shape) * (dtype or dt).itemsize for name, (shape, dt) in info.items()}
     shards = plan_shards(sizes, shard_size)
     weight_map = {}
     for k, names in enumerate(shards, start=1):
@@ -264,8 +317,10 @@ def _write_shards(tensors: Mapping[str, torch.Tensor], info: Mapping[str, tuple]
             for n in names:
                 release_pages(tensors[n])
     if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(sizes.values())},
-                 "weight_map": dict(sorted(weight_map.items()))}
+        index = {
+            "metadata": {"total_size": sum(sizes.values())},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         write_json(out / INDEX_FILE, index)
 
 
@@ -276,19 +331,32 @@ def _stored(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     of an official ``ffw_up.w``; views are cloned, whole tensors are not.)
     """
     t = t.detach().to(device="cpu", dtype=dtype or t.dtype)
-    whole = (t.is_contiguous() and t.storage_offset() == 0
-             and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+    whole = (
+        t.is_contiguous()
+        and t.storage_offset() == 0
+        and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+    )
     return t if whole else t.clone(memory_format=torch.contiguous_format)
 
 
 def _write_generation_config(config: GriffinConfig, out: Path) -> None:
-    write_json(out / GENERATION_CONFIG_FILE, {
-        "bos_token_id": config.bos_token_id, "eos_token_id": config.eos_token_id,
-        "pad_token_id": config.pad_token_id})
+    write_json(
+        out / GENERATION_CONFIG_FILE,
+        {
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "pad_token_id": config.pad_token_id,
+        },
+    )
 
 
-def save_official(model_or_sd, path: str | os.PathLike, dtype: torch.dtype | None = None,
-                  *, overwrite: bool = False) -> Path:
+def save_official(
+    model_or_sd,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
+) -> Path:
     """``torch.save`` of the official-named state dict, atomically.
 
     Args:
@@ -322,16 +390,23 @@ def save_official(model_or_sd, path: str | os.PathLike, dtype: torch.dtype | Non
 
 # ==================================================================== convert
 def output_layout(dst: str | os.PathLike, to: str | None = None) -> str:
-    """"hf" or "official": ``to`` if given, else "official" for a .pt/.pth/.ckpt name."""
+    """ "hf" or "official": ``to`` if given, else "official" for a .pt/.pth/.ckpt name."""
     if to is not None:
         return to
     return "official" if str(dst).lower().endswith(OFFICIAL_SUFFIXES) else "hf"
 
 
-def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = None,
-            dtype: torch.dtype | str | None = None, shard_size: int | str = "5GB",
-            preset: str | None = None, overwrite: bool = False,
-            tokenizer_dir: str | os.PathLike | None = None) -> Path:
+def convert(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    to: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    shard_size: int | str = "5GB",
+    preset: str | None = None,
+    overwrite: bool = False,
+    tokenizer_dir: str | os.PathLike | None = None,
+) -> Path:
     """Converts a checkpoint without building a model (tensors stream through).
 
     Args:
@@ -352,11 +427,16 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, to: str | None = 
     source.check()
     if to == "hf":
         tok = tokenizer_source(source, tokenizer_dir)
-        return save_hf(source.tensors, dst, config=source.config, dtype=dtype,
-                       shard_size=shard_size, tokenizer_dir=tok, overwrite=overwrite,
-                       release_source_pages=source.file_mapped)
+        return save_hf(
+            source.tensors,
+            dst,
+            config=source.config,
+            dtype=dtype,
+            shard_size=shard_size,
+            tokenizer_dir=tok,
+            overwrite=overwrite,
+            release_source_pages=source.file_mapped,
+        )
     if to == "official":
         return save_official(source.tensors, dst, dtype, overwrite=overwrite)
     raise CheckpointError(f"unknown output layout {to!r}; use 'hf' or 'official'")
-
-

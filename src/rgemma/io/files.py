@@ -36,14 +36,18 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG_FILE = "generation_config.json"
 
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-                   "special_tokens_map.json")
+TOKENIZER_FILES = (
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 PROGRESS_MIN_BYTES = 100 * 2**20
 
 
-MAX_JSON_BYTES = 64 << 20       # config, index and tokenizer JSON: far above any real one
+MAX_JSON_BYTES = 64 << 20  # config, index and tokenizer JSON: far above any real one
 
 
 class CheckpointError(ValueError):
@@ -91,6 +95,7 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
 def read_config(path: str | os.PathLike):
     """The GriffinConfig of a Hugging Face ``config.json``; CheckpointError naming the file."""
     from rgemma.config import ConfigError, GriffinConfig
+
     d = read_json(path, "config.json")
     if not isinstance(d, dict):
         raise CheckpointError(f"{path}: expected a JSON object")
@@ -142,9 +147,16 @@ def _extent_bytes(t: torch.Tensor) -> int:
 def progress_bar(total: int, enabled: bool, label: str):
     """A byte progress bar for reading ``label``, shown for large checkpoints only."""
     from tqdm.auto import tqdm
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024,
-                desc=f"loading {Path(label).name}", leave=False,
-                disable=not enabled or total < PROGRESS_MIN_BYTES)
+
+    return tqdm(
+        total=total,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"loading {Path(label).name}",
+        leave=False,
+        disable=not enabled or total < PROGRESS_MIN_BYTES,
+    )
 
 
 def copy_tokenizer(src: Path, out: Path) -> None:
@@ -176,8 +188,9 @@ class atomic_dir:
 
     def __enter__(self) -> Path:
         if self.dst.exists() and not self.overwrite:
-            raise CheckpointError(f"{self.dst}: already exists (pass overwrite=True / "
-                                  "--overwrite to replace it)")
+            raise CheckpointError(
+                f"{self.dst}: already exists (pass overwrite=True / --overwrite to replace it)"
+            )
         self.dst.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dst.name}.tmp-", dir=self.dst.parent))
         os.chmod(self.tmp, 0o777 & ~umask())  # mkdtemp makes it private (0700)

@@ -14,9 +14,17 @@ import os
 import re
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.\-]*/[\w.\-]+")
-FILES = ["config.json", "generation_config.json", "*.safetensors", "*.safetensors.index.json",
-         "tokenizer.model", "tokenizer.json", "tokenizer_config.json",
-         "special_tokens_map.json", "chat_template.jinja"]
+FILES = [
+    "config.json",
+    "generation_config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "tokenizer.model",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+]
 
 
 class HubError(ValueError):
@@ -31,25 +39,31 @@ def is_hub_id(name: str) -> bool:
 def snapshot(repo_id: str, revision: str | None = None) -> str:
     """The local folder of ``repo_id`` at ``revision`` (downloaded if needed)."""
     try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub import errors
+        from huggingface_hub import errors, snapshot_download
     except ImportError:
-        raise HubError(f"{repo_id} looks like a Hugging Face Hub id, and opening one needs "
-                       "huggingface_hub: pip install huggingface_hub") from None
+        raise HubError(
+            f"{repo_id} looks like a Hugging Face Hub id, and opening one needs "
+            "huggingface_hub: pip install huggingface_hub"
+        ) from None
     page = f"https://huggingface.co/{repo_id}"
     try:
         return snapshot_download(repo_id, revision=revision, allow_patterns=FILES)
     except errors.GatedRepoError:
-        raise HubError(f"{repo_id} is gated: accept its licence at {page} with your account, "
-                       "then set HF_TOKEN to a token of that account") from None
+        raise HubError(
+            f"{repo_id} is gated: accept its licence at {page} with your account, "
+            "then set HF_TOKEN to a token of that account"
+        ) from None
     except errors.RepositoryNotFoundError:
-        raise HubError(f"{repo_id}: no such model on the Hugging Face Hub (if it is private, "
-                       "set HF_TOKEN)") from None
+        raise HubError(
+            f"{repo_id}: no such model on the Hugging Face Hub (if it is private, set HF_TOKEN)"
+        ) from None
     except errors.RevisionNotFoundError:
         raise HubError(f"{repo_id}: no revision {revision!r} on the Hub") from None
     except errors.LocalEntryNotFoundError:
-        raise HubError(f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be "
-                       "reached (offline?): run once with network, or pass --model PATH to a "
-                       "local checkpoint") from None
+        raise HubError(
+            f"{repo_id} is not in the local Hugging Face cache and the Hub cannot be "
+            "reached (offline?): run once with network, or pass --model PATH to a "
+            "local checkpoint"
+        ) from None
     except errors.HfHubHTTPError as e:
         raise HubError(f"{repo_id}: the Hub answered an error: {str(e).splitlines()[0]}") from None

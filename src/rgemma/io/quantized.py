@@ -18,8 +18,15 @@ from pathlib import Path
 import torch
 
 from rgemma.config import ConfigError, GriffinConfig
-from rgemma.io.files import (CONFIG_FILE, CheckpointError, atomic_dir, check_regular,
-                             copy_tokenizer, read_json, write_json)
+from rgemma.io.files import (
+    CONFIG_FILE,
+    CheckpointError,
+    atomic_dir,
+    check_regular,
+    copy_tokenizer,
+    read_json,
+    write_json,
+)
 from rgemma.model import Griffin
 from rgemma.quantize import QuantizationError, quantize_model, ready_quantized
 
@@ -30,36 +37,43 @@ MODEL_TYPE = "rgemma_quantized"
 def save_quantized(model, directory, *, tokenizer_dir=None, overwrite: bool = False) -> None:
     """Writes a quantized model atomically (temp dir beside it, then rename)."""
     from safetensors.torch import save_file
+
     if not getattr(model, "quantization", None):
         raise QuantizationError("model is not quantized: call quantize_model first")
     dst = Path(directory)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    config = {**model.config.to_hf_dict(), "model_type": MODEL_TYPE,
-              QUANT_KEY: model.quantization}
+    config = {**model.config.to_hf_dict(), "model_type": MODEL_TYPE, QUANT_KEY: model.quantization}
     with atomic_dir(dst, overwrite) as tmp:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tokenizer_dir is not None:
             copy_tokenizer(Path(tokenizer_dir), tmp)
-        write_json(tmp / CONFIG_FILE, config)     # last: marks it complete
+        write_json(tmp / CONFIG_FILE, config)  # last: marks it complete
 
 
 def load_quantized(directory, *, device="cpu"):
     """A quantized Griffin from a directory written by ``save_quantized``."""
     from safetensors import safe_open
+
     directory = Path(directory)
     raw = read_json(directory / CONFIG_FILE, "config.json")
     spec = raw.get(QUANT_KEY) if isinstance(raw, dict) else None
     if not isinstance(spec, dict) or spec.get("bits") not in (8, 4):
-        raise CheckpointError(f"{directory / CONFIG_FILE}: not an rgemma quantized checkpoint "
-                              f"({QUANT_KEY} must name bits 8 or 4)")
+        raise CheckpointError(
+            f"{directory / CONFIG_FILE}: not an rgemma quantized checkpoint "
+            f"({QUANT_KEY} must name bits 8 or 4)"
+        )
     try:
         config = GriffinConfig.from_hf_dict({**raw, "model_type": "recurrent_gemma"})
     except ConfigError as e:
         raise CheckpointError(f"{directory / CONFIG_FILE}: {e}") from None
     with torch.device("meta"):
         model = Griffin(config, dtype=torch.bfloat16)
-        quantize_model(model, bits=int(spec["bits"]), group_size=int(spec.get("group_size") or 128),
-                       embedding=bool(spec.get("embedding", True)))
+        quantize_model(
+            model,
+            bits=int(spec["bits"]),
+            group_size=int(spec.get("group_size") or 128),
+            embedding=bool(spec.get("embedding", True)),
+        )
     expected = model.state_dict()
     path = directory / "model.safetensors"
     check_regular(path, "safetensors file")
@@ -70,12 +84,16 @@ def load_quantized(directory, *, device="cpu"):
         raise CheckpointError(f"{path}: cannot read ({e})") from None
     missing = sorted(set(expected) - set(stored))
     unexpected = sorted(set(stored) - set(expected))
-    bad = [f"{k}: expected {tuple(expected[k].shape)}, found {tuple(stored[k].shape)}"
-           for k in expected if k in stored and stored[k].shape != expected[k].shape]
+    bad = [
+        f"{k}: expected {tuple(expected[k].shape)}, found {tuple(stored[k].shape)}"
+        for k in expected
+        if k in stored and stored[k].shape != expected[k].shape
+    ]
     if missing or unexpected or bad:
         raise CheckpointError(
             f"{path}: does not match its config ({len(missing)} missing, {len(unexpected)} "
-            f"unexpected, {len(bad)} mis-shaped: {(missing + unexpected + bad)[:5]})")
+            f"unexpected, {len(bad)} mis-shaped: {(missing + unexpected + bad)[:5]})"
+        )
     model.load_state_dict(stored, assign=True)
     model.quantization = spec
     return ready_quantized(model.to(device))

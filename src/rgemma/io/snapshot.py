@@ -29,18 +29,19 @@ import dataclasses
 import json
 import os
 import tempfile
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
 from rgemma.errors import one_line
-from rgemma.version import __version__
 from rgemma.state import State
+from rgemma.version import __version__
 
 FORMAT = "rgemma.state"
-FORMAT_VERSION = 2               # 2: with the sha256 of the tensors; 1 still loads
+FORMAT_VERSION = 2  # 2: with the sha256 of the tensors; 1 still loads
 READABLE_VERSIONS = ("1", "2")
-MAX_ROWS = 1 << 16               # rows a state file may declare
+MAX_ROWS = 1 << 16  # rows a state file may declare
 
 
 class SnapshotError(ValueError):
@@ -52,9 +53,14 @@ def fork(state: State) -> State:
     return state.clone()
 
 
-def save_state(path: str | os.PathLike, state: State, *, model_config,
-               extra: dict[str, Any] | None = None,
-               rng_states: Sequence[torch.Tensor | None] | None = None) -> str:
+def save_state(
+    path: str | os.PathLike,
+    state: State,
+    *,
+    model_config,
+    extra: dict[str, Any] | None = None,
+    rng_states: Sequence[torch.Tensor | None] | None = None,
+) -> str:
     """Writes ``state`` to ``path`` (safetensors + JSON metadata), atomically.
 
     Args:
@@ -68,13 +74,16 @@ def save_state(path: str | os.PathLike, state: State, *, model_config,
     from safetensors.torch import save_file
 
     path = os.fspath(path)
-    tensors = {name: t.detach().to("cpu").contiguous().clone()
-               for name, t in state.tensors().items()}
+    tensors = {
+        name: t.detach().to("cpu").contiguous().clone() for name, t in state.tensors().items()
+    }
     for row, rng in enumerate(rng_states or []):
         if rng is not None:
             tensors[f"rng.{row}"] = rng.detach().to("cpu", torch.uint8).contiguous().clone()
-    layout = {name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
-              for name, t in state.tensors().items()}
+    layout = {
+        name: {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+        for name, t in state.tensors().items()
+    }
     metadata = {
         "sha256": _checksum(tensors),
         "format": FORMAT,
@@ -88,8 +97,9 @@ def save_state(path: str | os.PathLike, state: State, *, model_config,
         "extra": json.dumps(extra or {}),
     }
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
+    )
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
@@ -106,6 +116,7 @@ def save_state(path: str | os.PathLike, state: State, *, model_config,
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The raw metadata of a snapshot; SnapshotError if it is not one."""
     from safetensors import safe_open
+
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise SnapshotError(f"{path}: no such state file")
@@ -113,20 +124,24 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
     except Exception as e:  # safetensors raises several error types
-        raise SnapshotError(f"{path}: not a valid state file, corrupt or truncated "
-                            f"({one_line(e)})") from None
+        raise SnapshotError(
+            f"{path}: not a valid state file, corrupt or truncated ({one_line(e)})"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise SnapshotError(f"{path}: not an rgemma state file (no '{FORMAT}' format marker)")
     if metadata.get("format_version") not in READABLE_VERSIONS:
-        raise SnapshotError(f"{path}: state file format version "
-                            f"{metadata.get('format_version')!r}; this rgemma reads "
-                            f"{', '.join(READABLE_VERSIONS)}")
+        raise SnapshotError(
+            f"{path}: state file format version "
+            f"{metadata.get('format_version')!r}; this rgemma reads "
+            f"{', '.join(READABLE_VERSIONS)}"
+        )
     return metadata
 
 
 def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 of every tensor's name, dtype, shape and bytes, in name order."""
     import hashlib
+
     digest = hashlib.sha256()
     for name in sorted(tensors):
         t = tensors[name].contiguous()
@@ -135,8 +150,9 @@ def _checksum(tensors: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-def load_state(path: str | os.PathLike, model, *,
-               device: torch.device | str | None = None) -> tuple[State, dict[str, Any]]:
+def load_state(
+    path: str | os.PathLike, model, *, device: torch.device | str | None = None
+) -> tuple[State, dict[str, Any]]:
     """Reads a snapshot for ``model``.
 
     Returns:
@@ -148,36 +164,51 @@ def load_state(path: str | os.PathLike, model, *,
       SnapshotError: a corrupt / truncated file, or a state of another model.
     """
     from safetensors.torch import load_file
+
     path = os.fspath(path)
     raw = read_metadata(path)
     mine = model.config.fingerprint()
     if raw.get("config_fingerprint") != mine:
         raise SnapshotError(
             f"{path}: the state comes from another model (config fingerprint "
-            f"{raw.get('config_fingerprint')}, this model's is {mine})")
+            f"{raw.get('config_fingerprint')}, this model's is {mine})"
+        )
     try:
         tensors = load_file(path)
         batch_size = int(raw["batch_size"])
         extra = json.loads(raw.get("extra", "{}"))
     except Exception as e:
-        raise SnapshotError(f"{path}: not a valid state file, corrupt or truncated "
-                            f"({one_line(e)})") from None
+        raise SnapshotError(
+            f"{path}: not a valid state file, corrupt or truncated ({one_line(e)})"
+        ) from None
     if "sha256" in raw and raw["sha256"] != _checksum(tensors):
-        raise SnapshotError(f"{path}: the state file's data does not match its checksum "
-                            "(the file is corrupt)")
+        raise SnapshotError(
+            f"{path}: the state file's data does not match its checksum (the file is corrupt)"
+        )
     if raw.get("format_version") != "1" and "sha256" not in raw:
         raise SnapshotError(f"{path}: the state file has no checksum (corrupt metadata)")
     if not 1 <= batch_size <= MAX_ROWS:
-        raise SnapshotError(f"{path}: batch_size {batch_size} in the metadata is not in "
-                            f"[1, {MAX_ROWS}] (corrupt file)")
+        raise SnapshotError(
+            f"{path}: batch_size {batch_size} in the metadata is not in "
+            f"[1, {MAX_ROWS}] (corrupt file)"
+        )
     expected = model.init_state(batch_size, device="meta").tensors()
-    state = _assemble(path, tensors, expected, model, batch_size,
-                      torch.device(device) if device is not None else model.device)
+    state = _assemble(
+        path,
+        tensors,
+        expected,
+        model,
+        batch_size,
+        torch.device(device) if device is not None else model.device,
+    )
     metadata = dict(extra) if isinstance(extra, dict) else {"extra": extra}
     metadata.update(
-        rgemma_version=raw.get("rgemma_version"), config_fingerprint=mine,
-        num_tokens=state.num_tokens.tolist(), batch_size=batch_size,
-        rng_states=[_rng_state(path, tensors.get(f"rng.{b}")) for b in range(batch_size)])
+        rgemma_version=raw.get("rgemma_version"),
+        config_fingerprint=mine,
+        num_tokens=state.num_tokens.tolist(),
+        batch_size=batch_size,
+        rng_states=[_rng_state(path, tensors.get(f"rng.{b}")) for b in range(batch_size)],
+    )
     return state, metadata
 
 
@@ -187,34 +218,47 @@ def _rng_state(path: str, rng: torch.Tensor | None) -> torch.Tensor | None:
         return None
     size = torch.Generator().get_state().numel()
     if rng.dtype != torch.uint8 or rng.dim() != 1 or rng.numel() != size:
-        raise SnapshotError(f"{path}: a saved sampling state has {rng.numel()} bytes, not "
-                            f"{size} (corrupt file)")
+        raise SnapshotError(
+            f"{path}: a saved sampling state has {rng.numel()} bytes, not {size} (corrupt file)"
+        )
     return rng
 
 
-def _assemble(path: str, tensors: dict[str, torch.Tensor], expected: dict[str, torch.Tensor],
-              model, batch_size: int, device: torch.device) -> State:
+def _assemble(
+    path: str,
+    tensors: dict[str, torch.Tensor],
+    expected: dict[str, torch.Tensor],
+    model,
+    batch_size: int,
+    device: torch.device,
+) -> State:
     """A State of ``model`` from the file's tensors, checking every name and shape."""
     missing = [n for n in expected if n not in tensors]
     if missing:
-        raise SnapshotError(f"{path}: the state file lacks {len(missing)} tensors "
-                            f"(e.g. {missing[0]}); it does not fit this model")
+        raise SnapshotError(
+            f"{path}: the state file lacks {len(missing)} tensors "
+            f"(e.g. {missing[0]}); it does not fit this model"
+        )
     for name, want in expected.items():
         got = tensors[name]
         if tuple(got.shape) != tuple(want.shape):
-            raise SnapshotError(f"{path}: tensor {name} has shape {tuple(got.shape)}, this "
-                                f"model needs {tuple(want.shape)}")
+            raise SnapshotError(
+                f"{path}: tensor {name} has shape {tuple(got.shape)}, this "
+                f"model needs {tuple(want.shape)}"
+            )
         if got.is_floating_point() != want.is_floating_point():
-            raise SnapshotError(f"{path}: tensor {name} has dtype {got.dtype}, expected "
-                                f"{want.dtype}")
+            raise SnapshotError(
+                f"{path}: tensor {name} has dtype {got.dtype}, expected {want.dtype}"
+            )
     state = model.init_state(batch_size, device=device)
     for name, t in state.tensors().items():
         t.copy_(tensors[name])
     n, d = state.num_tokens, state.doc_start
     if bool((n < 0).any() or (d < 0).any() or (d > n).any()):
         raise SnapshotError(f"{path}: token counts are inconsistent (corrupt file)")
-    if any(not bool(torch.isfinite(t).all()) for t in state.tensors().values()
-           if t.is_floating_point()):
+    if any(
+        not bool(torch.isfinite(t).all()) for t in state.tensors().values() if t.is_floating_point()
+    ):
         raise SnapshotError(f"{path}: the state holds NaN or infinite values (corrupt file)")
     return state
 
@@ -238,40 +282,50 @@ class Conversation:
     extra: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
-def save_conversation(path: str | os.PathLike, conversation: Conversation, *,
-                      model_config) -> str:
+def save_conversation(path: str | os.PathLike, conversation: Conversation, *, model_config) -> str:
     """Writes a one-row conversation (its ids go in the metadata as ``token_ids`` =
     history + pending, and ``pending_ids``)."""
-    extra = {**conversation.extra,
-             "token_ids": list(conversation.history_ids) + list(conversation.pending_ids),
-             "pending_ids": list(conversation.pending_ids)}
-    return save_state(path, conversation.state, model_config=model_config, extra=extra,
-                      rng_states=[conversation.rng_state])
+    extra = {
+        **conversation.extra,
+        "token_ids": list(conversation.history_ids) + list(conversation.pending_ids),
+        "pending_ids": list(conversation.pending_ids),
+    }
+    return save_state(
+        path,
+        conversation.state,
+        model_config=model_config,
+        extra=extra,
+        rng_states=[conversation.rng_state],
+    )
 
 
 def load_conversation(path: str | os.PathLike, model) -> Conversation:
     """Reads a one-row conversation for ``model``; SnapshotError if it is not one."""
     state, meta = load_state(path, model)
     if state.batch_size != 1:
-        raise SnapshotError(f"{os.fspath(path)}: holds {state.batch_size} rows; a conversation "
-                            "continues one")
+        raise SnapshotError(
+            f"{os.fspath(path)}: holds {state.batch_size} rows; a conversation continues one"
+        )
     vocab = model.config.vocab_size
     pending = _token_ids(path, meta.pop("pending_ids", []), vocab, "pending_ids")
     ids = _token_ids(path, meta.pop("token_ids", []), vocab, "token_ids")
-    if ids[len(ids) - len(pending):] != pending:
-        raise SnapshotError(f"{os.fspath(path)}: pending_ids are not the end of token_ids "
-                            "(corrupt metadata)")
+    if ids[len(ids) - len(pending) :] != pending:
+        raise SnapshotError(
+            f"{os.fspath(path)}: pending_ids are not the end of token_ids (corrupt metadata)"
+        )
     rng_states = meta.pop("rng_states", None) or [None]
     for key in ("rgemma_version", "config_fingerprint", "num_tokens", "batch_size"):
         meta.pop(key, None)
-    return Conversation(state, ids[:len(ids) - len(pending)], pending, rng_states[0], meta)
+    return Conversation(state, ids[: len(ids) - len(pending)], pending, rng_states[0], meta)
 
 
 def _token_ids(path, value: Any, vocab_size: int, field: str) -> list[int]:
     """A saved list of token ids, each an int in [0, vocab_size); SnapshotError otherwise."""
     if not isinstance(value, list) or not all(
-            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size
-            for t in value):
-        raise SnapshotError(f"{os.fspath(path)}: {field} in the metadata must be a list of token "
-                            f"ids in [0, {vocab_size}) (corrupt metadata)")
+        isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab_size for t in value
+    ):
+        raise SnapshotError(
+            f"{os.fspath(path)}: {field} in the metadata must be a list of token "
+            f"ids in [0, {vocab_size}) (corrupt metadata)"
+        )
     return value

@@ -13,10 +13,9 @@ tensors under our (Hugging Face) names, read lazily.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,16 @@ import torch
 from rgemma import weights
 from rgemma.config import ConfigError, GriffinConfig
 from rgemma.errors import one_line
-from rgemma.io.files import (CONFIG_FILE, INDEX_FILE, OFFICIAL_SUFFIXES, SINGLE_FILE,
-                             CheckpointError, check_regular, read_config, read_json)
+from rgemma.io.files import (
+    CONFIG_FILE,
+    INDEX_FILE,
+    OFFICIAL_SUFFIXES,
+    SINGLE_FILE,
+    CheckpointError,
+    check_regular,
+    read_config,
+    read_json,
+)
 from rgemma.weights import WeightsError
 
 ORBAX_MARKERS = ("_METADATA", "_CHECKPOINT_METADATA", "manifest.ocdbt", "checkpoint")
@@ -75,8 +82,9 @@ class Source:
     def check(self) -> None:
         """CheckpointError unless the tensors are exactly the config's, in floating point."""
         try:
-            weights.check_state_dict(self.shapes(), self.config, self.label,
-                                     locations=self.locations)
+            weights.check_state_dict(
+                self.shapes(), self.config, self.label, locations=self.locations
+            )
         except WeightsError as e:
             raise CheckpointError(str(e)) from None
         self.check_float()
@@ -88,12 +96,17 @@ class Source:
             stored = {k: self.tensors.stored_dtype(k) for k in self.tensors}
             bad = {k: v for k, v in stored.items() if v not in _SAFETENSORS_DTYPES}
         else:
-            bad = {k: str(v.dtype).removeprefix("torch.") for k, v in self.tensors.items()
-                   if not v.is_floating_point()}
+            bad = {
+                k: str(v.dtype).removeprefix("torch.")
+                for k, v in self.tensors.items()
+                if not v.is_floating_point()
+            }
         if bad:
             name, dtype = next(iter(bad.items()))
-            raise CheckpointError(f"{self.locations.get(name, self.label)}: tensor {name} is "
-                                  f"{dtype}, not floating point: not model weights")
+            raise CheckpointError(
+                f"{self.locations.get(name, self.label)}: tensor {name} is "
+                f"{dtype}, not floating point: not model weights"
+            )
 
 
 def open_checkpoint(path: str | os.PathLike, *, preset: str | None = None) -> Source:
@@ -108,16 +121,19 @@ def open_checkpoint(path: str | os.PathLike, *, preset: str | None = None) -> So
             return _open_orbax(path, preset)
         raise CheckpointError(
             f"{path}: not a checkpoint directory: no {CONFIG_FILE} (Hugging Face layout) "
-            "and no Orbax metadata (_METADATA, _CHECKPOINT_METADATA, manifest.ocdbt)")
+            "and no Orbax metadata (_METADATA, _CHECKPOINT_METADATA, manifest.ocdbt)"
+        )
     if path.suffix in OFFICIAL_SUFFIXES:
         return _open_torch_file(path, preset)
     if path.suffix == ".safetensors":
         raise CheckpointError(
             f"{path}: a bare .safetensors file has no config; pass the directory holding it "
-            f"and its {CONFIG_FILE}")
+            f"and its {CONFIG_FILE}"
+        )
     raise CheckpointError(
         f"{path}: unknown checkpoint layout; expected a Hugging Face directory, an Orbax "
-        f"directory or a PyTorch state dict file ({'/'.join(OFFICIAL_SUFFIXES)})")
+        f"directory or a PyTorch state dict file ({'/'.join(OFFICIAL_SUFFIXES)})"
+    )
 
 
 class SafetensorsStore(Mapping):
@@ -149,7 +165,8 @@ class SafetensorsStore(Mapping):
             file = files[0].parent / weight_map[absent[0]]
             raise CheckpointError(
                 f"{file}: lacks tensor {absent[0]} that {INDEX_FILE} places there"
-                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""))
+                + (f" (and {len(absent) - 1} more)" if len(absent) > 1 else "")
+            )
 
     def __getitem__(self, name: str) -> torch.Tensor:
         """The tensor, memory-mapped from its file.
@@ -159,13 +176,15 @@ class SafetensorsStore(Mapping):
         every page read so far mapped, i.e. resident).
         """
         from safetensors import safe_open
+
         file, stored = self._where[name]
         try:
             with safe_open(str(file), framework="pt") as f:
                 return f.get_tensor(stored)
         except Exception as e:  # safetensors raises its own error types
-            raise CheckpointError(f"{file}: cannot read tensor {stored}: {one_line(e)} "
-                                  "(truncated or corrupted file?)") from None
+            raise CheckpointError(
+                f"{file}: cannot read tensor {stored}: {one_line(e)} (truncated or corrupted file?)"
+            ) from None
 
     def drop(self, name: str) -> None:
         """Forgets tensor ``name`` (e.g. a tied lm_head)."""
@@ -191,18 +210,25 @@ class SafetensorsStore(Mapping):
         return str(self._where[name][0])
 
     def nbytes(self) -> int:
-        return sum(math.prod(shape) * self.dtype_of(k).itemsize
-                   for k, (shape, _) in self._meta.items())
+        return sum(
+            math.prod(shape) * self.dtype_of(k).itemsize for k, (shape, _) in self._meta.items()
+        )
 
 
-_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
-                       "F64": torch.float64, "F8_E4M3": torch.float8_e4m3fn,
-                       "F8_E5M2": torch.float8_e5m2}
+_SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "BF16": torch.bfloat16,
+    "F16": torch.float16,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def _list_safetensors(file: Path) -> list[tuple[str, tuple[int, ...], str]]:
     """(name, shape, dtype string) of every tensor of a safetensors file."""
     from safetensors import safe_open
+
     check_regular(file, "safetensors file")
     try:
         with safe_open(str(file), framework="pt") as f:
@@ -212,8 +238,9 @@ def _list_safetensors(file: Path) -> list[tuple[str, tuple[int, ...], str]]:
                 out.append((name, tuple(s.get_shape()), s.get_dtype()))
             return out
     except Exception as e:
-        raise CheckpointError(f"{file}: not a valid safetensors file ({one_line(e)}); "
-                              "is it truncated or corrupted?") from None
+        raise CheckpointError(
+            f"{file}: not a valid safetensors file ({one_line(e)}); is it truncated or corrupted?"
+        ) from None
 
 
 def _open_hf(directory: Path, preset: str | None) -> Source:
@@ -235,11 +262,13 @@ def _hf_weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None
         names = sorted(set(weight_map.values()))
         for name in names:
             if Path(name).name != name or name in (".", ".."):
-                raise CheckpointError(f"{index}: names shard {name!r}, which is not a file name "
-                                      f"inside {directory}")
+                raise CheckpointError(
+                    f"{index}: names shard {name!r}, which is not a file name inside {directory}"
+                )
             if not (directory / name).exists():
-                raise CheckpointError(f"{index}: names shard {name}, which does not exist in "
-                                      f"{directory}")
+                raise CheckpointError(
+                    f"{index}: names shard {name}, which does not exist in {directory}"
+                )
         return [directory / n for n in names], weight_map
     if (directory / SINGLE_FILE).exists():
         return [directory / SINGLE_FILE], None
@@ -255,8 +284,9 @@ def _read_index(index: Path) -> dict[str, str]:
         raise CheckpointError(f"{index}: not a valid safetensors index (no weight_map object)")
     bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
     if bad:
-        raise CheckpointError(f"{index}: not a valid safetensors index: the shard of {bad[0]!r} "
-                              "is not a file name")
+        raise CheckpointError(
+            f"{index}: not a valid safetensors index: the shard of {bad[0]!r} is not a file name"
+        )
     return weight_map
 
 
@@ -265,8 +295,9 @@ def _check_tied_head(store: SafetensorsStore, directory: Path) -> None:
     if weights.LM_HEAD not in store:
         return
     try:
-        weights.strip_hf_prefix({weights.LM_HEAD: store[weights.LM_HEAD],
-                                 weights.EMBED: store[weights.EMBED]})
+        weights.strip_hf_prefix(
+            {weights.LM_HEAD: store[weights.LM_HEAD], weights.EMBED: store[weights.EMBED]}
+        )
     except WeightsError as e:
         raise CheckpointError(f"{directory}: {e}") from None
     store.drop(weights.LM_HEAD)
@@ -279,9 +310,11 @@ def _check_preset(config: GriffinConfig, preset: str, label: str) -> None:
         raise CheckpointError(str(e)) from None
     for field in ("width", "mlp_width", "num_heads", "lru_width", "block_types"):
         if getattr(config, field) != getattr(reference, field):
-            raise CheckpointError(f"{label}: does not match preset {preset!r}: {field} is "
-                                  f"{getattr(config, field)} but the preset has "
-                                  f"{getattr(reference, field)}")
+            raise CheckpointError(
+                f"{label}: does not match preset {preset!r}: {field} is "
+                f"{getattr(config, field)} but the preset has "
+                f"{getattr(reference, field)}"
+            )
 
 
 def _open_torch_file(path: Path, preset: str | None) -> Source:
@@ -319,13 +352,19 @@ def _torch_load_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], bool]:
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             raise CheckpointError(
                 f"{path}: not a plain state dict: it holds Python objects other than tensors, "
-                "which are not unpickled for safety (re-save it as a dict of tensors)") from None
-        raise CheckpointError(f"{path}: cannot read as a PyTorch checkpoint: {one_line(e)} "
-                              "(truncated or corrupted file?)") from None
+                "which are not unpickled for safety (re-save it as a dict of tensors)"
+            ) from None
+        raise CheckpointError(
+            f"{path}: cannot read as a PyTorch checkpoint: {one_line(e)} "
+            "(truncated or corrupted file?)"
+        ) from None
     if not isinstance(sd, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
-        raise CheckpointError(f"{path}: not a plain state dict (a mapping of names to tensors); "
-                              f"found {type(sd).__name__}")
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()
+    ):
+        raise CheckpointError(
+            f"{path}: not a plain state dict (a mapping of names to tensors); "
+            f"found {type(sd).__name__}"
+        )
     return dict(sd), mapped
 
 
@@ -362,18 +401,21 @@ def read_orbax_params(directory: str | os.PathLike) -> dict[str, Any]:
     except ImportError as e:
         raise CheckpointError(
             f"{directory} is an Orbax (Flax) checkpoint; reading it needs orbax-checkpoint and "
-            f"jax ({e.name} is missing): {JAX_HINT}") from None
+            f"jax ({e.name} is missing): {JAX_HINT}"
+        ) from None
     directory = Path(directory).absolute()
     checkpointer = ocp.PyTreeCheckpointer()
     try:
         metadata = checkpointer.metadata(directory)
         tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", metadata)
         restore_args = jax.tree_util.tree_map(
-            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+            lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree
+        )
         params = checkpointer.restore(directory, restore_args=restore_args)
     except Exception as e:
-        raise CheckpointError(f"{directory}: cannot restore the Orbax checkpoint: "
-                              f"{one_line(e)}") from None
+        raise CheckpointError(
+            f"{directory}: cannot restore the Orbax checkpoint: {one_line(e)}"
+        ) from None
     if not isinstance(params, Mapping):
         raise CheckpointError(f"{directory}: the Orbax checkpoint is not a params tree")
     return dict(params)

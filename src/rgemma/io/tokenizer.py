@@ -20,7 +20,6 @@ The chat format itself is ``rgemma.io.chat_template``.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
@@ -298,7 +297,9 @@ class Tokenizer:
             name: self._resolve_id(pieces[name], generation_config.get(f"{name}_token_id"), name)
             for name in DEFAULT_PIECES
         }
-        self._present = {name: backend.piece_to_id(piece) is not None for name, piece in pieces.items()}
+        self._present = {
+            name: backend.piece_to_id(piece) is not None for name, piece in pieces.items()
+        }
         self._piece_names = pieces
         self._generation_eos_ids = frozenset(_id_list(generation_config.get("eos_token_id")))
         self._special_ids = self._collect_special_ids()
@@ -349,7 +350,8 @@ class Tokenizer:
         )
 
     def _resolve_id(self, piece: str, generation_value: Any, name: str) -> int:
-        """Id of a special token: its piece in the vocabulary, else generation_config, else Gemma's."""
+        """Id of a special token: its piece in the vocabulary, else generation_config,
+        else Gemma's."""
         piece_id = self._backend.piece_to_id(piece)
         if piece_id is not None:
             return piece_id
@@ -372,8 +374,10 @@ class Tokenizer:
         return self._backend.vocab_size
 
     def _special_id(name: str):
-        return property(lambda self: self._ids[name],
-                        doc=f"Id of ``{DEFAULT_PIECES[name]}`` (as the tokenizer files say).")
+        return property(
+            lambda self: self._ids[name],
+            doc=f"Id of ``{DEFAULT_PIECES[name]}`` (as the tokenizer files say).",
+        )
 
     pad_id = _special_id("pad")
     eos_id = _special_id("eos")
@@ -453,7 +457,9 @@ class Tokenizer:
 
     # -- chat ---------------------------------------------------------------
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+    def render_chat(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True
+    ) -> str:
         """The chat prompt for ``messages``: the checkpoint's chat template when it has one,
         else the built-in Gemma format (see :func:`render_chat`)."""
         return render_chat(
@@ -478,12 +484,16 @@ class Tokenizer:
         the answer is then closed as the chat template closes one (unless the
         pending token already did), and the new turn follows.
         """
-        close, turn = next_turn_text(text, chat_template=self.chat_template,
-                                     bos_token=self.bos_token, eos_token=self.eos_token)
+        close, turn = next_turn_text(
+            text,
+            chat_template=self.chat_template,
+            bos_token=self.bos_token,
+            eos_token=self.eos_token,
+        )
         ids = [t for t in pending if t != self.eos_id]
         end_piece = self.id_to_piece(self.end_of_turn_id)
         if ids and ids[-1] == self.end_of_turn_id and close.startswith(end_piece):
-            close = close[len(end_piece):]
+            close = close[len(end_piece) :]
         return ids + self.encode(close + turn, add_bos=False)
 
     def __repr__(self) -> str:
@@ -527,14 +537,14 @@ class IncrementalDecoder:
     def flush(self) -> str:
         """Return whatever text is left (an unfinished character as U+FFFD) and reset."""
         text = self._decode(self._window)
-        new_text = text[len(self._context_text):]
+        new_text = text[len(self._context_text) :]
         self._window, self._context_len, self._context_text = [], 0, ""
         return new_text
 
     def _emit(self, text: str) -> str:
         """Return the text after the context and make the new ids the next context."""
-        new_text = text[len(self._context_text):]
-        self._window = self._window[self._context_len:]
+        new_text = text[len(self._context_text) :]
+        self._window = self._window[self._context_len :]
         self._context_len = len(self._window)
         self._context_text = self._decode(self._window)
         return new_text

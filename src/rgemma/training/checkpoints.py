@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rgemma.errors import one_line
 from rgemma.training.distributed import Dist, unwrap
 
 # TrainConfig fields that may differ between the run that wrote a checkpoint and the one
@@ -249,9 +250,7 @@ def read_checkpoint(path: str) -> dict[str, Any]:
             if previous
             else "; start a new run (drop --resume)"
         )
-        detail = " ".join(str(e).split()) or type(e).__name__
-        if len(detail) > 160:
-            detail = detail[:157] + "..."
+        detail = one_line(e, limit=160)
         raise ResumeError(
             f"{path}: not a readable checkpoint, it is truncated or corrupt ({detail}){hint}"
         ) from None
@@ -305,9 +304,7 @@ def restore_checkpoint(ckpt: dict[str, Any], path: str, model, optimizer, cfg) -
         np.random.set_state(ckpt["rng"]["numpy"])
         random.setstate(ckpt["rng"]["python"])
     except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as e:
-        detail = " ".join(str(e).split()) or type(e).__name__
-        if len(detail) > 200:
-            detail = detail[:197] + "..."
+        detail = one_line(e, limit=200)
         raise ResumeError(
             f"{path}: does not fit this run's model and optimizer ({detail})"
         ) from None
