@@ -21,8 +21,9 @@ import torch
 from torch import nn
 
 from rgemma import weights
+from rgemma.attention import LocalAttentionBlock
 from rgemma.config import RECURRENT, GriffinConfig
-from rgemma.layers import Chunk, Embedding, LocalAttentionBlock, MLPBlock, RecurrentBlock, RMSNorm
+from rgemma.layers import Chunk, Embedding, MLPBlock, RecurrentBlock, RMSNorm
 from rgemma.state import State, clone_layer
 
 LogitsMode = Literal["all", "last", "none"]

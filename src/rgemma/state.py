@@ -147,6 +147,10 @@ class State:
 
     fork = clone
 
+    def head(self, k: int) -> State:
+        """Rows [0, k) as views: updating the result in place updates this state."""
+        return self._map(lambda t: t[:k])
+
     def select(self, rows: Sequence[int] | torch.Tensor) -> State:
         """A new state with the given rows, in the given order (repeats allowed)."""
         index = torch.as_tensor(rows, dtype=torch.long, device=self.device)

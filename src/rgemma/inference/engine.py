@@ -47,7 +47,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -515,7 +515,7 @@ class Engine:
         tokens = torch.tensor([[s.next_token] for s in self._rows], device=device)
         positions = torch.tensor([[s.position] for s in self._rows], device=device)
         try:
-            logits, _ = self.model(tokens, positions, _rows_view(self.state, k), logits="last")
+            logits, _ = self.model(tokens, positions, self.state.head(k), logits="last")
         except Exception as e:
             log.exception("batched decode failed")
             jobs = {id(s.job): s.job for s in self._rows}
@@ -591,7 +591,7 @@ class Engine:
         holes = sorted(i for i in gone if i < keep)
         movers = [i for i in range(keep, k) if i not in gone]
         if holes:
-            _move_rows(self.state, movers, holes)
+            self.state.copy_(self.state.select(movers), rows=holes)
         rows = list(self._rows)
         for hole, mover in zip(holes, movers):
             rows[hole] = rows[mover]
@@ -609,20 +609,3 @@ class Engine:
 def _rows_needed(request: Request) -> int:
     """Batch rows a request takes once prefilled (none when it only scores its prompt)."""
     return request.n if request.max_tokens > 0 else 0
-
-
-def _rows_view(state: State, k: int) -> State:
-    """A State whose tensors are views of rows [0, k) of ``state`` (in-place updates land there)."""
-    layers = [
-        type(layer)(**{name: t[:k] for name, t in layer.tensors().items()})
-        for layer in state.layers
-    ]
-    return State(num_tokens=state.num_tokens[:k], doc_start=state.doc_start[:k], layers=layers)
-
-
-def _move_rows(state: State, src: Sequence[int], dst: Sequence[int]) -> None:
-    """Copies rows ``src`` of every state tensor onto rows ``dst``, in place."""
-    src_index = torch.tensor(list(src), device=state.device)
-    dst_index = torch.tensor(list(dst), device=state.device)
-    for t in state.tensors().values():
-        t.index_copy_(0, dst_index, t.index_select(0, src_index))
