@@ -60,21 +60,25 @@ def imported_modules(path: Path, module: str) -> list[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                anchor = package.split(".")[:len(package.split(".")) - node.level + 1]
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             if not base.startswith("rgemma"):
                 continue
-            for alias in node.names:       # `from rgemma.io import checkpoint` names a module
+            for alias in node.names:  # `from rgemma.io import checkpoint` names a module
                 sub = f"{base}.{alias.name}"
-                target = sub if (is_package(sub) or (SRC / (sub.replace(".", "/") + ".py"))
-                                 .is_file()) else base
+                target = (
+                    sub
+                    if (is_package(sub) or (SRC / (sub.replace(".", "/") + ".py")).is_file())
+                    else base
+                )
                 found.append((target, node.lineno))
     return found
 
 
 def import_graph() -> dict[str, list[tuple[str, int]]]:
-    return {module_name(p): imported_modules(p, module_name(p))
-            for p in sorted(PACKAGE.rglob("*.py"))}
+    return {
+        module_name(p): imported_modules(p, module_name(p)) for p in sorted(PACKAGE.rglob("*.py"))
+    }
 
 
 def test_every_module_has_a_layer():
@@ -88,16 +92,20 @@ def test_imports_follow_the_documented_direction():
     for module, imports in import_graph().items():
         for target, line in imports:
             if layer(target) not in ALLOWED[layer(module)]:
-                bad.append(f"{module}:{line} imports {target} "
-                           f"({layer(module)} may not import {layer(target)})")
+                bad.append(
+                    f"{module}:{line} imports {target} "
+                    f"({layer(module)} may not import {layer(target)})"
+                )
     assert not bad, "imports against docs/architecture.md:\n" + "\n".join(bad)
 
 
 def test_no_import_cycles():
-    graph = {m: sorted({t for t, _ in imports if t != m and t in import_graph_keys()})
-             for m, imports in import_graph().items()}
+    graph = {
+        m: sorted({t for t, _ in imports if t != m and t in import_graph_keys()})
+        for m, imports in import_graph().items()
+    }
     cycles = []
-    state: dict[str, int] = {}          # 1 = on the current path, 2 = done
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
     path: list[str] = []
 
     def visit(m: str) -> None:
@@ -105,7 +113,7 @@ def test_no_import_cycles():
         path.append(m)
         for t in graph[m]:
             if state.get(t) == 1:
-                cycles.append(" -> ".join(path[path.index(t):] + [t]))
+                cycles.append(" -> ".join(path[path.index(t) :] + [t]))
             elif t not in state:
                 visit(t)
         path.pop()
@@ -121,17 +129,24 @@ def import_graph_keys() -> set[str]:
     return {module_name(p) for p in PACKAGE.rglob("*.py")}
 
 
-@pytest.mark.parametrize("source, message", [
-    ("from rgemma.io import checkpoint\n", "rgemma.model:1 imports rgemma.io.checkpoint"),
-    ("def f():\n    from rgemma.serving import app\n", "rgemma.model:2 imports rgemma.serving.app"),
-])
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("from rgemma.io import checkpoint\n", "rgemma.model:1 imports rgemma.io.checkpoint"),
+        (
+            "def f():\n    from rgemma.serving import app\n",
+            "rgemma.model:2 imports rgemma.serving.app",
+        ),
+    ],
+)
 def test_the_check_catches_an_upward_import(source, message, tmp_path, monkeypatch):
     """The checker itself: an import from the core into io (also inside a function) fails."""
     fake = tmp_path / "model.py"
     fake.write_text(source)
     imports = imported_modules(fake, "rgemma.model")
-    bad = [f"rgemma.model:{line} imports {t}" for t, line in imports
-           if layer(t) not in ALLOWED["core"]]
+    bad = [
+        f"rgemma.model:{line} imports {t}" for t, line in imports if layer(t) not in ALLOWED["core"]
+    ]
     assert bad == [message]
 
 
@@ -140,9 +155,12 @@ def test_help_does_not_import_torch():
     server's and lm-eval's libraries) at module level."""
     import subprocess
     import sys
-    code = ("import sys; from rgemma.cli import build_parser; build_parser().format_help(); "
-            "print(sorted(m for m in ('torch', 'fastapi', 'numpy', 'lm_eval', 'pydantic') "
-            "if m in sys.modules))")
+
+    code = (
+        "import sys; from rgemma.cli import build_parser; build_parser().format_help(); "
+        "print(sorted(m for m in ('torch', 'fastapi', 'numpy', 'lm_eval', 'pydantic') "
+        "if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"

@@ -7,10 +7,18 @@ import json
 import pytest
 import torch
 
-from conftest import arange_positions, random_model, tiny_config
+from helpers import arange_positions, random_model, tiny_config
 from rgemma import autotune, kernels, layers
-from rgemma.quantize import (Int4Linear, Int8Linear, dequantize_int8, quantize_int8,
-                             quantize_model, quantize_rows_int8, tune_model, w8a8_linear)
+from rgemma.quantize import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int8,
+    quantize_int8,
+    quantize_model,
+    quantize_rows_int8,
+    tune_model,
+    w8a8_linear,
+)
 
 
 @pytest.mark.parametrize("M,K,N", [(1, 7, 5), (3, 64, 17), (16, 256, 96), (40, 1000, 13)])
@@ -27,7 +35,7 @@ def test_w8a8_product_within_its_stated_bound(M, K, N):
     bound = 0.5 * sx.double()[:, None] * w.abs().sum(dim=1)[None, :]
     assert y.dtype == torch.float32 and y.shape == (M, N)
     assert ((y.double() - ref).abs() <= bound * (1 + 1e-5) + 1e-6 * ref.abs()).all()
-    assert torch.equal(w8a8_linear(x[None], q, scale)[0], y)      # any leading shape
+    assert torch.equal(w8a8_linear(x[None], q, scale)[0], y)  # any leading shape
 
 
 @pytest.fixture
@@ -50,9 +58,10 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(tuning, monkeypatc
 
     def no_timing(run):
         raise AssertionError("measured again although the cache holds the choice")
+
     monkeypatch.setattr(autotune, "_seconds", no_timing)
     again = tune_model(quantize_model(random_model(cfg, seed=1), bits=8))
-    assert again == first                            # deterministic given the cache
+    assert again == first  # deterministic given the cache
     # a forced choice in the cache file is what a layer then uses
     key = next(k for k in saved if k.endswith("|16"))
     saved[key] = "w8a8"
@@ -60,8 +69,11 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(tuning, monkeypatc
     autotune.forget()
     model = quantize_model(random_model(cfg, seed=2), bits=8)
     n, k = (int(v) for v in key.split("|")[1:3])
-    layer = next(m for m in model.modules() if isinstance(m, Int8Linear)
-                 and (m.out_features, m.in_features) == (n, k))
+    layer = next(
+        m
+        for m in model.modules()
+        if isinstance(m, Int8Linear) and (m.out_features, m.in_features) == (n, k)
+    )
     assert layer.path(16) == "w8a8" and layer.path(9) == "w8a8"
 
 
@@ -126,8 +138,9 @@ def test_avx2_only_machine_path(tmp_path, monkeypatch):
     if kernels._compiler() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("RGEMMA_CACHE", str(tmp_path))
-    monkeypatch.setattr(kernels, "_FLAG_SETS", (["-O3", "-mavx2", "-mfma", "-mno-avx512f",
-                                                 "-fopenmp"],))
+    monkeypatch.setattr(
+        kernels, "_FLAG_SETS", (["-O3", "-mavx2", "-mfma", "-mno-avx512f", "-fopenmp"],)
+    )
     monkeypatch.setattr(kernels, "_lib", None)
     monkeypatch.setattr(kernels, "_loaded", False)
     monkeypatch.setattr(layers, "LOW_PRECISION_ROWS", 4)
@@ -136,7 +149,7 @@ def test_avx2_only_machine_path(tmp_path, monkeypatch):
     x = torch.randn(3, 300, generator=g)
     q, scale = quantize_int8(torch.randn(40, 300, generator=g))
     ref = (x.double() @ q.double().T) * scale.double()
-    bound = (x.abs().double() @ q.abs().double().T) * scale.double() * 300 * 2 ** -23
+    bound = (x.abs().double() @ q.abs().double().T) * scale.double() * 300 * 2**-23
     assert ((kernels.int8_matmul(x, q, scale).double() - ref).abs() <= bound + 1e-30).all()
     cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
     tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)

@@ -10,12 +10,24 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_compare_smoke(tmp_path):
-    out = tmp_path / "compare"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compare.py"), "--smoke",
-                           "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
+def run_smoke(script: str, tmp_path) -> subprocess.CompletedProcess:
+    """``bench/SCRIPT.py --smoke``, writing ``tmp_path/SCRIPT.*``; it must succeed."""
+    argv = [
+        sys.executable,
+        os.path.join(ROOT, "bench", f"{script}.py"),
+        "--smoke",
+        "--threads",
+        "1",
+        "--out",
+        str(tmp_path / script),
+    ]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_compare_smoke(tmp_path):
+    proc = run_smoke("compare", tmp_path)
     data = json.loads((tmp_path / "compare.json").read_text())
     systems = {r["system"] for r in data["results"]}
     assert {"rgemma", "rgemma-int8", "rgemma-int4", "transformers", "official"} <= systems
@@ -24,11 +36,7 @@ def test_compare_smoke(tmp_path):
 
 
 def test_memory_growth_smoke(tmp_path):
-    out = tmp_path / "memory_growth"
-    proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "memory_growth.py"), "--smoke",
-                           "--threads", "1", "--out", str(out)],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_smoke("memory_growth", tmp_path)
     data = json.loads((tmp_path / "memory_growth.json").read_text())
     assert (tmp_path / "memory_growth.png").stat().st_size > 0
     results = data["results"]
@@ -37,7 +45,7 @@ def test_memory_growth_smoke(tmp_path):
         assert [r["length"] for r in rows] == [64, 128, 256]
         assert all("error" not in r and r["tok_s"] > 0 and r["mem_mb"] > 0 for r in rows), rows
     cache = [r["state_bytes"] for r in results["gemma"]]
-    assert cache[0] < cache[1] < cache[2] and cache[2] >= 3 * cache[0]    # the KV cache grows
+    assert cache[0] < cache[1] < cache[2] and cache[2] >= 3 * cache[0]  # the KV cache grows
     state = [r["state_bytes"] for r in results["rgemma"]]
-    assert state[0] > 0 and len(set(state)) == 1                          # a fixed-size state
+    assert state[0] > 0 and len(set(state)) == 1  # a fixed-size state
     assert "last/first" in proc.stdout

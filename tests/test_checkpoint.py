@@ -18,15 +18,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from rgemma.io import checkpoint as C
+from rgemma import weights as W
 from rgemma.cli import convert as convert_verb
 from rgemma.cli import main as rgemma_main
-from rgemma import weights as W
-from rgemma.config import GriffinConfig
+from rgemma.io import checkpoint as C
 from rgemma.io.files import read_config
 
 try:
     from rgemma.model import Griffin  # noqa: F401
+
     HAVE_MODEL = True
 except ImportError:  # the model is written in parallel
     HAVE_MODEL = False
@@ -38,15 +38,24 @@ R, A = common.TemporalBlockType.RECURRENT, common.TemporalBlockType.ATTENTION
 
 # The attention window is not in an official state dict: keep the official
 # default so that the inferred config is exactly the model's.
-OFFICIAL_TINY = dict(vocab_size=128, width=64, mlp_expanded_width=96, num_heads=4,
-                     block_types=(R, R, A, R), embeddings_scale_by_sqrt_dim=True,
-                     attention_window_size=2048, logits_soft_cap=30.0, lru_width=96)
+OFFICIAL_TINY = dict(
+    vocab_size=128,
+    width=64,
+    mlp_expanded_width=96,
+    num_heads=4,
+    block_types=(R, R, A, R),
+    embeddings_scale_by_sqrt_dim=True,
+    attention_window_size=2048,
+    logits_soft_cap=30.0,
+    lru_width=96,
+)
 
 
 def official_model(dtype=torch.float32, seed: int = 0, **overrides):
     torch.manual_seed(seed)
-    model = official_griffin.Griffin(common.GriffinConfig(**{**OFFICIAL_TINY, **overrides}),
-                                     gradient_checkpointing=False)
+    model = official_griffin.Griffin(
+        common.GriffinConfig(**{**OFFICIAL_TINY, **overrides}), gradient_checkpointing=False
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -56,11 +65,19 @@ def official_model(dtype=torch.float32, seed: int = 0, **overrides):
 def hf_model(seed: int = 0):
     """A tiny random transformers RecurrentGemma (window 16; MQA like the real ones)."""
     from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
     torch.manual_seed(seed)
     cfg = RecurrentGemmaConfig(
-        vocab_size=96, hidden_size=32, intermediate_size=2 * 48, num_hidden_layers=4,
-        num_attention_heads=2, num_key_value_heads=1, lru_width=32, attention_window_size=16,
-        block_types=["recurrent", "recurrent", "attention"])
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=2 * 48,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        lru_width=32,
+        attention_window_size=16,
+        block_types=["recurrent", "recurrent", "attention"],
+    )
     model = RecurrentGemmaForCausalLM(cfg)
     with torch.no_grad():
         for p in model.parameters():
@@ -136,8 +153,10 @@ def test_load_dtype_and_copies(official_pt):
     assert all(p.is_contiguous() for p in model.parameters())
     sd = torch.load(official_pt)
     ours = model.state_dict()
-    torch.testing.assert_close(ours["layers.0.temporal_block.conv_1d.weight"][:, 0].t(),
-                               sd["blocks.0.recurrent_block.conv_1d.w"].bfloat16())
+    torch.testing.assert_close(
+        ours["layers.0.temporal_block.conv_1d.weight"][:, 0].t(),
+        sd["blocks.0.recurrent_block.conv_1d.w"].bfloat16(),
+    )
     ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     assert len(ptrs) == len(list(model.parameters())), "parameters share memory"
 
@@ -145,6 +164,7 @@ def test_load_dtype_and_copies(official_pt):
 @needs_model
 def test_save_hf_opens_in_transformers(official, tmp_path):
     from transformers import AutoModelForCausalLM
+
     model, _ = C.load(_save(official, tmp_path / "o.pt"))
     out = C.save_hf(model, tmp_path / "hf", shard_size="30KB")
     assert {"config.json", "generation_config.json", C.INDEX_FILE} <= files_of(out)
@@ -154,7 +174,8 @@ def test_save_hf_opens_in_transformers(official, tmp_path):
     assert set(index["weight_map"].values()) == set(shards)
     assert all(k.startswith("model.") for k in index["weight_map"])
     assert index["metadata"]["total_size"] == sum(
-        p.numel() * p.element_size() for p in model.parameters())
+        p.numel() * p.element_size() for p in model.parameters()
+    )
     hf = AutoModelForCausalLM.from_pretrained(out).eval()
     tokens, positions = tokens_and_positions(128, 12)
     with torch.no_grad():
@@ -197,8 +218,17 @@ def test_convert_verb_through_argparse(official_pt, tmp_path, capsys):
     parser = argparse.ArgumentParser(prog="rgemma")
     convert_verb.register(parser.add_subparsers())
     dst = tmp_path / "out"
-    args = parser.parse_args(["convert", str(official_pt), str(dst), "--dtype", "float16",
-                              "--preset", "recurrentgemma-2b"])
+    args = parser.parse_args(
+        [
+            "convert",
+            str(official_pt),
+            str(dst),
+            "--dtype",
+            "float16",
+            "--preset",
+            "recurrentgemma-2b",
+        ]
+    )
     # the tiny weights are not 2B-shaped: one error line, exit status 2
     assert args.func(args) == 2
     err = capsys.readouterr().err.strip()
@@ -230,23 +260,27 @@ def _flax_params(seed: int = 0):
     jax = pytest.importorskip("jax")
     np = pytest.importorskip("numpy")
     from recurrentgemma.jax import griffin as jax_griffin
+
     model = jax_griffin.Griffin(common.GriffinConfig(**OFFICIAL_TINY))
     tokens = jax.numpy.zeros((1, 4), jax.numpy.int32)
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), tokens, jax.numpy.arange(4)[None])
     rng = np.random.default_rng(seed)
     return jax.tree_util.tree_map(
-        lambda s: (rng.standard_normal(s.shape) * 0.1).astype(np.float32), shapes)
+        lambda s: (rng.standard_normal(s.shape) * 0.1).astype(np.float32), shapes
+    )
 
 
 @needs_model
 def test_orbax_checkpoint_loads_with_equal_logits(tmp_path):
     ocp = pytest.importorskip("orbax.checkpoint")
     from recurrentgemma.conversion import flax_params_to_pytorch_state_dict
+
     params = _flax_params()
     ocp.PyTreeCheckpointer().save((tmp_path / "ckpt").absolute(), params)
     model, _ = C.load(tmp_path / "ckpt")
-    official = official_griffin.Griffin(common.GriffinConfig(**OFFICIAL_TINY),
-                                        gradient_checkpointing=False).eval()
+    official = official_griffin.Griffin(
+        common.GriffinConfig(**OFFICIAL_TINY), gradient_checkpointing=False
+    ).eval()
     official.load_state_dict(flax_params_to_pytorch_state_dict(params["params"]))
     tokens, positions = tokens_and_positions(128, 20)
     with torch.no_grad():
@@ -322,6 +356,7 @@ def test_index_names_absent_shard(tmp_path):
 @needs_model
 def test_wrong_tensor_shape(tmp_path):
     from safetensors.torch import load_file, save_file
+
     out = _hf_dir(tmp_path)
     sd = load_file(out / C.SINGLE_FILE)
     sd["model.layers.1.temporal_block.linear_x.weight"] = torch.zeros(32, 31)
@@ -389,6 +424,7 @@ def test_existing_destination_is_refused(official_pt, tmp_path):
 # ----------------------------------------------------------------- atomicity
 def test_failed_save_leaves_nothing(official_pt, tmp_path, monkeypatch):
     import safetensors.torch
+
     real, calls = safetensors.torch.save_file, []
 
     def failing(*args, **kwargs):
@@ -414,10 +450,11 @@ def test_killed_conversion_leaves_no_loadable_destination(official_pt, tmp_path)
                 os._exit(9)  # as if killed: no cleanup runs
             return real(*args, **kwargs)
         safetensors.torch.save_file = dying
-        checkpoint.convert({str(official_pt)!r}, {str(tmp_path / 'out')!r}, shard_size="20KB")
+        checkpoint.convert({str(official_pt)!r}, {str(tmp_path / "out")!r}, shard_size="20KB")
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 9, proc.stderr
     assert not (tmp_path / "out").exists()
     leftovers = [p for p in tmp_path.iterdir() if p.name != "tiny.pt"]
@@ -478,6 +515,7 @@ def test_outputs_have_ordinary_permissions(official_pt, tmp_path):
 @needs_model
 def test_stored_lm_head_must_be_tied(tmp_path):
     from safetensors.torch import load_file, save_file
+
     out = _hf_dir(tmp_path)
     sd = load_file(out / C.SINGLE_FILE)
     sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()

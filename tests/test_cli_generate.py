@@ -15,42 +15,27 @@ import sys
 import pytest
 import torch
 
-from rgemma.io import checkpoint
+from helpers import small_config, small_model
+from rgemma.cli import main
 from rgemma.cli.chat import Repl
 from rgemma.inference.chat import ChatSession
-from rgemma.cli import main
 from rgemma.inference.generate import generate
+from rgemma.io import checkpoint
 from rgemma.io.snapshot import save_state
-from test_generate import tiny_config, tiny_model, train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok_dir = tmp_path_factory.mktemp("tok")
-    tok = train_tokenizer(tok_dir)
-    model = tiny_model(tiny_config(tok.vocab_size))
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save_hf(model, out, tokenizer_dir=tok_dir)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    return checkpoint.load(model_dir)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def rgemma(*args, stdin: str | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONIOENCODING="utf-8")
-    return subprocess.run([sys.executable, "-m", "rgemma", *args], input=stdin,
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "rgemma", *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
 
 
 # ==================================================================== generate
@@ -58,20 +43,45 @@ def test_generate_streams_the_api_output(model_dir, loaded, tmp_path, capsys):
     model, tok = loaded
     want = generate(model, tok, ["the quick brown fox"], max_new_tokens=12)[0]
     state_file = tmp_path / "s.safetensors"
-    out = rgemma("generate", "-", "--model", str(model_dir), "--max-tokens", "12",
-                 "--verbose", "--save-state", str(state_file), stdin="the quick brown fox")
+    out = rgemma(
+        "generate",
+        "-",
+        "--model",
+        str(model_dir),
+        "--max-tokens",
+        "12",
+        "--verbose",
+        "--save-state",
+        str(state_file),
+        stdin="the quick brown fox",
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout == want.text + "\n"
     assert "tokens-per-sec" in out.stderr and "State:" in out.stderr and "MB" in out.stderr
     assert state_file.is_file()
     # In-process: the positional prompt, and --chat-template.
-    assert main(["generate", "the quick brown fox", "--model", str(model_dir),
-                 "--max-tokens", "12"]) == 0
+    assert (
+        main(["generate", "the quick brown fox", "--model", str(model_dir), "--max-tokens", "12"])
+        == 0
+    )
     assert capsys.readouterr().out == want.text + "\n"
-    chat = generate(model, tok, [tok.encode_chat([{"role": "user", "content": "hello"}])],
-                    max_new_tokens=12)[0]
-    assert main(["generate", "hello", "--chat-template", "--model", str(model_dir),
-                 "--max-tokens", "12"]) == 0
+    chat = generate(
+        model, tok, [tok.encode_chat([{"role": "user", "content": "hello"}])], max_new_tokens=12
+    )[0]
+    assert (
+        main(
+            [
+                "generate",
+                "hello",
+                "--chat-template",
+                "--model",
+                str(model_dir),
+                "--max-tokens",
+                "12",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == chat.text + "\n"
 
 
@@ -79,10 +89,23 @@ def test_generate_quantized_at_load(model_dir, capsys):
     """--quantize 8: the output of the model quantized by checkpoint.load."""
     model, tok = checkpoint.load(model_dir, quantize=8)
     want = generate(model, tok, ["the quick brown fox"], max_new_tokens=12)[0]
-    assert main(["generate", "the quick brown fox", "--model", str(model_dir),
-                 "--max-tokens", "12", "--quantize", "8"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "the quick brown fox",
+                "--model",
+                str(model_dir),
+                "--max-tokens",
+                "12",
+                "--quantize",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == want.text + "\n"
-    with pytest.raises(SystemExit):                       # argparse: invalid choice
+    with pytest.raises(SystemExit):  # argparse: invalid choice
         main(["generate", "hi", "--model", str(model_dir), "--quantize", "5"])
     assert "invalid choice" in capsys.readouterr().err
 
@@ -90,41 +113,67 @@ def test_generate_quantized_at_load(model_dir, capsys):
 def test_generate_save_then_load_continues_exactly(model_dir, loaded, tmp_path, capsys):
     model, tok = loaded
     prompt, kw = "once upon a time", ["--temp", "1.0", "--top-p", "0.9"]
-    full = generate(model, tok, [prompt], max_new_tokens=30, temperature=1.0, top_p=0.9,
-                    seed=4, stop_token_ids=[])[0]
+    full = generate(
+        model,
+        tok,
+        [prompt],
+        max_new_tokens=30,
+        temperature=1.0,
+        top_p=0.9,
+        seed=4,
+        stop_token_ids=[],
+    )[0]
     state_file = str(tmp_path / "s.safetensors")
     args = ["generate", prompt, "--model", str(model_dir), "--seed", "4", *kw]
     # The stop ids of the tokenizer may end the run early; compare token ids via the state.
     assert main(args + ["--max-tokens", "10", "--save-state", state_file]) == 0
     first = capsys.readouterr().out
-    assert main(["generate", "--model", str(model_dir), "--load-state", state_file,
-                 "--max-tokens", "20", *kw, "--save-state", state_file]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(model_dir),
+                "--load-state",
+                state_file,
+                "--max-tokens",
+                "20",
+                *kw,
+                "--save-state",
+                state_file,
+            ]
+        )
+        == 0
+    )
     second = capsys.readouterr().out
     from rgemma.io.snapshot import load_state
+
     _, meta = load_state(state_file, model)
     history = meta["token_ids"]
     stops = tok.stop_ids
     expect = full.prompt_ids + full.token_ids
     n = next((i for i, t in enumerate(full.token_ids) if t in stops), None)
-    if n is None:                                   # no stop token: the whole 30
+    if n is None:  # no stop token: the whole 30
         assert history == expect
         assert first.rstrip("\n") + second.rstrip("\n") == full.text
     else:
-        assert history == expect[:len(history)]
+        assert history == expect[: len(history)]
 
 
 def test_generate_stop_string(model_dir, loaded, capsys):
     model, tok = loaded
     full = generate(model, tok, ["hello"], max_new_tokens=20)[0]
     stop = full.text[3:6]
-    assert main(["generate", "hello", "--model", str(model_dir), "--max-tokens", "20",
-                 "--stop", stop]) == 0
-    assert capsys.readouterr().out == full.text[:full.text.index(stop)] + "\n"
+    assert (
+        main(["generate", "hello", "--model", str(model_dir), "--max-tokens", "20", "--stop", stop])
+        == 0
+    )
+    assert capsys.readouterr().out == full.text[: full.text.index(stop)] + "\n"
 
 
 # ============================================================= bad input
 def _corrupt(path):
-    path.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\": 1}")
+    path.write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a": 1}')
     return path
 
 
@@ -165,11 +214,21 @@ def test_bad_state_file(kind, model_dir, loaded, tmp_path, capsys):
     if kind == "corrupt":
         _corrupt(state_file)
     else:
-        other = tiny_model(tiny_config(tok.vocab_size, window=8))
+        other = small_model(small_config(tok.vocab_size, window=8))
         save_state(state_file, other.init_state(1), model_config=other.config)
     out_file = tmp_path / "out.safetensors"
-    code = main(["generate", "hi", "--model", str(model_dir), "--load-state", str(state_file),
-                 "--save-state", str(out_file)])
+    code = main(
+        [
+            "generate",
+            "hi",
+            "--model",
+            str(model_dir),
+            "--load-state",
+            str(state_file),
+            "--save-state",
+            str(out_file),
+        ]
+    )
     cap = capsys.readouterr()
     assert code != 0 and cap.out == "" and not out_file.exists()
     lines = cap.err.strip().splitlines()
@@ -219,9 +278,10 @@ def test_chat_feeds_only_the_new_turn(loaded):
     session, _ = _api_answers(model, tok, TURNS[:2])
     c2 = session.last
     # The 2nd turn fed only: close the 1st answer, then the new user turn.
-    rendered = tok.encode(f"\n<start_of_turn>user\n{TURNS[1]}<end_of_turn>\n"
-                          "<start_of_turn>model\n", add_bos=False)
-    assert c2.prompt_ids[-len(rendered):] == rendered
+    rendered = tok.encode(
+        f"\n<start_of_turn>user\n{TURNS[1]}<end_of_turn>\n<start_of_turn>model\n", add_bos=False
+    )
+    assert c2.prompt_ids[-len(rendered) :] == rendered
     assert len(c2.prompt_ids) <= len(rendered) + 2
     # The live state equals a fresh prefill of the whole history.
     ids = session.history_ids
@@ -237,11 +297,12 @@ def test_chat_feeds_only_the_new_turn(loaded):
 def test_chat_commands_and_errors_in_process(model_dir, loaded, tmp_path):
     model, tok = loaded
     session = ChatSession(model, tok, sampling={"max_new_tokens": 5})
-    stdin = io.StringIO(f"/help\n/save {tmp_path}/x\nhello\n/load {tmp_path}/missing\n"
-                        "/bogus\n\nhello again\n")
+    stdin = io.StringIO(
+        f"/help\n/save {tmp_path}/x\nhello\n/load {tmp_path}/missing\n/bogus\n\nhello again\n"
+    )
     stdout, stderr = io.StringIO(), io.StringIO()
     code = Repl(session, stdin=stdin, stdout=stdout, stderr=stderr).loop()
-    assert code == 1                      # errors in a pipe give a non-zero exit at the end
+    assert code == 1  # errors in a pipe give a non-zero exit at the end
     assert len(stdout.getvalue().splitlines()) >= 2
     err = stderr.getvalue()
     assert "/save FILE" in err and "nothing to save" in err and "no such state file" in err
@@ -270,6 +331,20 @@ def test_generate_chat_template_continues_a_saved_chat(model_dir, loaded, tmp_pa
     list(first.ask(TURNS[0]))
     saved = str(tmp_path / "chat.safetensors")
     first.save(saved)
-    assert main(["generate", TURNS[1], "--chat-template", "--load-state", saved,
-                 "--model", str(model_dir), "--max-tokens", "15"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                TURNS[1],
+                "--chat-template",
+                "--load-state",
+                saved,
+                "--model",
+                str(model_dir),
+                "--max-tokens",
+                "15",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out == answers[1] + "\n"

@@ -11,10 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers import arange_positions, random_model, tiny_config
 from rgemma.inference.generate import generate
 from rgemma.scan import linear_scan, linear_scan_reference
-
-from conftest import arange_positions, random_model, tiny_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -43,15 +42,17 @@ def test_model_matches_cpu_with_padding_chunks_and_window_wrap():
     B, T = 3, 40
     tokens = torch.randint(0, cfg.vocab_size, (B, T))
     positions = arange_positions(B, T)
-    positions[1, :5] = -1                       # left padding
+    positions[1, :5] = -1  # left padding
     positions[1, 5:] = torch.arange(T - 5)
-    positions[2, 20:] = torch.arange(T - 20)    # a second document in row 2
+    positions[2, 20:] = torch.arange(T - 20)  # a second document in row 2
     with torch.no_grad():
         ref_state = cpu.init_state(B)
         ref, _ = cpu(tokens, positions, ref_state)
         state = gpu.init_state(B)
-        parts = [gpu(tokens[:, s:e].cuda(), positions[:, s:e].cuda(), state)[0]
-                 for s, e in ((0, 13), (13, 14), (14, 40))]
+        parts = [
+            gpu(tokens[:, s:e].cuda(), positions[:, s:e].cuda(), state)[0]
+            for s, e in ((0, 13), (13, 14), (14, 40))
+        ]
         out = torch.cat(parts, dim=1).cpu()
         real = positions >= 0
         assert (out - ref)[real].abs().max().item() <= ATOL
@@ -64,7 +65,7 @@ def test_model_matches_cpu_with_padding_chunks_and_window_wrap():
             assert (b.cpu() - a).abs().max().item() <= ATOL
             nxt = a[:, -1].argmax(-1, keepdim=True)
     gpu_tensors = state.tensors()
-    for name, t in ref_state.tensors().items():          # the states agree too
+    for name, t in ref_state.tensors().items():  # the states agree too
         assert torch.allclose(gpu_tensors[name].cpu(), t, atol=ATOL), name
 
 
@@ -118,7 +119,7 @@ def test_compiled_step_with_cuda_graphs_equals_eager():
             s1, s2 = eager.init_state(B), compiled.init_state(B)
             a, _ = eager(prompt, pos, s1, logits="last")
             b, _ = compiled(prompt, pos, s2, logits="last")
-            for i in range(12):                  # past the window: the ring wraps
+            for i in range(12):  # past the window: the ring wraps
                 tok = a.argmax(-1, keepdim=True)
                 p = torch.full((B, 1), 12 + i, device="cuda")
                 a, _ = eager(tok, p, s1, logits="last")
@@ -139,23 +140,23 @@ def test_captured_step_equals_eager(compiled):
     graphed.capture_step()
     with torch.inference_mode():
         runs = []
-        for B in (1, 3, 3):                      # the second B=3 state: its own graph
+        for B in (1, 3, 3):  # the second B=3 state: its own graph
             prompt = torch.randint(0, cfg.vocab_size, (B, 10), device="cuda")
             pos = torch.arange(10, device="cuda").expand(B, 10)
             s1, s2 = eager.init_state(B), graphed.init_state(B)
             a, _ = eager(prompt, pos, s1, logits="last")
             graphed(prompt, pos, s2, logits="last")
             runs.append((B, s1, s2, a))
-        for i in range(14):                       # interleaved: graphs replayed in turn
+        for i in range(14):  # interleaved: graphs replayed in turn
             for B, s1, s2, a in runs:
                 tok = torch.full((B, 1), 5 + i, device="cuda")
                 p = torch.full((B, 1), 10 + i, device="cuda")
                 if i == 9:
-                    p[0] = 0                       # row 0 starts a new document
+                    p[0] = 0  # row 0 starts a new document
                 a, _ = eager(tok, p, s1, logits="last")
                 b, _ = graphed(tok, p, s2, logits="last")
                 assert (a - b).abs().max().item() <= 1e-4, (B, i)
-        for B, s1, s2, _ in runs:
+        for _, s1, s2, _ in runs:
             for name, t in s1.tensors().items():
                 assert torch.allclose(t, s2.tensors()[name], atol=1e-4), name
     assert len(graphed._graphed_step.graphs) == 3
@@ -164,12 +165,13 @@ def test_captured_step_equals_eager(compiled):
 def test_generate_on_gpu_equals_cpu():
     """Batched greedy generation with the bundled demo model: same tokens on both devices."""
     from rgemma.io import demo
+
     cpu, tok = demo.load(dtype=torch.float32)
     gpu, _ = demo.load(dtype=torch.float32, device="cuda")
     prompts = ["def fibonacci(n):", "import os\n", "class Stack:\n    def push(self, item):"]
     a = generate(cpu, tok, prompts, max_new_tokens=24)
     b = generate(gpu, tok, prompts, max_new_tokens=24)
-    c = generate(gpu, tok, prompts, max_new_tokens=24, compile=True)   # compiled + CUDA graphs
+    c = generate(gpu, tok, prompts, max_new_tokens=24, compile=True)  # compiled + CUDA graphs
     assert [x.token_ids for x in b] == [x.token_ids for x in a]
     assert [x.token_ids for x in c] == [x.token_ids for x in a]
     assert b[0].state.device.type == "cuda"
@@ -177,12 +179,15 @@ def test_generate_on_gpu_equals_cpu():
 
 def test_engine_on_gpu_batched_equals_alone():
     """The continuous-batching engine drives a GPU model: requests together equal alone."""
-    from rgemma.io import demo
     from rgemma.inference.engine import Engine, EngineConfig, Request
+    from rgemma.io import demo
+
     model, tok = demo.load(dtype=torch.float32, device="cuda")
     prompts = ["def main():", "import sys\n", "for i in range(10):", "# a comment"]
-    requests = [Request(prompt_ids=tok.encode(p), max_tokens=12 + 3 * i, stop_ids=[])
-                for i, p in enumerate(prompts)]
+    requests = [
+        Request(prompt_ids=tok.encode(p), max_tokens=12 + 3 * i, stop_ids=[])
+        for i, p in enumerate(prompts)
+    ]
     with Engine(model, tok, EngineConfig(max_batch=4, prefill_chunk=8)) as engine:
         alone = [engine.submit(r).result(timeout=120)[0][0].token_ids for r in requests]
         handles = [engine.submit(r) for r in requests]
@@ -198,14 +203,15 @@ def test_training_gradients_match_cpu():
     cpu, gpu = _cpu_and_gpu(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 24))
     positions = arange_positions(2, 24)
-    positions[1, 10:] = torch.arange(14)          # packed: a second document
+    positions[1, 10:] = torch.arange(14)  # packed: a second document
     losses = []
     for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
         model.train()
         model.gradient_checkpointing = True
         logits, _ = model(tokens.to(dev), positions.to(dev))
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, cfg.vocab_size),
-                                                 tokens[:, 1:].reshape(-1).to(dev))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, cfg.vocab_size), tokens[:, 1:].reshape(-1).to(dev)
+        )
         loss.backward()
         losses.append(loss.item())
     assert abs(losses[0] - losses[1]) <= 1e-5

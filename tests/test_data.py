@@ -11,7 +11,6 @@ import torch
 
 from rgemma.config import GriffinConfig, griffin_pattern
 from rgemma.io import documents
-from rgemma.io.tokenizer import Tokenizer
 from rgemma.model import Griffin
 from rgemma.training import data
 
@@ -33,16 +32,14 @@ class Point:
 def _corpus_texts(n: int = 40) -> list[str]:
     out = []
     for i in range(n):
-        out.append(CODE.replace("add", f"add_{i}").replace("Point", f"Point{i % 7}")
-                   + f"\n# file {i}: value = {i * 37}\nprint(add_{i}({i}, {i + 1}))\n")
+        out.append(
+            CODE.replace("add", f"add_{i}").replace("Point", f"Point{i % 7}")
+            + f"\n# file {i}: value = {i * 37}\nprint(add_{i}({i}, {i + 1}))\n"
+        )
     return out
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Tokenizer:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    data.train_tokenizer(_corpus_texts(), str(path), vocab_size=600)
-    return Tokenizer.from_file(path)
+TOKENIZER_TEXTS = _corpus_texts()  # for conftest's tokenizer
 
 
 def test_tokenizer_has_gemma_special_ids(tokenizer):
@@ -94,10 +91,15 @@ def test_find_and_split_documents(tmp_path):
 
 def test_jsonl_text_and_chat_documents(tmp_path, tokenizer):
     path = tmp_path / "d.jsonl"
-    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x = 1"},
-            {"role": "user", "content": "more"}, {"role": "assistant", "content": "y = 2"}]
-    path.write_text(json.dumps({"text": "print(1)\n"}) + "\n\n" + json.dumps({"messages": chat})
-                    + "\n")
+    chat = [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "x = 1"},
+        {"role": "user", "content": "more"},
+        {"role": "assistant", "content": "y = 2"},
+    ]
+    path.write_text(
+        json.dumps({"text": "print(1)\n"}) + "\n\n" + json.dumps({"messages": chat}) + "\n"
+    )
     docs, _ = documents.find_documents([str(path)])
     assert [d.text is not None for d in docs] == [True, False]
     ids, mask = data.encode_document(docs[1], tokenizer)
@@ -127,7 +129,7 @@ def test_tokenize_cache_and_packing(tmp_path, tokenizer):
     rows = data.PackedRows(corpus, seq_len=32)
     assert len(rows) == (corpus.num_tokens - 1) // 32
     stream = np.concatenate([rows.row(i)["tokens"] for i in range(len(rows))])
-    np.testing.assert_array_equal(stream, corpus.tokens[:len(stream)])
+    np.testing.assert_array_equal(stream, corpus.tokens[: len(stream)])
     for i in range(len(rows)):
         r = rows.row(i)
         np.testing.assert_array_equal(r["targets"][:-1], r["tokens"][1:])
@@ -140,33 +142,45 @@ def test_tokenize_cache_and_packing(tmp_path, tokenizer):
 
 def test_batch_sampler_is_a_seeded_permutation_per_epoch():
     s = data.BatchSampler(num_rows=10, batch_size=4, seed=3)
-    first = np.concatenate([s.rows(k) for k in range(5)])        # 2 epochs
+    first = np.concatenate([s.rows(k) for k in range(5)])  # 2 epochs
     assert sorted(first[:10]) == list(range(10)) and sorted(first[10:20]) == list(range(10))
     assert not np.array_equal(first[:10], first[10:20])
     again = data.BatchSampler(num_rows=10, batch_size=4, seed=3)
-    np.testing.assert_array_equal(again.rows(3), s.rows(3))      # random access = resumable
+    np.testing.assert_array_equal(again.rows(3), s.rows(3))  # random access = resumable
     assert not np.array_equal(data.BatchSampler(10, 4, seed=4).rows(0), s.rows(0))
 
 
 def test_unigram_baseline_is_the_cross_entropy_of_frequencies():
-    train = data.TokenizedCorpus(tokens=np.array([2, 5, 5, 6, 1], np.uint16),
-                                 positions=np.arange(5, dtype=np.int32),
-                                 loss_mask=np.ones(5, np.uint8), offsets=np.array([0, 5]))
-    held = data.TokenizedCorpus(tokens=np.array([2, 5, 6], np.uint16),
-                                positions=np.arange(3, dtype=np.int32),
-                                loss_mask=np.ones(3, np.uint8), offsets=np.array([0, 3]))
+    train = data.TokenizedCorpus(
+        tokens=np.array([2, 5, 5, 6, 1], np.uint16),
+        positions=np.arange(5, dtype=np.int32),
+        loss_mask=np.ones(5, np.uint8),
+        offsets=np.array([0, 5]),
+    )
+    held = data.TokenizedCorpus(
+        tokens=np.array([2, 5, 6], np.uint16),
+        positions=np.arange(3, dtype=np.int32),
+        loss_mask=np.ones(3, np.uint8),
+        offsets=np.array([0, 3]),
+    )
     vocab = 8
     counts = np.bincount(train.tokens, minlength=vocab) + 1.0
     p = counts / counts.sum()
-    expected = -(np.log(p[5]) + np.log(p[6])) / 2      # the bos at position 0 is no target
+    expected = -(np.log(p[5]) + np.log(p[6])) / 2  # the bos at position 0 is no target
     assert data.unigram_loss(train, held, vocab) == pytest.approx(expected)
 
 
 def test_packed_documents_get_the_same_logits_as_alone():
     """A row holding two documents (positions restarting at 0) = each document alone."""
     torch.manual_seed(0)
-    cfg = GriffinConfig(vocab_size=50, width=32, mlp_width=64, num_heads=2,
-                        block_types=griffin_pattern(3), attention_window=8)
+    cfg = GriffinConfig(
+        vocab_size=50,
+        width=32,
+        mlp_width=64,
+        num_heads=2,
+        block_types=griffin_pattern(3),
+        attention_window=8,
+    )
     model = Griffin(cfg).init_weights(1).eval()
     a = torch.randint(3, 50, (1, 13))
     b = torch.randint(3, 50, (1, 11))

@@ -19,19 +19,14 @@ from rgemma.io import checkpoint, demo
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MAX_BYTES = 40 * 2**20
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_per_test")
 
 
 @pytest.fixture
 def no_network(monkeypatch):
     def refuse(*args, **kwargs):
         raise OSError("network access during a test")
+
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -64,7 +59,7 @@ def test_demo_loads_offline_and_generates(no_network):
     ids = torch.tensor([prompt + new])
     with torch.no_grad():
         logits, _ = model(ids, torch.arange(ids.shape[1])[None])
-    greedy_again = logits[0, len(prompt) - 1:-1].argmax(-1).tolist()
+    greedy_again = logits[0, len(prompt) - 1 : -1].argmax(-1).tolist()
     assert greedy_again == new
 
 
@@ -90,17 +85,32 @@ def test_wheel_ships_the_demo_and_it_loads_from_the_installed_package(tmp_path):
     if (major, minor) < (70, 1):
         pytest.importorskip("wheel", reason="building a wheel offline needs the wheel package")
     import shutil
+
     wheel_dir, target, tree = tmp_path / "wheel", tmp_path / "site", tmp_path / "tree"
     # build from a copy, so that setuptools' build/ folder stays out of the checkout
-    shutil.copytree(ROOT / "src", tree / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        ROOT / "src", tree / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         if (ROOT / name).exists():
             shutil.copy(ROOT / name, tree / name)
     build = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-         "--no-index", "-w", str(wheel_dir), str(tree)],
-        capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(wheel_dir),
+            str(tree),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert build.returncode == 0, build.stdout[-2000:] + build.stderr[-2000:]
     wheel = next(wheel_dir.glob("rgemma-*.whl"))
     with zipfile.ZipFile(wheel) as z:
@@ -109,19 +119,28 @@ def test_wheel_ships_the_demo_and_it_loads_from_the_installed_package(tmp_path):
     with zipfile.ZipFile(wheel) as z:
         z.extractall(target)
     import sysconfig
+
     purelib = sysconfig.get_paths()["purelib"]
     # -S: no site-packages processing, so the editable install of rgemma is invisible;
     # the extracted wheel comes first, then the dependencies (torch...) by path.
-    code = (f"import sys; sys.path[:0] = [{str(target)!r}, {purelib!r}]\n"
-            "import socket; socket.socket.connect = None\n"
-            "from rgemma.io import demo\n"
-            "from rgemma.inference.generate import generate\n"
-            f"assert demo.path().startswith({str(target)!r}), demo.path()\n"
-            "m, t = demo.load()\n"
-            "print('import ' + generate(m, t, ['import '], max_new_tokens=8)[0].text)\n")
+    code = (
+        f"import sys; sys.path[:0] = [{str(target)!r}, {purelib!r}]\n"
+        "import socket; socket.socket.connect = None\n"
+        "from rgemma.io import demo\n"
+        "from rgemma.inference.generate import generate\n"
+        f"assert demo.path().startswith({str(target)!r}), demo.path()\n"
+        "m, t = demo.load()\n"
+        "print('import ' + generate(m, t, ['import '], max_new_tokens=8)[0].text)\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "-S", "-c", code], env=env, capture_output=True,
-                         text=True, timeout=300, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, "-S", "-c", code],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.startswith("import ")

@@ -1,121 +1,48 @@
 """The continuous-batching engine: batched == alone, chunked prefill, cancel, queue, cache.
 
-Helpers here (``train_tokenizer``, ``tiny_checkpoint``) are also used by
-test_server.py: a tiny random RecurrentGemma saved with ``checkpoint.save_hf``
-and loaded back, with a tiny SentencePiece tokenizer trained on the spot.
+The model is the tiny random RecurrentGemma of conftest's ``tiny`` fixture, saved with
+``checkpoint.save_hf`` and loaded back, with a tiny SentencePiece tokenizer.
 """
 
 from __future__ import annotations
 
-import io
-import random
 import threading
 import time
 
 import pytest
 import torch
 
-from rgemma.io import checkpoint
-from rgemma.config import GriffinConfig, griffin_pattern
-from rgemma.inference.engine import (ERROR, Engine, EngineConfig, EngineError, PrefixCache, QueueFull,
-                           Request, RequestError, sampling_params)
-from rgemma.model import Griffin
-from rgemma.io.tokenizer import Tokenizer
+from helpers import PROMPTS, teacher_forced_logprobs, wait_until
+from rgemma.inference.engine import (
+    ERROR,
+    Engine,
+    EngineConfig,
+    EngineError,
+    PrefixCache,
+    QueueFull,
+    Request,
+    RequestError,
+    sampling_params,
+)
 
-SPECIALS = [f"<unused{i}>" for i in range(102)] + ["<start_of_turn>", "<end_of_turn>"]
-PROMPTS = ["the quick brown fox", "hello", "once upon a time there was a lazy dog",
-           "stream griffin gemma", "a model", "jumps over the lazy dog hello world",
-           "token state", "there was a time"]
-
-
-# ============================================================ shared helpers
-def _lines(n: int = 300) -> list[str]:
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over a lazy dog hello world model user token "
-             "stream griffin gemma recurrent state once upon time there was").split()
-    return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 10))) for _ in range(n)]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def train_tokenizer(directory) -> Tokenizer:
-    """A Gemma-layout SentencePiece model (pad 0, eos 1, bos 2, unk 3, turn markers 106/107)."""
-    import sentencepiece
-    buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_lines()), model_writer=buf, model_type="bpe", vocab_size=400,
-        hard_vocab_limit=False, byte_fallback=True, character_coverage=1.0,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece="<pad>", eos_piece="<eos>",
-        bos_piece="<bos>", unk_piece="<unk>", user_defined_symbols=SPECIALS,
-        add_dummy_prefix=False, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, num_threads=1, minloglevel=2)
-    (directory / "tokenizer.model").write_bytes(buf.getvalue())
-    return Tokenizer.from_dir(directory)
-
-
-def tiny_checkpoint(directory, width: int = 64, seed: int = 0):
-    """(model, tokenizer, path): random weights saved with save_hf and loaded back."""
-    tok_dir = directory / "tok"
-    tok_dir.mkdir()
-    tok = train_tokenizer(tok_dir)
-    config = GriffinConfig(vocab_size=tok.vocab_size, width=width, mlp_width=2 * width,
-                           num_heads=2, block_types=griffin_pattern(3), attention_window=16)
-    torch.manual_seed(seed)
-    model = Griffin(config).init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        model.embed_tokens.weight.mul_(3.0)            # well separated logits
-    path = directory / "model"
-    checkpoint.save_hf(model, path, tokenizer_dir=tok_dir)
-    model, tok = checkpoint.load(path, progress=False)
-    return model.eval(), tok, path
-
-
+# ============================================================ helpers
 def run_alone(engine: Engine, request: Request):
     return engine.submit(request).result(timeout=60)
-
-
-def teacher_forced_logprobs(model, ids: list[int]) -> list[float]:
-    """log p(ids[i] | ids[:i]) for i >= 1, from one full forward pass."""
-    with torch.no_grad():
-        logits, _ = model(torch.tensor([ids]), torch.arange(len(ids))[None])
-    lsm = torch.log_softmax(logits[0].float(), dim=-1)
-    return [lsm[i - 1, ids[i]].item() for i in range(1, len(ids))]
-
-
-# ================================================================== fixtures
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread: tiny matmuls gain nothing from two, and a shared CPU punishes it."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("engine"))
-
-
-@pytest.fixture(scope="module")
-def engine(tiny):
-    model, tok, _ = tiny
-    with Engine(model, tok, EngineConfig(max_batch=8, prefill_chunk=8)) as e:
-        yield e
 
 
 def greedy(tok, text: str, max_tokens: int, **kw) -> Request:
     return Request(prompt_ids=tok.encode(text), max_tokens=max_tokens, stop_ids=[], **kw)
 
 
-def wait_until(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.005)
-    return cond()
+# ================================================================== fixtures
+@pytest.fixture(scope="module")
+def engine(tiny):
+    model, tok, _ = tiny
+    with Engine(model, tok, EngineConfig(max_batch=8, prefill_chunk=8)) as e:
+        yield e
 
 
 # ================================================================== batching
@@ -139,17 +66,20 @@ def test_seeded_sampling_same_alone_in_batch_and_as_n(engine, tiny):
     _, tok, _ = tiny
     params = sampling_params(temperature=3.0, top_p=0.95, top_k=50, repetition_penalty=1.3)
     prompt = "once upon a time"
-    alone = [run_alone(engine, greedy(tok, prompt, 20, params=params, seed=7 + j))[0][0]
-             for j in range(3)]
+    alone = [
+        run_alone(engine, greedy(tok, prompt, 20, params=params, seed=7 + j))[0][0]
+        for j in range(3)
+    ]
     # n = 3 forks one prefilled state; choice j uses seed 7 + j; other requests run alongside.
     noise = [engine.submit(greedy(tok, p, 30)) for p in PROMPTS[:4]]
-    forked, _ = engine.submit(greedy(tok, prompt, 20, params=params, seed=7, n=3)
-                              ).result(timeout=60)
+    forked, _ = engine.submit(greedy(tok, prompt, 20, params=params, seed=7, n=3)).result(
+        timeout=60
+    )
     for h in noise:
         h.result(timeout=60)
     assert [c.token_ids for c in forked] == [c.token_ids for c in alone]
     assert [c.text for c in forked] == [c.text for c in alone]
-    assert len({tuple(c.token_ids) for c in forked}) > 1       # really sampled
+    assert len({tuple(c.token_ids) for c in forked}) > 1  # really sampled
 
 
 def test_stop_strings_and_stop_ids(engine, tiny):
@@ -157,19 +87,20 @@ def test_stop_strings_and_stop_ids(engine, tiny):
     full, _ = run_alone(engine, greedy(tok, "hello world", 30))
     ids, text = full[0].token_ids, full[0].text
     stop_id = ids[5]
-    got, _ = run_alone(engine, Request(prompt_ids=tok.encode("hello world"), max_tokens=30,
-                                       stop_ids=[stop_id]))
+    got, _ = run_alone(
+        engine, Request(prompt_ids=tok.encode("hello world"), max_tokens=30, stop_ids=[stop_id])
+    )
     assert got[0].finish_reason == "stop" and got[0].stop == stop_id
-    assert got[0].token_ids == ids[:ids.index(stop_id) + 1]
-    stop = text[len(text) // 2:len(text) // 2 + 3]
+    assert got[0].token_ids == ids[: ids.index(stop_id) + 1]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
     got, _ = run_alone(engine, greedy(tok, "hello world", 30, stop_strings=[stop]))
     assert got[0].finish_reason == "stop" and got[0].stop == stop
-    assert got[0].text == text[:text.index(stop)]
+    assert got[0].text == text[: text.index(stop)]
 
 
 def test_prompt_logprobs_equal_teacher_forcing(engine, tiny):
     model, tok, _ = tiny
-    ids = tok.encode("the quick brown fox jumps over a lazy dog " * 12)   # several chunks
+    ids = tok.encode("the quick brown fox jumps over a lazy dog " * 12)  # several chunks
     _, prompt = run_alone(engine, Request(prompt_ids=ids, max_tokens=0, prompt_logprobs=3))
     assert prompt.prompt_logprobs[0] is None and len(prompt.prompt_logprobs) == len(ids)
     want = teacher_forced_logprobs(model, ids)
@@ -181,12 +112,11 @@ def test_prompt_logprobs_equal_teacher_forcing(engine, tiny):
 def test_generated_logprobs(engine, tiny):
     model, tok, _ = tiny
     ids = tok.encode("hello world")
-    choices, _ = run_alone(engine, Request(prompt_ids=ids, max_tokens=6, stop_ids=[],
-                                           logprobs=2))
+    choices, _ = run_alone(engine, Request(prompt_ids=ids, max_tokens=6, stop_ids=[], logprobs=2))
     c = choices[0]
-    want = teacher_forced_logprobs(model, ids + c.token_ids)[len(ids) - 1:]
+    want = teacher_forced_logprobs(model, ids + c.token_ids)[len(ids) - 1 :]
     assert max(abs(a - b) for a, b in zip(c.logprobs, want)) < 1e-4
-    assert all(top[0][0] == t for top, t in zip(c.top_logprobs, c.token_ids))   # greedy
+    assert all(top[0][0] == t for top, t in zip(c.top_logprobs, c.token_ids))  # greedy
 
 
 # ===================================================== scheduling behaviour
@@ -194,15 +124,16 @@ def test_long_prompt_prefill_does_not_freeze_other_streams(tiny):
     model, tok, _ = tiny
     with Engine(model, tok, EngineConfig(max_batch=4, prefill_chunk=16)) as engine:
         times: list[float] = []
-        running = engine.submit(greedy(tok, "hello", 300),
-                                on_event=lambda e: e and times.append(time.perf_counter()))
+        running = engine.submit(
+            greedy(tok, "hello", 300), on_event=lambda e: e and times.append(time.perf_counter())
+        )
         assert wait_until(lambda: len(times) > 3)
-        long_ids = tok.encode("the quick brown fox jumps over a lazy dog " * 60)   # ~40 chunks
+        long_ids = tok.encode("the quick brown fox jumps over a lazy dog " * 60)  # ~40 chunks
         t_submit = time.perf_counter()
         long = engine.submit(Request(prompt_ids=long_ids, max_tokens=2))
         long.result(timeout=60)
         during = [t for t in times if t_submit < t < long.first_token_at]
-        assert len(during) >= len(long_ids) // 16 - 2         # one token per prefill chunk
+        assert len(during) >= len(long_ids) // 16 - 2  # one token per prefill chunk
         running.cancel()
 
 
@@ -244,8 +175,12 @@ def test_queue_full_is_refused_and_engine_recovers(tiny):
 
 def test_bad_requests_are_refused(engine, tiny):
     _, tok, _ = tiny
-    for bad in (Request(prompt_ids=[]), Request(prompt_ids=[10 ** 6]),
-                Request(prompt_ids=[2], n=9), Request(prompt_ids=[2], max_tokens=-1)):
+    for bad in (
+        Request(prompt_ids=[]),
+        Request(prompt_ids=[10**6]),
+        Request(prompt_ids=[2], n=9),
+        Request(prompt_ids=[2], max_tokens=-1),
+    ):
         with pytest.raises(RequestError):
             engine.submit(bad)
 
@@ -306,8 +241,13 @@ def test_prefix_cache_reuses_a_shared_prefix(tiny):
         stats = cached.stats()
     assert got == want + want[:1]
     # 1st: nothing cached; 2nd marks the shared prefix; 3rd and 4th reuse it; 5th: whole prompt.
-    assert [p.cached_tokens for p in prompts] == [0, 0, len(system), len(system),
-                                                  len(requests[0].prompt_ids)]
+    assert [p.cached_tokens for p in prompts] == [
+        0,
+        0,
+        len(system),
+        len(system),
+        len(requests[0].prompt_ids),
+    ]
     assert stats.prefix_cache_hits == 3 and stats.prefix_cache_entries > 0
 
 

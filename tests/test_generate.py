@@ -1,89 +1,49 @@
-"""Generation: greedy against the official sampler, batching, stop strings, streaming.
-
-Helpers here (``train_tokenizer``, ``tiny_config``, ``tiny_model``,
-``official_pair``) are also imported by test_snapshot.py and
-test_cli_generate.py.
-"""
+"""Generation: greedy against the official sampler, batching, stop strings, streaming."""
 
 from __future__ import annotations
-
-import io
-import random
 
 import pytest
 import torch
 
-from rgemma.config import GriffinConfig, griffin_pattern
+from helpers import small_config, small_model
+from rgemma.config import GriffinConfig
+from rgemma.inference.generate import (
+    Completion,
+    GenerationError,
+    continue_from,
+    generate,
+    prefill,
+    stream,
+)
 from rgemma.inference.stopping import TextStream
-from rgemma.inference.generate import (Completion, GenerationError, continue_from, generate,
-                             prefill, stream)
-from rgemma.model import Griffin
 from rgemma.io.tokenizer import Tokenizer
+from rgemma.model import Griffin
 
-GEMMA_SPECIALS = [f"<unused{i}>" for i in range(102)] + ["<start_of_turn>", "<end_of_turn>"]
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 EMOJI_CJK = "fire 🔥 rocket 🚀 你好世界 模型 😀 日本語"
 
 
-# ============================================================ shared helpers
-def _training_lines(n: int = 300) -> list[str]:
-    rng = random.Random(0)
-    words = ("the quick brown fox jumps over a lazy dog hello world model user token "
-             "stream griffin gemma recurrent state once upon time there was").split()
-    lines = []
-    for i in range(n):
-        line = [rng.choice(words) for _ in range(rng.randint(3, 10))]
-        if i % 5 == 0:
-            line.append("你好世界")
-        lines.append(" ".join(line))
-    return lines
-
-
-def train_tokenizer(path, vocab_size: int = 512) -> Tokenizer:
-    """A Gemma-layout SentencePiece model (pad 0, eos 1, bos 2, unk 3, turn
-    markers 106/107, byte fallback) written to ``path`` (a directory)."""
-    import sentencepiece
-    buf = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_lines()), model_writer=buf, model_type="bpe",
-        vocab_size=vocab_size, hard_vocab_limit=False, byte_fallback=True,
-        character_coverage=1.0, pad_id=0, eos_id=1, bos_id=2, unk_id=3,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=GEMMA_SPECIALS, add_dummy_prefix=False,
-        normalization_rule_name="identity", remove_extra_whitespaces=False,
-        num_threads=1, minloglevel=2)
-    (path / "tokenizer.model").write_bytes(buf.getvalue())
-    return Tokenizer.from_dir(path)
-
-
-def tiny_config(vocab_size: int, *, width: int = 32, layers: int = 3,
-                window: int = 16) -> GriffinConfig:
-    return GriffinConfig(vocab_size=vocab_size, width=width, mlp_width=2 * width, num_heads=2,
-                         block_types=griffin_pattern(layers), attention_window=window)
-
-
-def tiny_model(config: GriffinConfig, seed: int = 0) -> Griffin:
-    """Random weights, with every parameter (norms and biases too) non-trivial."""
-    torch.manual_seed(seed)
-    model = Griffin(config).init_weights(seed)
-    gen = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=gen) * 0.05)
-        model.embed_tokens.weight.mul_(3.0)          # well separated logits
-    return model.eval()
-
-
+# ============================================================ helpers
 def official_pair(config: GriffinConfig, seed: int = 0):
     """(official recurrentgemma.torch.Griffin, our Griffin) with the same random weights."""
     from recurrentgemma import common
     from recurrentgemma.torch import griffin as official_griffin
-    kinds = {"recurrent": common.TemporalBlockType.RECURRENT,
-             "attention": common.TemporalBlockType.ATTENTION}
+
+    kinds = {
+        "recurrent": common.TemporalBlockType.RECURRENT,
+        "attention": common.TemporalBlockType.ATTENTION,
+    }
     official_config = common.GriffinConfig(
-        vocab_size=config.vocab_size, width=config.width, mlp_expanded_width=config.mlp_width,
-        num_heads=config.num_heads, block_types=tuple(kinds[b] for b in config.block_types),
-        embeddings_scale_by_sqrt_dim=True, attention_window_size=config.attention_window,
-        logits_soft_cap=config.logits_soft_cap)
+        vocab_size=config.vocab_size,
+        width=config.width,
+        mlp_expanded_width=config.mlp_width,
+        num_heads=config.num_heads,
+        block_types=tuple(kinds[b] for b in config.block_types),
+        embeddings_scale_by_sqrt_dim=True,
+        attention_window_size=config.attention_window,
+        logits_soft_cap=config.logits_soft_cap,
+    )
     torch.manual_seed(seed)
     official = official_griffin.Griffin(official_config, gradient_checkpointing=False)
     gen = torch.Generator().manual_seed(seed + 1)
@@ -97,49 +57,51 @@ def official_pair(config: GriffinConfig, seed: int = 0):
 
 
 # ================================================================== fixtures
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """2 shared cores: one thread is faster for these tiny models, and polite."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory) -> Tokenizer:
-    return train_tokenizer(tmp_path_factory.mktemp("tok"))
+def tok(tok_dir) -> Tokenizer:
+    return Tokenizer.from_dir(tok_dir)
 
 
 @pytest.fixture(scope="module")
 def model(tok) -> Griffin:
-    return tiny_model(tiny_config(tok.vocab_size))
+    return small_model(small_config(tok.vocab_size))
 
 
-PROMPTS = ["the quick brown fox", "hello", "once upon a time there was a lazy dog and a model",
-           "你好世界 gemma"]
+PROMPTS = [
+    "the quick brown fox",
+    "hello",
+    "once upon a time there was a lazy dog and a model",
+    "你好世界 gemma",
+]
 
 
 # ============================================================= official oracle
-def test_greedy_matches_official_sampler(tmp_path):
+def test_greedy_matches_official_sampler(tok_dir):
     import sentencepiece
     from recurrentgemma.torch import Sampler
-    tok = train_tokenizer(tmp_path)
-    config = tiny_config(tok.vocab_size)
+
+    tok = Tokenizer.from_dir(tok_dir)
+    config = small_config(tok.vocab_size)
     official, ours = official_pair(config)
-    vocab = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "tokenizer.model"))
+    vocab = sentencepiece.SentencePieceProcessor(model_file=str(tok_dir / "tokenizer.model"))
     sampler = Sampler(official, vocab, greedy_sampling=True)
-    n = 40                                                 # > window: ring buffer wraps
+    n = 40  # > window: ring buffer wraps
     for prompt in PROMPTS[:3]:
-        want = sampler([prompt], total_generation_steps=n,
-                       end_sampling_at_eos_token=False).tokens[0].tolist()
+        want = (
+            sampler([prompt], total_generation_steps=n, end_sampling_at_eos_token=False)
+            .tokens[0]
+            .tolist()
+        )
         got = generate(ours, tok, [prompt], max_new_tokens=n, stop_token_ids=[])[0]
         assert got.token_ids == want, prompt
     # A ragged batch, row by row against the official run of that row alone.
     batch = generate(ours, tok, PROMPTS[:3], max_new_tokens=n, stop_token_ids=[])
     for prompt, c in zip(PROMPTS[:3], batch):
-        want = sampler([prompt], total_generation_steps=n,
-                       end_sampling_at_eos_token=False).tokens[0].tolist()
+        want = (
+            sampler([prompt], total_generation_steps=n, end_sampling_at_eos_token=False)
+            .tokens[0]
+            .tolist()
+        )
         assert c.token_ids == want
 
 
@@ -154,15 +116,22 @@ def test_batched_equals_one_by_one_greedy(model, tok):
 
 
 def test_batched_equals_one_by_one_seeded_sampling(model, tok):
-    kw = dict(max_new_tokens=25, temperature=[1.0, 0.8, 0.0, 1.3], top_k=[0, 20, 0, 0],
-              top_p=[1.0, 0.9, 1.0, 0.95], min_p=[0.0, 0.0, 0.0, 0.05],
-              repetition_penalty=[1.0, 1.3, 1.2, 1.0], stop_token_ids=[])
+    kw = dict(
+        max_new_tokens=25,
+        temperature=[1.0, 0.8, 0.0, 1.3],
+        top_k=[0, 20, 0, 0],
+        top_p=[1.0, 0.9, 1.0, 0.95],
+        min_p=[0.0, 0.0, 0.0, 0.05],
+        repetition_penalty=[1.0, 1.3, 1.2, 1.0],
+        stop_token_ids=[],
+    )
     batch = generate(model, tok, PROMPTS, seed=7, logprobs=True, **kw)
     again = generate(model, tok, PROMPTS, seed=7, logprobs=True, **kw)
     assert [c.token_ids for c in batch] == [c.token_ids for c in again]
     for b, (prompt, c) in enumerate(zip(PROMPTS, batch)):
-        alone_kw = {k: (v[b] if isinstance(v, list) and k != "stop_token_ids" else v)
-                    for k, v in kw.items()}
+        alone_kw = {
+            k: (v[b] if isinstance(v, list) and k != "stop_token_ids" else v) for k, v in kw.items()
+        }
         alone = generate(model, tok, [prompt], seed=7 + b, logprobs=True, **alone_kw)[0]
         assert c.token_ids == alone.token_ids
         assert c.logprobs == pytest.approx(alone.logprobs, abs=1e-5)
@@ -176,7 +145,7 @@ def test_finished_rows_keep_their_state(model, tok):
     stop_id = solo.token_ids[5]
     first = solo.token_ids.index(stop_id)
     batch = generate(model, tok, PROMPTS[:2], max_new_tokens=30, stop_token_ids=[stop_id])
-    assert batch[0].token_ids == solo.token_ids[:first + 1]
+    assert batch[0].token_ids == solo.token_ids[: first + 1]
     assert batch[0].finish_reason == "stop" and batch[0].stop == stop_id
     alone = generate(model, tok, [PROMPTS[0]], max_new_tokens=30, stop_token_ids=[stop_id])[0]
     for name, t in alone.state.tensors().items():
@@ -185,24 +154,42 @@ def test_finished_rows_keep_their_state(model, tok):
 
 
 def test_logprobs_are_raw_model_logprobs(model, tok):
-    c = generate(model, tok, [PROMPTS[0]], max_new_tokens=5, temperature=2.0, top_k=3,
-                 seed=0, logprobs=True, stop_token_ids=[])[0]
+    c = generate(
+        model,
+        tok,
+        [PROMPTS[0]],
+        max_new_tokens=5,
+        temperature=2.0,
+        top_k=3,
+        seed=0,
+        logprobs=True,
+        stop_token_ids=[],
+    )[0]
     ids = c.prompt_ids + c.token_ids
     logits, _ = model(torch.tensor([ids]), torch.arange(len(ids))[None])
-    ref = torch.log_softmax(logits[0, len(c.prompt_ids) - 1:-1], -1)
+    ref = torch.log_softmax(logits[0, len(c.prompt_ids) - 1 : -1], -1)
     want = ref.gather(-1, torch.tensor(c.token_ids)[:, None])[:, 0]
     assert c.logprobs == pytest.approx(want.tolist(), abs=1e-4)
 
 
 def test_top_k_one_is_greedy_and_penalty_changes_output(model, tok):
     greedy = generate(model, tok, [PROMPTS[1]], max_new_tokens=20, stop_token_ids=[])[0]
-    k1 = generate(model, tok, [PROMPTS[1]], max_new_tokens=20, temperature=1.5, top_k=1,
-                  seed=3, stop_token_ids=[])[0]
+    k1 = generate(
+        model,
+        tok,
+        [PROMPTS[1]],
+        max_new_tokens=20,
+        temperature=1.5,
+        top_k=1,
+        seed=3,
+        stop_token_ids=[],
+    )[0]
     assert k1.token_ids == greedy.token_ids
-    pen = generate(model, tok, [PROMPTS[1]], max_new_tokens=20, repetition_penalty=5.0,
-                   stop_token_ids=[])[0]
+    pen = generate(
+        model, tok, [PROMPTS[1]], max_new_tokens=20, repetition_penalty=5.0, stop_token_ids=[]
+    )[0]
     seen = set(pen.prompt_ids)
-    for t in pen.token_ids:          # a strong penalty avoids repeats (vocab is large enough)
+    for t in pen.token_ids:  # a strong penalty avoids repeats (vocab is large enough)
         assert t not in seen
         seen.add(t)
 
@@ -252,10 +239,18 @@ def test_stop_strings_trim_output_and_are_never_streamed(model, tok):
     # A stop string spanning several tokens, starting mid-text.
     ids = full.token_ids
     prefix_text = tok.decode(ids[:6])
-    stop = tok.decode(ids[:9])[len(prefix_text) - 2:]
+    stop = tok.decode(ids[:9])[len(prefix_text) - 2 :]
     assert len(stop) >= 3
-    deltas = list(stream(model, tok, [PROMPTS[0]], max_new_tokens=40, stop_token_ids=[],
-                         stop_strings=["NEVER-THERE", stop]))
+    deltas = list(
+        stream(
+            model,
+            tok,
+            [PROMPTS[0]],
+            max_new_tokens=40,
+            stop_token_ids=[],
+            stop_strings=["NEVER-THERE", stop],
+        )
+    )
     streamed = "".join(d.text for d in deltas)
     c = deltas[-1].completion
     assert c.finish_reason == "stop" and c.stop == stop
@@ -272,15 +267,24 @@ def test_streaming_never_breaks_utf8(model, tok):
     ts = TextStream(tok, ["🚀 你"])
     pieces = [ts.push(i) for i in ids]
     for p in pieces:
-        p.encode("utf-8")                       # whole characters only
+        p.encode("utf-8")  # whole characters only
         assert "\ufffd" not in p
-    assert "".join(pieces) == EMOJI_CJK[:EMOJI_CJK.index("🚀 你")]
+    assert "".join(pieces) == EMOJI_CJK[: EMOJI_CJK.index("🚀 你")]
     # Random weights sample arbitrary byte pieces: the streamed pieces must add up
     # to the full decode, so no character was ever split (a split would add U+FFFD).
     saw_bytes = False
     for seed in range(3):
-        deltas = list(stream(model, tok, [EMOJI_CJK, "你好"], max_new_tokens=40,
-                             temperature=3.0, seed=seed, stop_token_ids=[]))
+        deltas = list(
+            stream(
+                model,
+                tok,
+                [EMOJI_CJK, "你好"],
+                max_new_tokens=40,
+                temperature=3.0,
+                seed=seed,
+                stop_token_ids=[],
+            )
+        )
         for row in (0, 1):
             c = next(d.completion for d in deltas if d.index == row and d.completion)
             assert "".join(d.text for d in deltas if d.index == row) == c.text
@@ -294,14 +298,20 @@ def test_stop_token_ends_row_and_is_not_in_text(model, tok):
     stop_id = c.token_ids[3]
     s = generate(model, tok, [PROMPTS[0]], max_new_tokens=30, stop_token_ids=[stop_id])[0]
     k = c.token_ids.index(stop_id)
-    assert s.token_ids == c.token_ids[:k + 1] and s.finish_reason == "stop"
+    assert s.token_ids == c.token_ids[: k + 1] and s.finish_reason == "stop"
     assert s.text == tok.decode(c.token_ids[:k])
 
 
 def test_should_stop_interrupts(model, tok):
     calls = []
-    out = generate(model, tok, PROMPTS[:2], max_new_tokens=50, stop_token_ids=[],
-                   should_stop=lambda: len(calls) > 3 or calls.append(1))
+    out = generate(
+        model,
+        tok,
+        PROMPTS[:2],
+        max_new_tokens=50,
+        stop_token_ids=[],
+        should_stop=lambda: len(calls) > 3 or calls.append(1),
+    )
     assert all(c.finish_reason == "interrupted" and len(c.token_ids) == 5 for c in out)
 
 
@@ -319,15 +329,18 @@ def test_bad_inputs(model, tok):
 
 
 def test_stream_leaves_grad_mode_alone_and_compile_is_ignored_on_cpu(model, tok):
-    modes = [torch.is_grad_enabled() for _ in stream(model, tok, ["hello"], max_new_tokens=5,
-                                                          stop_token_ids=[], compile=True)]
+    modes = [
+        torch.is_grad_enabled()
+        for _ in stream(model, tok, ["hello"], max_new_tokens=5, stop_token_ids=[], compile=True)
+    ]
     assert modes and all(modes)
 
 
 def test_compile_time_is_not_counted_as_decoding(tok):
     """With compile=True the first decode step (where torch.compile works) is timed apart:
-    it is many times a later step, and decode_seconds holds the other steps only."""
-    model = tiny_model(tiny_config(tok.vocab_size))
+    it is many times a later step, and decode_seconds holds the other steps only. (A width
+    no other test compiles: torch.compile would reuse another model's compiled step.)"""
+    model = small_model(small_config(tok.vocab_size, width=40))
     [c] = generate(model, tok, ["hello"], max_new_tokens=40, stop_token_ids=[], compile=True)
     s = c.stats
     per_step = s.decode_seconds / s.decode_steps
@@ -336,8 +349,11 @@ def test_compile_time_is_not_counted_as_decoding(tok):
 
 
 def test_deltas_carry_every_token(model, tok):
-    deltas = list(stream(model, tok, PROMPTS[:2], max_new_tokens=20, temperature=2.0, seed=0,
-                         stop_token_ids=[]))
+    deltas = list(
+        stream(
+            model, tok, PROMPTS[:2], max_new_tokens=20, temperature=2.0, seed=0, stop_token_ids=[]
+        )
+    )
     for row in (0, 1):
         mine = [d for d in deltas if d.index == row]
         assert sum((d.token_ids for d in mine), []) == mine[-1].completion.token_ids
@@ -394,11 +410,15 @@ def test_constant_memory_20000_tokens(tmp_path, tok):
     import sys
     import time
     from pathlib import Path
+
     shutil.copy(Path(tok._backend.path), tmp_path / "tokenizer.model")
     t = time.perf_counter()
-    out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "20000",
-                          "attention"],
-                         capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", MEMORY_SCRIPT, str(tmp_path), "20000", "attention"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr
     r = json.loads(out.stdout)
     print(r, f"{time.perf_counter() - t:.1f} s")

@@ -23,18 +23,7 @@ from rgemma.cli import main
 from rgemma.inference.sampling import Sampler, SamplingError, SamplingParams
 from rgemma.io import checkpoint, snapshot
 from rgemma.io.files import CheckpointError
-from rgemma.io.snapshot import SnapshotError, load_conversation, read_metadata, save_state
-from test_generate import tiny_config, tiny_model, train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok_dir = tmp_path_factory.mktemp("tok")
-    tok = train_tokenizer(tok_dir)
-    model = tiny_model(tiny_config(tok.vocab_size))
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save_hf(model, out, tokenizer_dir=tok_dir)
-    return out
+from rgemma.io.snapshot import SnapshotError, load_conversation, read_metadata
 
 
 @pytest.fixture
@@ -43,6 +32,7 @@ def copy_dir(model_dir, tmp_path):
         dst = tmp_path / name
         shutil.copytree(model_dir, dst)
         return dst
+
     return make
 
 
@@ -67,9 +57,12 @@ def load_error(path, **kwargs) -> str:
 # ===================================================================== loaders
 def test_official_file_with_a_huge_block_index(tmp_path):
     """Keys blocks.0 and blocks.10^11: refused at once, in a short message."""
-    sd = {"embedder.input_embedding": torch.zeros(8, 4), "final_norm.scale": torch.zeros(4),
-          "blocks.0.mlp_block.ffw_up.w": torch.zeros(2, 4, 8),
-          "blocks.100000000000.temporal_pre_norm.scale": torch.zeros(4)}
+    sd = {
+        "embedder.input_embedding": torch.zeros(8, 4),
+        "final_norm.scale": torch.zeros(4),
+        "blocks.0.mlp_block.ffw_up.w": torch.zeros(2, 4, 8),
+        "blocks.100000000000.temporal_pre_norm.scale": torch.zeros(4),
+    }
     path = tmp_path / "evil.pt"
     torch.save(sd, path)
     assert path.stat().st_size < 5000
@@ -77,13 +70,16 @@ def test_official_file_with_a_huge_block_index(tmp_path):
     assert "blocks are not numbered" in message and "100000000000" in message
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("num_hidden_layers", 3_000_000, "num_layers"),
-    ("attention_window_size", 10**12, "attention_window"),
-    ("vocab_size", 10**10, "vocab_size"),
-    ("hidden_size", "wide", "positive integer"),
-    ("block_types", 7, "block_types"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("num_hidden_layers", 3_000_000, "num_layers"),
+        ("attention_window_size", 10**12, "attention_window"),
+        ("vocab_size", 10**10, "vocab_size"),
+        ("hidden_size", "wide", "positive integer"),
+        ("block_types", 7, "block_types"),
+    ],
+)
 def test_config_sizes_are_bounded(copy_dir, field, value, words):
     ckpt = copy_dir()
     config = json.loads((ckpt / "config.json").read_text())
@@ -110,7 +106,7 @@ def test_special_files_are_refused_without_blocking(copy_dir, target, name):
 def test_index_shard_outside_the_directory_is_not_opened(copy_dir, tmp_path):
     ckpt = copy_dir()
     outside = tmp_path / "outside.safetensors"
-    os.mkfifo(outside)               # opening it would hang a reader without O_NONBLOCK
+    os.mkfifo(outside)  # opening it would hang a reader without O_NONBLOCK
     (ckpt / "model.safetensors").rename(ckpt / "model-00001-of-00001.safetensors")
     names = list(load_file(ckpt / "model-00001-of-00001.safetensors"))
     index = {"weight_map": {n: "model-00001-of-00001.safetensors" for n in names}}
@@ -123,12 +119,14 @@ def test_index_values_must_be_file_names(copy_dir):
     ckpt = copy_dir()
     names = list(load_file(ckpt / "model.safetensors"))
     (ckpt / "model.safetensors.index.json").write_text(
-        json.dumps({"weight_map": {n: ["model.safetensors"] for n in names}}))
+        json.dumps({"weight_map": {n: ["model.safetensors"] for n in names}})
+    )
     assert "is not a file name" in load_error(ckpt)
 
 
 def test_a_huge_json_file_is_refused(copy_dir, monkeypatch):
     from rgemma.io import files
+
     monkeypatch.setattr(files, "MAX_JSON_BYTES", 1000)
     ckpt = copy_dir()
     config = json.loads((ckpt / "config.json").read_text())
@@ -149,7 +147,9 @@ def test_integer_weights_are_refused(copy_dir, dtype):
 
 
 def test_integer_weights_in_an_official_file(tmp_path):
-    from conftest import official_model, tiny_config as small
+    from helpers import official_model
+    from helpers import tiny_config as small
+
     sd = official_model(small()).state_dict()
     sd["final_norm.scale"] = sd["final_norm.scale"].long()
     torch.save(sd, tmp_path / "m.pt")
@@ -175,16 +175,18 @@ def test_generate_with_nan_weights_fails_in_one_line(copy_dir, capsys):
     assert "NaN" in one_line_error(capsys, "generate")
 
 
-def test_quantized_directories_are_not_recurrent_gemma_to_other_loaders(model_dir, tmp_path,
-                                                                          capsys):
+def test_quantized_directories_are_not_recurrent_gemma_to_other_loaders(
+    model_dir, tmp_path, capsys
+):
     out = tmp_path / "q8"
     assert main(["quantize", str(model_dir), str(out), "--bits", "8"]) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] != "recurrent_gemma"
     import transformers
+
     with pytest.raises(ValueError):
         transformers.AutoConfig.from_pretrained(out)
-    model, _ = checkpoint.load(out)             # rgemma still opens it
+    model, _ = checkpoint.load(out)  # rgemma still opens it
     assert model.quantization["bits"] == 8
     capsys.readouterr()
     again = tmp_path / "q8q8"
@@ -198,8 +200,25 @@ def test_quantized_directories_are_not_recurrent_gemma_to_other_loaders(model_di
 def saved(model_dir, tmp_path):
     model, tok = checkpoint.load(model_dir)
     path = tmp_path / "s.safetensors"
-    assert main(["generate", "hello there", "--model", str(model_dir), "-m", "5", "--temp", "1",
-                 "--seed", "3", "--save-state", str(path)]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "hello there",
+                "--model",
+                str(model_dir),
+                "-m",
+                "5",
+                "--temp",
+                "1",
+                "--seed",
+                "3",
+                "--save-state",
+                str(path),
+            ]
+        )
+        == 0
+    )
     return model, path
 
 
@@ -215,7 +234,7 @@ def rewrite(path, *, tensors=None, **metadata):
 def test_a_flipped_bit_in_a_snapshot_is_detected(saved):
     model, path = saved
     data = bytearray(path.read_bytes())
-    data[-3] ^= 0x10                         # inside the last tensor's bytes
+    data[-3] ^= 0x10  # inside the last tensor's bytes
     path.write_bytes(bytes(data))
     with pytest.raises(SnapshotError, match="checksum"):
         load_conversation(path, model)
@@ -229,12 +248,15 @@ def test_snapshot_batch_size_out_of_range(saved, batch_size):
         load_conversation(path, model)
 
 
-@pytest.mark.parametrize("extra", [
-    {"pending_ids": ["x"], "token_ids": [5, "x"]},
-    {"pending_ids": [10**9], "token_ids": [5, 10**9]},
-    {"pending_ids": [5], "token_ids": [6, 7]},
-    {"token_ids": "12"},
-])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"pending_ids": ["x"], "token_ids": [5, "x"]},
+        {"pending_ids": [10**9], "token_ids": [5, 10**9]},
+        {"pending_ids": [5], "token_ids": [6, 7]},
+        {"token_ids": "12"},
+    ],
+)
 def test_snapshot_token_ids_are_checked(saved, extra):
     model, path = saved
     meta = json.loads(read_metadata(path)["extra"])
@@ -267,8 +289,9 @@ def test_continue_a_loaded_state_without_a_prompt(saved, model_dir, capsys):
     """README's `rgemma generate "" --load-state s.safetensors` continues the state."""
     model, path = saved
     capsys.readouterr()
-    assert main(["generate", "", "--model", str(model_dir), "--load-state", str(path),
-                 "-m", "4"]) == 0
+    assert (
+        main(["generate", "", "--model", str(model_dir), "--load-state", str(path), "-m", "4"]) == 0
+    )
     assert capsys.readouterr().out.endswith("\n")
 
 
@@ -285,12 +308,11 @@ def test_device_cuda_without_cuda(model_dir, capsys):
     assert "--device cpu" in one_line_error(capsys, "generate")
 
 
-def test_save_state_into_a_missing_directory_fails_before_generating(model_dir, tmp_path,
-                                                                     capsys):
+def test_save_state_into_a_missing_directory_fails_before_generating(model_dir, tmp_path, capsys):
     target = tmp_path / "missing" / "s.safetensors"
     assert main(["generate", "hi", "--model", str(model_dir), "--save-state", str(target)]) == 2
     out = capsys.readouterr()
-    assert out.out == ""                                  # nothing was generated
+    assert out.out == ""  # nothing was generated
     assert "does not exist" in out.err and "\n" not in out.err.strip()
 
 
@@ -300,8 +322,13 @@ def test_a_traceback_never_reaches_the_user(model_dir, tmp_path):
     shutil.copytree(model_dir, bad)
     (bad / "model.safetensors").write_bytes(b"\x00" * 100)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "rgemma", "generate", "hi", "--model", str(bad)],
-                          capture_output=True, text=True, timeout=120, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-m", "rgemma", "generate", "hi", "--model", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
     assert proc.returncode == 1
     assert proc.stderr.startswith("rgemma generate: error: ") and "Traceback" not in proc.stderr
 
@@ -315,13 +342,27 @@ def test_convert_says_when_the_tokenizer_is_missing_and_takes_one(model_dir, tmp
     assert "no tokenizer" in err and "--tokenizer DIR" in err
     assert main(["generate", "hi", "--model", str(tmp_path / "bare")]) == 1
     assert "--tokenizer PATH" in one_line_error(capsys, "generate")
-    assert main(["generate", "hi", "--model", str(tmp_path / "bare"), "-m", "3",
-                 "--tokenizer", str(model_dir / "tokenizer.model")]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "hi",
+                "--model",
+                str(tmp_path / "bare"),
+                "-m",
+                "3",
+                "--tokenizer",
+                str(model_dir / "tokenizer.model"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     assert main(["convert", str(pt), str(tmp_path / "full"), "--tokenizer", str(model_dir)]) == 0
     assert "no tokenizer" not in capsys.readouterr().err
-    assert (tmp_path / "full" / "tokenizer.model").read_bytes() == \
-        (model_dir / "tokenizer.model").read_bytes()
+    assert (tmp_path / "full" / "tokenizer.model").read_bytes() == (
+        model_dir / "tokenizer.model"
+    ).read_bytes()
     assert main(["convert", str(pt), str(tmp_path / "x"), "--tokenizer", str(tmp_path)]) == 2
     assert "no tokenizer.model" in one_line_error(capsys, "convert")
     assert not (tmp_path / "x").exists()

@@ -20,19 +20,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from rgemma.io import checkpoint
-from test_generate import tiny_config, tiny_model, train_tokenizer
-
 REPO, GATED, COMMIT = "org/tiny", "org/gated", "c0ffee" + "0" * 34
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    tok_dir = tmp_path_factory.mktemp("tok")
-    tok = train_tokenizer(tok_dir)
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save_hf(tiny_model(tiny_config(tok.vocab_size)), out, tokenizer_dir=tok_dir)
-    return out
 
 
 class FakeHub(BaseHTTPRequestHandler):
@@ -51,13 +39,17 @@ class FakeHub(BaseHTTPRequestHandler):
             body = b'{"error": "Access to model org/gated is restricted."}'
         elif path.startswith(f"/api/models/{REPO}/revision/"):
             status, headers = 200, {"Content-Type": "application/json"}
-            body = json.dumps({"id": REPO, "sha": COMMIT,
-                               "siblings": [{"rfilename": n} for n in self.files]}).encode()
+            body = json.dumps(
+                {"id": REPO, "sha": COMMIT, "siblings": [{"rfilename": n} for n in self.files]}
+            ).encode()
         elif path.startswith(f"/api/models/{REPO}/tree/"):
             status, headers = 200, {"Content-Type": "application/json"}
-            body = json.dumps([{"type": "file", "path": n, "size": len(b),
-                                "oid": hashlib.sha1(b).hexdigest()}
-                               for n, b in self.files.items()]).encode()
+            body = json.dumps(
+                [
+                    {"type": "file", "path": n, "size": len(b), "oid": hashlib.sha1(b).hexdigest()}
+                    for n, b in self.files.items()
+                ]
+            ).encode()
         elif path.startswith(f"/{REPO}/resolve/"):
             name = path.split("/", 5)[-1]
             if name in self.files:
@@ -99,10 +91,20 @@ def closed_port() -> str:
 
 def rgemma(*args, endpoint: str, cache, **env) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    environ.update(HF_ENDPOINT=endpoint, HF_HUB_CACHE=str(cache), OMP_NUM_THREADS="1",
-                   HF_HUB_DISABLE_TELEMETRY="1", **env)
-    return subprocess.run([sys.executable, "-m", "rgemma", *args], capture_output=True,
-                          text=True, timeout=180, env=environ)
+    environ.update(
+        HF_ENDPOINT=endpoint,
+        HF_HUB_CACHE=str(cache),
+        OMP_NUM_THREADS="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        **env,
+    )
+    return subprocess.run(
+        [sys.executable, "-m", "rgemma", *args],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=environ,
+    )
 
 
 def one_line(proc: subprocess.CompletedProcess) -> str:
@@ -112,30 +114,50 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
 
 
 def test_a_hub_id_downloads_then_opens_from_the_cache_offline(hub, model_dir, tmp_path):
-    local = subprocess.run([sys.executable, "-m", "rgemma", "generate", "hello", "-m", "6",
-                            "--model", str(model_dir)], capture_output=True, text=True,
-                           timeout=180)
+    local = subprocess.run(
+        [sys.executable, "-m", "rgemma", "generate", "hello", "-m", "6", "--model", str(model_dir)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert local.returncode == 0, local.stderr
     cache = tmp_path / "hf"
     FakeHub.requests.clear()
     first = rgemma("generate", "hello", "-m", "6", "--model", REPO, endpoint=hub, cache=cache)
     assert first.returncode == 0, first.stderr
-    assert first.stdout == local.stdout                      # the same model, the same text
+    assert first.stdout == local.stdout  # the same model, the same text
     assert any(r.endswith("/model.safetensors") for r in FakeHub.requests)
     assert list(cache.glob("models--org--tiny/snapshots/*/config.json"))
     FakeHub.requests.clear()
-    offline = rgemma("generate", "hello", "-m", "6", "--model", REPO, endpoint=hub, cache=cache,
-                     HF_HUB_OFFLINE="1")
+    offline = rgemma(
+        "generate",
+        "hello",
+        "-m",
+        "6",
+        "--model",
+        REPO,
+        endpoint=hub,
+        cache=cache,
+        HF_HUB_OFFLINE="1",
+    )
     assert offline.returncode == 0 and offline.stdout == local.stdout, offline.stderr
-    assert FakeHub.requests == []                            # no network at all
-    unreachable = rgemma("generate", "hello", "-m", "6", "--model", REPO,
-                         endpoint=closed_port(), cache=cache)
+    assert FakeHub.requests == []  # no network at all
+    unreachable = rgemma(
+        "generate", "hello", "-m", "6", "--model", REPO, endpoint=closed_port(), cache=cache
+    )
     assert unreachable.returncode == 0 and unreachable.stdout == local.stdout
 
 
 def test_uncached_offline_is_one_line_naming_the_id(tmp_path):
-    proc = rgemma("generate", "hi", "--model", "org/never-seen", endpoint=closed_port(),
-                  cache=tmp_path / "hf", HF_HUB_OFFLINE="1")
+    proc = rgemma(
+        "generate",
+        "hi",
+        "--model",
+        "org/never-seen",
+        endpoint=closed_port(),
+        cache=tmp_path / "hf",
+        HF_HUB_OFFLINE="1",
+    )
     assert proc.returncode == 1
     err = one_line(proc)
     assert "org/never-seen" in err and "cache" in err and "offline" in err
@@ -146,13 +168,15 @@ def test_gated_and_unknown_models(hub, tmp_path):
     assert gated.returncode == 1
     err = one_line(gated)
     assert "gated" in err and "licence" in err and "HF_TOKEN" in err and GATED in err
-    unknown = rgemma("generate", "hi", "--model", "org/nothing", endpoint=hub,
-                     cache=tmp_path / "hf")
+    unknown = rgemma(
+        "generate", "hi", "--model", "org/nothing", endpoint=hub, cache=tmp_path / "hf"
+    )
     assert unknown.returncode == 1 and "no such model" in one_line(unknown)
 
 
 def test_revision_needs_a_hub_id(model_dir, capsys):
     from rgemma.cli import main
+
     assert main(["generate", "hi", "--model", str(model_dir), "--revision", "v1"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("rgemma generate: error: ") and "Hub id" in err
@@ -160,6 +184,7 @@ def test_revision_needs_a_hub_id(model_dir, capsys):
 
 def test_a_local_folder_named_like_an_id_wins(model_dir, tmp_path, monkeypatch):
     from rgemma.io import hub as hub_module
+
     (tmp_path / "org").mkdir()
     os.symlink(model_dir, tmp_path / "org" / "tiny")
     monkeypatch.chdir(tmp_path)

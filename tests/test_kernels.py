@@ -8,13 +8,14 @@ import warnings
 import pytest
 import torch
 
+from helpers import random_model, tiny_config
 from rgemma import kernels
-from rgemma.quantize import Int4Linear, Int8Linear, dequantize_int4, quantize_int8, quantize_model
 from rgemma.layers import Linear
+from rgemma.quantize import Int4Linear, Int8Linear, dequantize_int4, quantize_int8, quantize_model
 
-from conftest import random_model, tiny_config
-
-needs_native = pytest.mark.skipif(not kernels.available(), reason="no C compiler for rgemma's kernel")
+needs_native = pytest.mark.skipif(
+    not kernels.available(), reason="no C compiler for rgemma's kernel"
+)
 
 
 def _operands(M, K, N, seed=0):
@@ -27,7 +28,7 @@ def _operands(M, K, N, seed=0):
 def _check_against_float64(y, x, q, scale):
     """Within float32 summation error: |y - ref| <= K * eps32 * (|x| @ |q|.T) * scale."""
     ref = (x.double() @ q.double().T) * scale.double()
-    bound = (x.abs().double() @ q.abs().double().T) * scale.double() * x.shape[1] * 2 ** -23
+    bound = (x.abs().double() @ q.abs().double().T) * scale.double() * x.shape[1] * 2**-23
     assert y.dtype == torch.float32 and y.shape == ref.shape
     assert ((y.double() - ref).abs() <= bound + 1e-30).all()
 
@@ -47,7 +48,7 @@ def test_int8_kernel_matches_float64_reference(M, K, N):
 @needs_native
 def test_int8_kernel_threads_give_identical_results():
     """Each output is summed by one thread in one order: 1 or 2 threads, same bits."""
-    x, q, scale = _operands(3, 2048, 301)        # above the one-thread cutoff
+    x, q, scale = _operands(3, 2048, 301)  # above the one-thread cutoff
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -80,7 +81,7 @@ def test_build_is_cached_and_atomic(tmp_path, monkeypatch):
     monkeypatch.setenv("RGEMMA_CACHE", str(tmp_path))
     first = kernels.build()
     assert first.parent == tmp_path and first.suffix == ".so"
-    assert [p.name for p in tmp_path.iterdir()] == [first.name]     # no temp files left
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp files left
     stamp = first.stat().st_mtime_ns
     assert kernels.build() == first and first.stat().st_mtime_ns == stamp
 
@@ -95,7 +96,7 @@ def test_without_native_kernel_int8_falls_back(how, tmp_path, monkeypatch):
     if how == "disabled":
         monkeypatch.setenv("RGEMMA_NATIVE", "0")
     else:
-        monkeypatch.setenv("CC", "false")                  # exists, always fails
+        monkeypatch.setenv("CC", "false")  # exists, always fails
     lin = Linear(256, 32)
     lin.weight.data.normal_()
     m = Int8Linear.from_linear(lin)
@@ -122,13 +123,15 @@ def test_int4_dequantized_in_place_equals_reference():
     lin.weight.data.normal_()
     m = Int4Linear.from_linear(lin, 64)
     from rgemma.quantize import unpack_nibbles
+
     ref = dequantize_int4(unpack_nibbles(m.qweight), m.scale, m.minimum, torch.float32)
     with torch.no_grad():
         fast = m.dequantized(torch.float32).clone()
         fast_bf16 = m.dequantized(torch.bfloat16).clone()
     assert torch.equal(fast, ref)
-    assert torch.equal(fast_bf16, dequantize_int4(unpack_nibbles(m.qweight), m.scale,
-                                                  m.minimum, torch.bfloat16))
+    assert torch.equal(
+        fast_bf16, dequantize_int4(unpack_nibbles(m.qweight), m.scale, m.minimum, torch.bfloat16)
+    )
 
 
 def test_quantized_model_keeps_the_rest_in_float32():
@@ -148,7 +151,7 @@ def test_int8_kernel_takes_any_float_dtype_and_layout():
     """The wrapper hands C what it expects (float32, contiguous): a bf16 scale,
     a bf16 or strided x give the float32 product of their values."""
     x, q, scale = _operands(2, 96, 10)
-    xt = torch.randn(96, 2).T                                  # not contiguous
+    xt = torch.randn(96, 2).T  # not contiguous
     for xi, si in ((x.bfloat16(), scale), (x, scale.bfloat16()), (xt, scale)):
         y = kernels.int8_matmul(xi, q, si)
         _check_against_float64(y, xi.float(), q, si.float())

@@ -12,8 +12,14 @@ from rgemma.training import lora
 
 
 def _model(seed: int = 0) -> Griffin:
-    cfg = GriffinConfig(vocab_size=64, width=32, mlp_width=64, num_heads=2,
-                        block_types=griffin_pattern(3), attention_window=16)
+    cfg = GriffinConfig(
+        vocab_size=64,
+        width=32,
+        mlp_width=64,
+        num_heads=2,
+        block_types=griffin_pattern(3),
+        attention_window=16,
+    )
     return Griffin(cfg).init_weights(seed)
 
 
@@ -37,7 +43,7 @@ def test_fresh_adapters_change_nothing_and_only_they_train():
     with torch.no_grad():
         before, _ = model(tokens, pos)
     names = lora.apply_lora(model, rank=4, targets="all")
-    assert len(names) == 3 * 3 + 2 * 3 + 1 * 4          # MLPs, recurrent, attention
+    assert len(names) == 3 * 3 + 2 * 3 + 1 * 4  # MLPs, recurrent, attention
     with torch.no_grad():
         after, _ = model(tokens, pos)
     torch.testing.assert_close(after, before, rtol=0, atol=0)
@@ -55,19 +61,25 @@ def test_merged_model_equals_adapter_model():
     opt = torch.optim.AdamW(lora.lora_parameters(model), lr=1e-2)
     for _ in range(5):
         logits, _ = model(tokens, pos)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1),
-                                                 tokens[:, 1:].flatten())
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), tokens[:, 1:].flatten()
+        )
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert any(float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    assert any(
+        float(p.detach().abs().max()) > 0 for n, p in model.named_parameters() if "lora_B" in n
+    )
     with torch.no_grad():
         adapted, _ = model(tokens, pos)
     lora.merge(model)
     assert not lora.has_lora(model)
     from rgemma.layers import Linear
-    assert all(type(getattr(model.layers[0].mlp_block, n)) is Linear
-               for n in ("gate_proj", "up_proj", "down_proj"))
+
+    assert all(
+        type(getattr(model.layers[0].mlp_block, n)) is Linear
+        for n in ("gate_proj", "up_proj", "down_proj")
+    )
     assert [n for n, _ in model.named_parameters()] == base_names
     with torch.no_grad():
         merged, _ = model(tokens, pos)

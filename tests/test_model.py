@@ -8,11 +8,10 @@ import sys
 import pytest
 import torch
 
+from helpers import arange_positions, official_pair, random_model, tiny_config
 from rgemma import layers
 from rgemma.config import GriffinConfig
 from rgemma.model import Griffin, InputError
-
-from conftest import arange_positions, official_pair, random_model, tiny_config
 
 ATOL = 1e-4
 
@@ -26,8 +25,12 @@ def official_logits(official, tokens, positions):
 PARITY_CONFIGS = {
     "tiny": tiny_config(attention_window=32),
     "window-wraps": tiny_config(attention_window=8),
-    "hawk-lru-ne-width": tiny_config(block_types=("recurrent",) * 3, lru_width=96,
-                                     logits_soft_cap=0.0, embeddings_scale_by_sqrt_dim=False),
+    "hawk-lru-ne-width": tiny_config(
+        block_types=("recurrent",) * 3,
+        lru_width=96,
+        logits_soft_cap=0.0,
+        embeddings_scale_by_sqrt_dim=False,
+    ),
     "griffin-lru-ne-width": tiny_config(lru_width=128, num_heads=4, attention_window=16),
 }
 
@@ -56,12 +59,12 @@ def test_decode_matches_official_decode():
         ref, cache = official(tokens[:, :6], positions[:, :6])
         refs = [ref]
         for t in range(6, 30):
-            ref, cache = official(tokens[:, t:t + 1], positions[:, t:t + 1], cache)
+            ref, cache = official(tokens[:, t : t + 1], positions[:, t : t + 1], cache)
             refs.append(ref)
         state = ours.init_state(2)
         outs = [ours(tokens[:, :6], positions[:, :6], state)[0]]
         for t in range(6, 30):
-            outs.append(ours(tokens[:, t:t + 1], positions[:, t:t + 1], state)[0])
+            outs.append(ours(tokens[:, t : t + 1], positions[:, t : t + 1], state)[0])
     assert (torch.cat(outs, 1) - torch.cat(refs, 1)).abs().max().item() <= ATOL
 
 
@@ -83,13 +86,16 @@ def test_2b_shaped_block_matches_official(kind):
 def _hf_model(ours: Griffin, window: int):
     transformers = pytest.importorskip("transformers")
     from rgemma import weights
+
     hf_cfg = ours.config.to_hf_dict()
     hf_cfg["attention_window_size"] = window
     hf_cfg.pop("architectures")
     hf_cfg.pop("model_type")
     config = transformers.RecurrentGemmaConfig(**hf_cfg)
     model = transformers.RecurrentGemmaForCausalLM(config).eval()
-    missing, unexpected = model.load_state_dict(weights.add_hf_prefix(ours.state_dict()), strict=False)
+    missing, unexpected = model.load_state_dict(
+        weights.add_hf_prefix(ours.state_dict()), strict=False
+    )
     assert not unexpected and set(missing) <= {"lm_head.weight"}
     model.tie_weights()
     return model
@@ -122,11 +128,12 @@ def test_transformers_with_window_plus_one_matches_beyond_window():
 
 # ---------------------------------------------------------------- chunking
 
+
 def _feed_in_chunks(model, tokens, positions, sizes):
     state = model.init_state(tokens.shape[0])
     outs, t = [], 0
     for n in sizes:
-        out, state = model(tokens[:, t:t + n], positions[:, t:t + n], state)
+        out, state = model(tokens[:, t : t + n], positions[:, t : t + n], state)
         outs.append(out)
         t += n
     assert t == tokens.shape[1]
@@ -189,6 +196,7 @@ def test_long_prompt_then_one_then_37():
 
 # ----------------------------------------------------------------- padding
 
+
 def test_left_padded_rows_equal_rows_alone():
     cfg = tiny_config(attention_window=8)
     model = random_model(cfg)
@@ -198,16 +206,16 @@ def test_left_padded_rows_equal_rows_alone():
     positions = torch.full((3, T), -1)
     rows = [torch.randint(0, cfg.vocab_size, (n,)) for n in lengths]
     for i, (row, n) in enumerate(zip(rows, lengths)):
-        tokens[i, T - n:] = row
-        positions[i, T - n:] = torch.arange(n)
+        tokens[i, T - n :] = row
+        positions[i, T - n :] = torch.arange(n)
     with torch.no_grad():
         batch, state = model(tokens, positions)
         nxt = torch.randint(0, cfg.vocab_size, (3, 1))
         step, _ = model(nxt, torch.tensor(lengths)[:, None], state)
         for i, (row, n) in enumerate(zip(rows, lengths)):
             alone, s = model(row[None], arange_positions(1, n))
-            assert (batch[i, T - n:] - alone[0]).abs().max().item() <= ATOL
-            alone_step, _ = model(nxt[i:i + 1], torch.tensor([[n]]), s)
+            assert (batch[i, T - n :] - alone[0]).abs().max().item() <= ATOL
+            alone_step, _ = model(nxt[i : i + 1], torch.tensor([[n]]), s)
             assert (step[i] - alone_step[0]).abs().max().item() <= ATOL
 
 
@@ -331,7 +339,7 @@ def test_bf16_held_weights_with_fp32_compute(monkeypatch):
     assert (chunked - out).abs().max().item() <= ATOL
     assert (stepped[:, :29] - out[:, :29]).abs().max().item() <= ATOL
     step_error = (stepped[:, 29] - out[:, 29]).abs().max().item()
-    assert 0 < step_error <= 2e-2 * out[:, 29].abs().max().item()   # bf16 rounding, not exact
+    assert 0 < step_error <= 2e-2 * out[:, 29].abs().max().item()  # bf16 rounding, not exact
 
 
 def test_bf16_held_weights_multiplied_in_bf16_everywhere(monkeypatch):
@@ -368,16 +376,19 @@ def test_decode_step_path_equals_chunk_path_with_pads_and_resets():
     model = random_model(cfg)
     tokens = torch.randint(0, cfg.vocab_size, (2, 40))
     positions = _positions_with_resets(2, 40, {1: [17]})
-    positions[0, 25:28] = -1                       # a row idling in a batched decode
+    positions[0, 25:28] = -1  # a row idling in a batched decode
     with torch.no_grad():
         _, s_step = model(tokens[:, :5], positions[:, :5])
         s_chunk = s_step.clone()
         for t in range(5, 40):
-            a, _ = model(tokens[:, t:t + 1], positions[:, t:t + 1], s_step)
+            a, _ = model(tokens[:, t : t + 1], positions[:, t : t + 1], s_step)
             # the chunk path on a 2-token call whose first token is padding
-            b, _ = model(torch.cat([tokens[:, t:t + 1], tokens[:, t:t + 1]], 1),
-                         torch.cat([torch.full((2, 1), -1), positions[:, t:t + 1]], 1), s_chunk)
-            real = positions[:, t] >= 0          # a padding row's logits mean nothing
+            b, _ = model(
+                torch.cat([tokens[:, t : t + 1], tokens[:, t : t + 1]], 1),
+                torch.cat([torch.full((2, 1), -1), positions[:, t : t + 1]], 1),
+                s_chunk,
+            )
+            real = positions[:, t] >= 0  # a padding row's logits mean nothing
             assert (a[real, 0] - b[real, 1]).abs().max().item() <= ATOL
     for name, t in s_step.tensors().items():
         assert torch.allclose(t.float(), s_chunk.tensors()[name].float(), atol=ATOL), name
@@ -396,7 +407,7 @@ def test_gradients_with_live_state_and_checkpointing(checkpointing):
         model = random_model(cfg).train()
         model.gradient_checkpointing = ckpt
         with torch.no_grad():
-            _, state = model(tokens[:, :15], positions[:, :15])   # a live, non-empty state
+            _, state = model(tokens[:, :15], positions[:, :15])  # a live, non-empty state
         logits, _ = model(tokens[:, 15:], positions[:, 15:], state)
         (logits.float().logsumexp(-1).sum()).backward()
         grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
@@ -415,7 +426,9 @@ def test_every_parameter_is_initialised_by_its_own_module():
     model.init_weights(0)
     left = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
     assert not left, f"not initialised: {left}"
-    owners = {type(m) for m in model.modules() if next(m.parameters(recurse=False), None) is not None}
+    owners = {
+        type(m) for m in model.modules() if next(m.parameters(recurse=False), None) is not None
+    }
     assert all("reset_parameters" in vars(t) for t in owners), owners
 
 
@@ -427,8 +440,10 @@ def test_init_follows_the_paper_scales():
     final = 2.0 / cfg.num_layers
     rec, att = model.layers[0].temporal_block, model.layers[2].temporal_block
     expected = {
-        rec.linear_x.weight: 1 / cfg.width, rec.linear_out.weight: final / cfg.lru_width,
-        att.q_proj.weight: 1 / cfg.width, att.o_proj.weight: final / cfg.width,
+        rec.linear_x.weight: 1 / cfg.width,
+        rec.linear_out.weight: final / cfg.lru_width,
+        att.q_proj.weight: 1 / cfg.width,
+        att.o_proj.weight: final / cfg.width,
         model.layers[0].mlp_block.down_proj.weight: final / cfg.mlp_width,
         model.embed_tokens.weight: 1 / cfg.width,
         rec.conv_1d.weight: 0.01 / cfg.conv1d_width,

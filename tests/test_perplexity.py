@@ -5,46 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 
 import pytest
 import torch
 
-import rgemma
-from conftest import random_model, tiny_config
 from rgemma.cli import perplexity as cli_perplexity
 from rgemma.evaluation.perplexity import score_texts, sum_logprobs
 
-WINDOW = 16
 TEXT = (
     "def add(a, b):\n    return a + b\n\nimport os\nfor name in os.listdir(path):\n"
     "    print(name)\nclass Point:\n    def __init__(self, x, y):\n        self.x = x\n"
     "the quick brown fox jumps over the lazy dog. question: what is the answer? yes.\n"
 )
+TOKENIZER_TEXTS = [TEXT * 20]  # for conftest's tokenizer, model and checkpoint
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: the machines running these tests share 2 cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    """A 600-piece SentencePiece tokenizer with Gemma's special ids, trained here."""
-    from rgemma.io.tokenizer import Tokenizer
-    from rgemma.training.data import train_tokenizer
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.model"
-    train_tokenizer([TEXT * 20], str(path), vocab_size=600)
-    return Tokenizer.from_file(path)
-
-
-@pytest.fixture(scope="module")
-def model(tokenizer):
-    return random_model(tiny_config(vocab_size=tokenizer.vocab_size, attention_window=WINDOW))
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @torch.no_grad()
@@ -61,8 +36,10 @@ def direct_nll(model, ids: list[int]) -> float:
 @pytest.mark.parametrize("chunk_size, batch_size", [(2, 1), (7, 3), (16, 2), (1000, 4)])
 def test_streamed_logprobs_equal_teacher_forcing(model, chunk_size, batch_size):
     gen = torch.Generator().manual_seed(0)
-    docs = [[2] + torch.randint(4, model.config.vocab_size, (n,), generator=gen).tolist()
-            for n in (0, 1, 5, 40, 90, 17)]
+    docs = [
+        [2] + torch.randint(4, model.config.vocab_size, (n,), generator=gen).tolist()
+        for n in (0, 1, 5, 40, 90, 17)
+    ]
     got = sum_logprobs(model, docs, chunk_size=chunk_size, batch_size=batch_size)
     for doc, total in zip(docs, got):
         assert -total == pytest.approx(direct_nll(model, doc), abs=1e-4)
@@ -102,14 +79,6 @@ def test_score_texts_reports_perplexity_and_bits_per_byte(model, tokenizer):
     assert total.bits_per_byte == pytest.approx(total.nll / math.log(2) / total.bytes)
 
 
-@pytest.fixture(scope="module")
-def checkpoint(model, tokenizer, tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "model"
-    rgemma.save(model, path)
-    shutil.copy(tokenizer._backend.path, path / "tokenizer.model")
-    return path
-
-
 def run_cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="rgemma")
     cli_perplexity.register(parser.add_subparsers(dest="verb"))
@@ -117,17 +86,37 @@ def run_cli(argv: list[str]) -> int:
     return args.func(args)
 
 
-def test_cli_on_held_out_files_matches_direct_computation(checkpoint, model, tokenizer, tmp_path,
-                                                          capsys):
+def test_cli_on_held_out_files_matches_direct_computation(
+    checkpoint, model, tokenizer, tmp_path, capsys
+):
     held = tmp_path / "held_out.txt"
     held.write_text(TEXT * 3, encoding="utf-8")
     lines = tmp_path / "more.jsonl"
-    lines.write_text(json.dumps({"text": "the lazy dog"}) + "\n"
-                     + json.dumps({"text": TEXT[:50]}) + "\n", encoding="utf-8")
+    lines.write_text(
+        json.dumps({"text": "the lazy dog"}) + "\n" + json.dumps({"text": TEXT[:50]}) + "\n",
+        encoding="utf-8",
+    )
     out = tmp_path / "ppl.json"
-    assert run_cli(["perplexity", str(held), str(lines), "--model", str(checkpoint),
-                    "--chunk-size", "32", "--batch-size", "2", "--json", "--no-progress",
-                    "--output", str(out)]) == 0
+    assert (
+        run_cli(
+            [
+                "perplexity",
+                str(held),
+                str(lines),
+                "--model",
+                str(checkpoint),
+                "--chunk-size",
+                "32",
+                "--batch-size",
+                "2",
+                "--json",
+                "--no-progress",
+                "--output",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(out.read_text())
     texts = [TEXT * 3, "the lazy dog", TEXT[:50]]
@@ -138,7 +127,8 @@ def test_cli_on_held_out_files_matches_direct_computation(checkpoint, model, tok
     assert total["tokens"] == tokens and len(printed["documents"]) == 3
     assert total["nll_per_token"] == pytest.approx(nll / tokens, abs=1e-5)
     assert total["bits_per_byte"] == pytest.approx(
-        nll / math.log(2) / sum(len(t.encode()) for t in texts), abs=1e-5)
+        nll / math.log(2) / sum(len(t.encode()) for t in texts), abs=1e-5
+    )
 
 
 def test_cli_reports_missing_file(checkpoint, tmp_path, capsys):
@@ -152,6 +142,7 @@ def test_matches_training_eval_loss(model, tokenizer):
     from rgemma.io.documents import Document
     from rgemma.training import data, train
     from rgemma.training.distributed import Dist
+
     text = TEXT * 2
     corpus = data.tokenize([Document(name="held.txt", text=text)], tokenizer)
     rows = data.PackedRows(corpus, seq_len=corpus.num_tokens - 1)
@@ -165,17 +156,21 @@ def test_matches_training_eval_loss(model, tokenizer):
 def test_demo_model_held_out_perplexity():
     try:
         from rgemma.io import demo
+
         demo_dir = demo.path()
-    except (ImportError, FileNotFoundError) as e:   # demo.DemoMissingError is a FileNotFoundError
+    except (ImportError, FileNotFoundError) as e:  # demo.DemoMissingError is a FileNotFoundError
         pytest.skip(f"the bundled demo model is not there yet ({type(e).__name__})")
     from pathlib import Path
 
     from rgemma.io.checkpoint import load
+
     demo_model, demo_tokenizer = load(demo_dir, dtype=torch.float32)
     held = Path(__file__).parent / "data" / "local_text.jsonl"
     texts = [json.loads(line)["text"] for line in held.read_text().splitlines()]
     result = score_texts(demo_model, demo_tokenizer, texts, chunk_size=128)
     one_call = sum(direct_nll(demo_model, demo_tokenizer.encode(t, add_bos=True)) for t in texts)
     assert result.total.nll == pytest.approx(one_call, rel=1e-4)
-    print(f"demo model, tests/data/local_text.jsonl: token perplexity "
-          f"{result.total.perplexity:.3f}, bits per byte {result.total.bits_per_byte:.3f}")
+    print(
+        f"demo model, tests/data/local_text.jsonl: token perplexity "
+        f"{result.total.perplexity:.3f}, bits per byte {result.total.bits_per_byte:.3f}"
+    )

@@ -5,20 +5,29 @@ from __future__ import annotations
 import pytest
 import torch
 
-from rgemma.layers import Linear
+from helpers import arange_positions, random_model, tiny_config
 from rgemma import layers
-from rgemma.quantize import (Int4Linear, Int8Linear, QuantizationError, dequantize_int4,
-                             dequantize_int8, pack_nibbles, quantize_int4, quantize_int8,
-                             quantize_model, quantized_bytes, unpack_nibbles)
-
-from conftest import arange_positions, random_model, tiny_config
+from rgemma.layers import Linear
+from rgemma.quantize import (
+    Int4Linear,
+    Int8Linear,
+    QuantizationError,
+    dequantize_int4,
+    dequantize_int8,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+    quantized_bytes,
+    unpack_nibbles,
+)
 
 
 def test_int8_round_trip_error_bound():
     w = torch.randn(64, 96)
     q, scale = quantize_int8(w)
     err = (dequantize_int8(q, scale) - w).abs()
-    assert (err <= scale[:, None] / 2 + 1e-6).all()      # at most half a step per channel
+    assert (err <= scale[:, None] / 2 + 1e-6).all()  # at most half a step per channel
 
 
 def test_int4_round_trip_error_bound_and_packing():
@@ -47,11 +56,11 @@ def test_quantized_linear_matches_dequantized_reference(bits, rows):
         m = Int4Linear.from_linear(lin, 64)
         w = m.dequantized()
     ref = x @ w.T + lin.bias
-    with torch.no_grad():                    # inference: packed kernels / reused buffers
+    with torch.no_grad():  # inference: packed kernels / reused buffers
         out = m(x)
-    tol = 2e-2 * ref.abs().max().item()      # bf16 activations (packed kernels, native bf16)
+    tol = 2e-2 * ref.abs().max().item()  # bf16 activations (packed kernels, native bf16)
     assert (out - ref).abs().max().item() <= tol
-    exact = x @ lin.weight.T + lin.bias      # and close to the float layer itself
+    exact = x @ lin.weight.T + lin.bias  # and close to the float layer itself
     assert (out - exact).abs().max().item() <= (0.05 if bits == 8 else 0.3) * exact.abs().max()
 
 
@@ -76,7 +85,7 @@ def test_quantized_model_close_to_float(bits, ratio, monkeypatch):
         out, _ = model(tokens, arange_positions(1, 24))
         # decode path (packed kernels) agrees with prefill path
         state = model.init_state(1)
-        steps = [model(tokens[:, t:t + 1], torch.tensor([[t]]), state)[0] for t in range(24)]
+        steps = [model(tokens[:, t : t + 1], torch.tensor([[t]]), state)[0] for t in range(24)]
     assert quantized_bytes(model) < before / (3 if bits == 8 else 4)
     err = (out - ref).abs().max().item()
     print(f"int{bits}: max |logit error| {err:.4f}, bf16-held weights: {bf16_err:.4f}")
@@ -87,8 +96,9 @@ def test_quantized_model_close_to_float(bits, ratio, monkeypatch):
 
 def test_quantize_cli_round_trip(tmp_path):
     """`rgemma quantize` writes a directory that loads back quantized with equal logits."""
-    from rgemma.io import checkpoint
     from rgemma.cli import main
+    from rgemma.io import checkpoint
+
     cfg = tiny_config(width=128, mlp_width=256, num_heads=2, vocab_size=128)
     model = random_model(cfg)
     checkpoint.save_hf(model, tmp_path / "src")

@@ -7,9 +7,16 @@ import math
 import pytest
 import torch
 
-from rgemma.inference.sampling import (Sampler, SamplingError, SamplingParams, apply_min_p,
-                             apply_repetition_penalty, apply_temperature, apply_top_k_top_p,
-                             sample_inverse_cdf)
+from rgemma.inference.sampling import (
+    Sampler,
+    SamplingError,
+    SamplingParams,
+    apply_min_p,
+    apply_repetition_penalty,
+    apply_temperature,
+    apply_top_k_top_p,
+    sample_inverse_cdf,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,13 +43,17 @@ def test_repetition_penalty_matches_transformers():
 
 def test_per_row_parameters_match_transformers_row_by_row():
     logits = random_logits(B=5, seed=2)
-    temps, ks, ps, mins = [0.7, 1.0, 1.5, 1.0, 0.9], [0, 5, 0, 10, 3], [1.0, 1.0, 0.8, 0.5, 0.9], \
-        [0.0, 0.0, 0.0, 0.1, 0.2]
+    temps, ks, ps, mins = (
+        [0.7, 1.0, 1.5, 1.0, 0.9],
+        [0, 5, 0, 10, 3],
+        [1.0, 1.0, 0.8, 0.5, 0.9],
+        [0.0, 0.0, 0.0, 0.1, 0.2],
+    )
     z = apply_temperature(logits, col(temps))
     z = apply_top_k_top_p(z, col(ks, torch.long), col(ps))
     z = apply_min_p(z, col(mins))
     for b in range(5):
-        want = logits[b:b + 1] / temps[b]
+        want = logits[b : b + 1] / temps[b]
         if ks[b]:
             want = transformers.TopKLogitsWarper(ks[b])(None, want)
         if ps[b] < 1:
@@ -82,7 +93,7 @@ def test_sampler_seeding_and_row_independence():
     assert all_rows == run([1, 2, 3], [0, 1, 2])
     for r in range(3):
         assert [step[r] for step in all_rows] == [step[0] for step in run([1, 2, 3], [r])]
-    assert all(step[1] == int(logits[1].argmax()) for step in all_rows)      # greedy row
+    assert all(step[1] == int(logits[1].argmax()) for step in all_rows)  # greedy row
     other = run([9, 2, 3], [0, 1, 2])
     assert [s[0] for s in other] != [s[0] for s in all_rows]
     assert all(logits[2].topk(8).indices.tolist().count(step[2]) for step in all_rows)
@@ -106,9 +117,9 @@ def test_repetition_history_and_updates():
     logits = torch.zeros(1, V)
     logits[0, 7], logits[0, 8] = 2.0, 1.9
     s = Sampler([SamplingParams(repetition_penalty=2.0)], V, history=[[7]])
-    assert s.sample(logits)[0].item() == 8            # 7 was in the prompt
-    assert bool(s.seen[0, 8])                          # 8 was recorded when sampled
-    assert s.sample(logits)[0].item() == 7             # 2.0/2 > 1.9/2
+    assert s.sample(logits)[0].item() == 8  # 7 was in the prompt
+    assert bool(s.seen[0, 8])  # 8 was recorded when sampled
+    assert s.sample(logits)[0].item() == 7  # 2.0/2 > 1.9/2
 
 
 def test_logprobs_are_of_the_raw_distribution():
@@ -119,9 +130,18 @@ def test_logprobs_are_of_the_raw_distribution():
     torch.testing.assert_close(lp, want)
 
 
-@pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(temperature=float("nan")),
-                                    dict(top_k=-1), dict(top_p=0), dict(top_p=1.5),
-                                    dict(min_p=-0.1), dict(repetition_penalty=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(temperature=-1),
+        dict(temperature=float("nan")),
+        dict(top_k=-1),
+        dict(top_p=0),
+        dict(top_p=1.5),
+        dict(min_p=-0.1),
+        dict(repetition_penalty=0),
+    ],
+)
 def test_invalid_parameters(kwargs):
     with pytest.raises(SamplingError):
         SamplingParams(**kwargs)

@@ -10,8 +10,8 @@ from rgemma.scan import linear_scan, linear_scan_chunked, linear_scan_reference
 
 def _inputs(B, T, L, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    a = torch.rand(B, T, L, generator=g, dtype=dtype) ** 0.1     # decays near 1, like the RG-LRU
-    a[:, T // 3] = 0                                              # a reset in the middle
+    a = torch.rand(B, T, L, generator=g, dtype=dtype) ** 0.1  # decays near 1, like the RG-LRU
+    a[:, T // 3] = 0  # a reset in the middle
     x = torch.randn(B, T, L, generator=g, dtype=dtype)
     h0 = torch.randn(B, L, generator=g, dtype=dtype)
     return a, x, h0

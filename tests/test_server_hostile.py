@@ -1,7 +1,7 @@
 """Hostile and mistaken input to ``rgemma serve``: each is refused quickly with a 4xx in
 OpenAI's error shape (or cancelled at once), costs the engine nothing, and leaks nothing.
 
-The server runs in a thread over the tiny random model of test_engine.py.
+The server runs in a thread over the tiny random model of conftest's ``tiny``.
 """
 
 from __future__ import annotations
@@ -20,30 +20,18 @@ import httpx
 import pytest
 import torch
 
+from helpers import MAX_PROMPT_TOKENS, metrics, server_config, wait_until
 from rgemma.cli import main as cli_main
 from rgemma.cli.common import CLIError
 from rgemma.cli.serve import _listen
 from rgemma.inference.engine import Engine, EngineConfig
 from rgemma.inference.sampling import SamplingError, SamplingParams
-from rgemma.serving.app import ServerConfig, ServerThread, create_app
+from rgemma.serving.app import ServerThread, create_app
 from rgemma.serving.protocol import PROMPT_BYTES_PER_TOKEN
-from test_engine import tiny_checkpoint, wait_until
 
-MAX_PROMPT_TOKENS = 300
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 MAX_PROMPT_BYTES = MAX_PROMPT_TOKENS * PROMPT_BYTES_PER_TOKEN
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_checkpoint(tmp_path_factory.mktemp("hostile"))
 
 
 @pytest.fixture(scope="module")
@@ -51,22 +39,6 @@ def engine(tiny):
     model, tok, _ = tiny
     with Engine(model, tok, EngineConfig(max_batch=8, max_queue=64, prefill_chunk=64)) as e:
         yield e
-
-
-def server_config(**kw) -> ServerConfig:
-    base = dict(
-        model_name="tiny",
-        max_tokens_limit=512,
-        max_prompt_tokens=MAX_PROMPT_TOKENS,
-        max_body_bytes=64 * 1024,
-    )
-    return ServerConfig(**{**base, **kw})
-
-
-@pytest.fixture(scope="module")
-def url(engine, tiny):
-    with ServerThread(create_app(engine, tiny[1], server_config())) as u:
-        yield u
 
 
 class WatchedTokenizer:
@@ -93,15 +65,6 @@ class WatchedTokenizer:
         if self.refuse_over is not None and len(ids) > self.refuse_over:
             raise AssertionError(f"decoded {len(ids)} token ids")
         return self._tok.decode(ids, *args, **kwargs)
-
-
-def metrics(url: str) -> dict[str, float]:
-    out = {}
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def responses(url: str, code: int) -> float:

@@ -10,36 +10,12 @@ import sys
 import pytest
 import torch
 
-from rgemma.io import checkpoint, snapshot
+from helpers import small_config, small_model
 from rgemma.inference.generate import generate
+from rgemma.io import snapshot
 from rgemma.io.snapshot import SnapshotError, fork, load_state, read_metadata, save_state
-from test_generate import tiny_config, tiny_model, train_tokenizer
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    """A tiny random model saved in HF layout with its tokenizer.model."""
-    tok_dir = tmp_path_factory.mktemp("tok")
-    tok = train_tokenizer(tok_dir)
-    model = tiny_model(tiny_config(tok.vocab_size))
-    out = tmp_path_factory.mktemp("ckpt") / "tiny"
-    checkpoint.save_hf(model, out, tokenizer_dir=tok_dir)
-    return out
-
-
-@pytest.fixture(scope="module")
-def loaded(model_dir):
-    model, tok = checkpoint.load(model_dir)
-    return model, tok
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "once upon a time there was a model"
 SAMPLING = {"greedy": {}, "seeded": dict(temperature=1.0, top_p=0.95, repetition_penalty=1.1)}
@@ -47,16 +23,25 @@ SAMPLING = {"greedy": {}, "seeded": dict(temperature=1.0, top_p=0.95, repetition
 
 def test_round_trip(loaded, tmp_path):
     model, tok = loaded
-    c = generate(model, tok, [PROMPT, "hello"], max_new_tokens=20, stop_token_ids=[],
-                 temperature=1.0, seed=3)
+    c = generate(
+        model, tok, [PROMPT, "hello"], max_new_tokens=20, stop_token_ids=[], temperature=1.0, seed=3
+    )
     state = model.init_state(2)
     with torch.no_grad():
-        model(torch.tensor([[2, 10, 11, 12, 13, 14], [2, 20, 21, 22, 23, 24]]),
-              torch.arange(6).repeat(2, 1), state)
+        model(
+            torch.tensor([[2, 10, 11, 12, 13, 14], [2, 20, 21, 22, 23, 24]]),
+            torch.arange(6).repeat(2, 1),
+            state,
+        )
     path = tmp_path / "s.safetensors"
-    save_state(path, state, model_config=model.config, extra={"token_ids": [1, 2, 3]},
-               rng_states=[c[0].rng_state, None])
-    assert os.listdir(tmp_path) == ["s.safetensors"]           # no temp file left
+    save_state(
+        path,
+        state,
+        model_config=model.config,
+        extra={"token_ids": [1, 2, 3]},
+        rng_states=[c[0].rng_state, None],
+    )
+    assert os.listdir(tmp_path) == ["s.safetensors"]  # no temp file left
     back, meta = load_state(path, model)
     for name, t in state.tensors().items():
         assert torch.equal(back.tensors()[name], t), name
@@ -106,18 +91,31 @@ def test_resume_in_fresh_process_equals_uninterrupted(loaded, model_dir, tmp_pat
     paths, full = {}, {}
     for name, kw in SAMPLING.items():
         seed = 11 if kw else None
-        full[name] = generate(model, tok, [PROMPT], max_new_tokens=300, stop_token_ids=[],
-                              seed=seed, **kw)[0].token_ids
-        part = generate(model, tok, [PROMPT], max_new_tokens=100, stop_token_ids=[],
-                        seed=seed, **kw)[0]
+        full[name] = generate(
+            model, tok, [PROMPT], max_new_tokens=300, stop_token_ids=[], seed=seed, **kw
+        )[0].token_ids
+        part = generate(
+            model, tok, [PROMPT], max_new_tokens=100, stop_token_ids=[], seed=seed, **kw
+        )[0]
         paths[name] = str(tmp_path / f"{name}.safetensors")
-        save_state(paths[name], part.state, model_config=model.config,
-                   rng_states=[part.rng_state],
-                   extra={"token_ids": part.prompt_ids + part.token_ids,
-                          "pending_ids": part.pending_ids, "sampling": kw})
+        save_state(
+            paths[name],
+            part.state,
+            model_config=model.config,
+            rng_states=[part.rng_state],
+            extra={
+                "token_ids": part.prompt_ids + part.token_ids,
+                "pending_ids": part.pending_ids,
+                "sampling": kw,
+            },
+        )
         assert int(part.state.num_tokens[0]) == len(part.prompt_ids) + 99
-    out = subprocess.run([sys.executable, "-c", CONTINUE_SCRIPT, str(model_dir),
-                          json.dumps(paths)], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", CONTINUE_SCRIPT, str(model_dir), json.dumps(paths)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     rest = json.loads(out.stdout)
     for name in SAMPLING:
@@ -128,7 +126,7 @@ def test_other_model_is_rejected(loaded, tmp_path):
     model, tok = loaded
     path = tmp_path / "s.safetensors"
     save_state(path, model.init_state(1), model_config=model.config)
-    other = tiny_model(tiny_config(tok.vocab_size, window=8))
+    other = small_model(small_config(tok.vocab_size, window=8))
     with pytest.raises(SnapshotError, match="another model"):
         load_state(path, other)
 
@@ -140,7 +138,7 @@ def test_corrupt_files_are_rejected(loaded, tmp_path, damage):
     save_state(path, model.init_state(1), model_config=model.config)
     data = path.read_bytes()
     if damage == "truncate":
-        path.write_bytes(data[:len(data) // 2])
+        path.write_bytes(data[: len(data) // 2])
     elif damage == "garbage":
         path.write_bytes(os.urandom(len(data)))
     elif damage == "empty":
@@ -157,12 +155,13 @@ def test_corrupt_files_are_rejected(loaded, tmp_path, damage):
 def test_wrong_tensor_shapes_are_rejected(loaded, tmp_path):
     model, _ = loaded
     from safetensors.torch import load_file, save_file
+
     path = tmp_path / "s.safetensors"
     save_state(path, model.init_state(1), model_config=model.config)
     raw = read_metadata(path)
     tensors = load_file(path)
     tensors["layers.0.h"] = torch.zeros(1, 7)
-    raw["sha256"] = snapshot._checksum(tensors)      # a consistent, crafted file
+    raw["sha256"] = snapshot._checksum(tensors)  # a consistent, crafted file
     save_file(tensors, path, metadata=raw)
     with pytest.raises(SnapshotError, match="layers.0.h"):
         load_state(path, model)
@@ -174,6 +173,7 @@ def test_failed_save_leaves_nothing(loaded, tmp_path, monkeypatch):
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
+
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
     with pytest.raises(OSError):
         save_state(tmp_path / "s.safetensors", model.init_state(1), model_config=model.config)

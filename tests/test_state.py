@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import torch
 
+from helpers import arange_positions, random_model, tiny_config
 from rgemma.config import GriffinConfig
 from rgemma.state import State
-
-from conftest import arange_positions, random_model, tiny_config
 
 
 def expected_nbytes(cfg: GriffinConfig, batch: int, item: int) -> int:
     """The state size from the architecture alone (hand-derived)."""
     n_rec = len(cfg.recurrent_layers)
     n_att = len(cfg.attention_layers)
-    per_row = (n_rec * ((cfg.conv1d_width - 1) * cfg.lru_width * item + cfg.lru_width * 4)
-               + n_att * 2 * cfg.attention_window * cfg.head_dim * item
-               + 2 * 8)  # num_tokens, doc_start (int64)
+    per_row = (
+        n_rec * ((cfg.conv1d_width - 1) * cfg.lru_width * item + cfg.lru_width * 4)
+        + n_att * 2 * cfg.attention_window * cfg.head_dim * item
+        + 2 * 8
+    )  # num_tokens, doc_start (int64)
     return batch * per_row
 
 
@@ -69,8 +70,10 @@ def test_select_concat_round_trip_and_rows_continue_alike():
         joined = State.concat(parts)
         for name, t in joined.tensors().items():
             assert torch.equal(t, state.select([0, 2, 1]).tensors()[name]), name
-        assert State.concat([state.select([0]), state.select([1]), state.select([2])]).nbytes \
+        assert (
+            State.concat([state.select([0]), state.select([1]), state.select([2])]).nbytes
             == state.nbytes
+        )
         dropped = state.drop([1])
         assert dropped.batch_size == 2
         nxt = torch.randint(0, cfg.vocab_size, (3, 1))

@@ -8,7 +8,6 @@ source of a ``tokenizer.json`` converted from the SentencePiece model.
 
 from __future__ import annotations
 
-import io
 import json
 import random
 import re
@@ -16,8 +15,8 @@ import shutil
 import sys
 
 import pytest
-import sentencepiece
 
+from helpers import sentencepiece_model
 from rgemma.io.tokenizer import (
     ChatTemplateError,
     IncrementalDecoder,
@@ -78,30 +77,23 @@ def training_lines(n: int = 400) -> list[str]:
     return lines
 
 
-def train_model(path, user_symbols, *, pad=0, eos=1, bos=2, unk=3, vocab_size=1000, dummy_prefix=False):
+def train_model(
+    path, user_symbols, *, pad=0, eos=1, bos=2, unk=3, vocab_size=1000, dummy_prefix=False
+):
     """Train a Gemma-style BPE SentencePiece model and write it to ``path``."""
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(training_lines()),
-        model_writer=model,
-        model_type="bpe",
+    return sentencepiece_model(
+        path,
+        training_lines(),
         vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        byte_fallback=True,
-        character_coverage=1.0,
-        pad_id=pad, eos_id=eos, bos_id=bos, unk_id=unk,
-        pad_piece="<pad>", eos_piece="<eos>", bos_piece="<bos>", unk_piece="<unk>",
-        user_defined_symbols=user_symbols,
-        add_dummy_prefix=dummy_prefix,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
+        user_symbols=user_symbols,
+        pad=pad,
+        eos=eos,
+        bos=bos,
+        unk=unk,
+        dummy_prefix=dummy_prefix,
         allow_whitespace_only_pieces=True,
         split_digits=True,
-        num_threads=1,
-        minloglevel=2,
     )
-    path.write_bytes(model.getvalue())
-    return path
 
 
 def stream(tokenizer: Tokenizer, ids, skip_special: bool = True) -> list[str]:
@@ -156,8 +148,14 @@ def copy_model(model_dir, tmp_path):
 def test_trained_model_has_gemma_layout(tok):
     pieces = {i: tok.id_to_piece(i) for i in (0, 1, 2, 3, 4, 105, 106, 107)}
     assert pieces == {
-        0: "<pad>", 1: "<eos>", 2: "<bos>", 3: "<unk>",
-        4: "<unused0>", 105: "<unused101>", 106: "<start_of_turn>", 107: "<end_of_turn>",
+        0: "<pad>",
+        1: "<eos>",
+        2: "<bos>",
+        3: "<unk>",
+        4: "<unused0>",
+        105: "<unused101>",
+        106: "<start_of_turn>",
+        107: "<end_of_turn>",
     }
     assert tok.vocab_size == 1000
     assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
@@ -186,8 +184,12 @@ def test_missing_turn_markers_fall_back_and_do_not_stop(tmp_path):
 
 def test_config_files_override_special_tokens(model_dir, tmp_path):
     directory = copy_model(model_dir, tmp_path)
-    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "<end_of_turn>"}}))
-    (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 7], "bos_token_id": 2}))
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "<end_of_turn>"}})
+    )
+    (directory / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": [1, 7], "bos_token_id": 2})
+    )
     tok = Tokenizer.from_dir(directory)
     assert tok.eos_id == 107
     assert tok.bos_id == 2
@@ -221,7 +223,13 @@ def test_literal_control_tokens_encode_to_single_ids(tok):
 
 
 def test_decode_skips_or_writes_special_tokens(tok):
-    ids = [tok.bos_id, *tok.encode("hi 你好", add_bos=False), tok.end_of_turn_id, tok.eos_id, tok.pad_id]
+    ids = [
+        tok.bos_id,
+        *tok.encode("hi 你好", add_bos=False),
+        tok.end_of_turn_id,
+        tok.eos_id,
+        tok.pad_id,
+    ]
     assert tok.decode(ids) == "hi 你好"
     assert tok.decode(ids, skip_special=False) == "<bos>hi 你好<end_of_turn><eos><pad>"
 
@@ -393,7 +401,9 @@ def test_chat_matches_transformers(tok, hf_tokenizer, messages, add_generation_p
     )
     assert tok.render_chat(messages, add_generation_prompt) == expected
     assert render_chat(messages, add_generation_prompt) == expected
-    assert render_chat(messages, add_generation_prompt, chat_template=GEMMA_CHAT_TEMPLATE) == expected
+    assert (
+        render_chat(messages, add_generation_prompt, chat_template=GEMMA_CHAT_TEMPLATE) == expected
+    )
     expected_ids = hf_tokenizer.encode(expected, add_special_tokens=False)
     assert tok.encode_chat(messages, add_generation_prompt) == expected_ids
 
@@ -417,7 +427,8 @@ def test_system_message_is_folded_into_first_user_turn(tok):
         {"role": "assistant", "content": "Hello"},
     ]
     assert tok.render_chat(messages, add_generation_prompt=False) == (
-        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n<start_of_turn>model\nHello<end_of_turn>\n"
+        "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+        "<start_of_turn>model\nHello<end_of_turn>\n"
     )
 
 
@@ -438,7 +449,10 @@ def chat(*turns):
             r"message 2: role 'system' is only allowed as the first",
         ),
         ([{"role": "system", "content": "s"}], r"message 0: a system message must be followed"),
-        ([{"role": "user", "content": ["not", "text"]}], r"message 0 \(user\): content must be a string"),
+        (
+            [{"role": "user", "content": ["not", "text"]}],
+            r"message 0 \(user\): content must be a string",
+        ),
         ([{"content": "no role"}], r"message 0: expected a dict"),
         ("just a string", r"messages must be a list"),
     ],
@@ -466,13 +480,19 @@ CUSTOM_TEMPLATE = (
 @pytest.mark.parametrize("as_list", [False, True])
 def test_config_chat_template_is_preferred(model_dir, tmp_path, as_list):
     directory = copy_model(model_dir, tmp_path)
-    template = [{"name": "tool_use", "template": "unused"}, {"name": "default", "template": CUSTOM_TEMPLATE}]
+    template = [
+        {"name": "tool_use", "template": "unused"},
+        {"name": "default", "template": CUSTOM_TEMPLATE},
+    ]
     config = {"chat_template": template if as_list else CUSTOM_TEMPLATE}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
     tok = Tokenizer.from_dir(directory)
     messages = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
     # trim_blocks / lstrip_blocks: no newline after block tags, no indentation before them
-    assert tok.render_chat(messages) == "<bos>  [system] s<eos>\n  [user] u<eos>\n<start_of_turn>model\n"
+    assert (
+        tok.render_chat(messages)
+        == "<bos>  [system] s<eos>\n  [user] u<eos>\n<start_of_turn>model\n"
+    )
     ids = tok.encode_chat(messages, add_generation_prompt=False)
     assert ids[0] == tok.bos_id and ids[-2:] == [tok.eos_id, tok.encode("\n", add_bos=False)[0]]
 
@@ -489,7 +509,9 @@ def test_bad_chat_template_config(model_dir, tmp_path):
     directory = copy_model(model_dir, tmp_path)
     config = {"chat_template": [{"name": "tool_use", "template": "x"}]}
     (directory / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(TokenizerError, match="tokenizer_config.json: chat_template list has no entry"):
+    with pytest.raises(
+        TokenizerError, match="tokenizer_config.json: chat_template list has no entry"
+    ):
         Tokenizer.from_dir(directory)
 
 
@@ -500,15 +522,23 @@ def test_next_turn_on_a_live_state_equals_the_whole_conversation(tok, template, 
     is the template's rendering of the whole conversation, whichever token ended the
     answer: <end_of_turn>, <eos> (never fed), or a content token cut by the length limit."""
     import copy
+
     live = copy.copy(tok)
     live.chat_template = template
     answer = live.encode("A1 answer", add_bos=False)
     ends = {"end_of_turn": [tok.end_of_turn_id], "eos": [tok.eos_id], "content": []}[pending]
-    generated = answer + ends                    # the state holds all but the last token
-    fed = (live.encode_chat([{"role": "user", "content": "Q1"}]) + generated[:-1]
-           + live.next_turn_ids(generated[-1:], " Q2 "))
-    whole = live.render_chat([{"role": "user", "content": "Q1"},
-                              {"role": "assistant", "content": "A1 answer"},
-                              {"role": "user", "content": "Q2"}])
+    generated = answer + ends  # the state holds all but the last token
+    fed = (
+        live.encode_chat([{"role": "user", "content": "Q1"}])
+        + generated[:-1]
+        + live.next_turn_ids(generated[-1:], " Q2 ")
+    )
+    whole = live.render_chat(
+        [
+            {"role": "user", "content": "Q1"},
+            {"role": "assistant", "content": "A1 answer"},
+            {"role": "user", "content": "Q2"},
+        ]
+    )
     assert live.decode(fed, skip_special=False) == whole
     assert fed == live.encode(whole, add_bos=False)

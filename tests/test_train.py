@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import subprocess_env
 from rgemma.config import GriffinConfig, griffin_pattern
 from rgemma.io import documents
 from rgemma.layers import RGLRU, Chunk
@@ -21,19 +22,23 @@ from rgemma.scan import linear_scan_chunked, linear_scan_reference
 from rgemma.training import checkpoints, data, train
 
 TORCHRUN = os.path.join(os.path.dirname(sys.executable), "torchrun")
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
+
+pytestmark = pytest.mark.usefixtures("one_thread_per_test")
 
 
 # --------------------------------------------------------------------------
 # fixtures: a small corpus and its tokenizer, trained once
 # --------------------------------------------------------------------------
 
+
 def _module_text(i: int) -> str:
-    return (f'"""Module {i}."""\n\nimport os\n\n\n'
-            f"def func_{i}(x, y={i}):\n    if x > y:\n        return x - y\n"
-            f"    return [x * k for k in range({i % 5 + 2})]\n\n\n"
-            f"class Thing{i}:\n    def __init__(self):\n        self.value = {i * 3}\n\n"
-            f"    def run(self):\n        return func_{i}(self.value)\n")
+    return (
+        f'"""Module {i}."""\n\nimport os\n\n\n'
+        f"def func_{i}(x, y={i}):\n    if x > y:\n        return x - y\n"
+        f"    return [x * k for k in range({i % 5 + 2})]\n\n\n"
+        f"class Thing{i}:\n    def __init__(self):\n        self.value = {i * 3}\n\n"
+        f"    def run(self):\n        return func_{i}(self.value)\n"
+    )
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +52,25 @@ def corpus(tmp_path_factory):
     return str(root), str(tok)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: tiny models gain nothing from more, and on a shared machine
-    extra threads spin against the other processes."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _cfg(corpus, out, **kw) -> train.TrainConfig:
     root, tok = corpus
-    base = dict(data=[root], tokenizer=tok, preset="tiny", seq_len=32, batch_size=4, steps=20,
-                warmup=2, lr=3e-3, eval_fraction=0.15, out=str(out), progress=False,
-                plot=False, export=False, log_every=1000, seed=0)
+    base = dict(
+        data=[root],
+        tokenizer=tok,
+        preset="tiny",
+        seq_len=32,
+        batch_size=4,
+        steps=20,
+        warmup=2,
+        lr=3e-3,
+        eval_fraction=0.15,
+        out=str(out),
+        progress=False,
+        plot=False,
+        export=False,
+        log_every=1000,
+        seed=0,
+    )
     base.update(kw)
     return train.TrainConfig(**base)
 
@@ -74,11 +83,18 @@ def _losses(out) -> list[float]:
 # learning
 # --------------------------------------------------------------------------
 
+
 def test_loss_drops_on_a_repeat_task():
     """Sequences are a random 8-token pattern repeated: the repeats become predictable."""
     torch.manual_seed(0)
-    cfg = GriffinConfig(vocab_size=32, width=64, mlp_width=128, num_heads=2,
-                        block_types=griffin_pattern(3), attention_window=32)
+    cfg = GriffinConfig(
+        vocab_size=32,
+        width=64,
+        mlp_width=128,
+        num_heads=2,
+        block_types=griffin_pattern(3),
+        attention_window=32,
+    )
     model = Griffin(cfg).init_weights(0).train()
     tcfg = train.TrainConfig(lr=1e-2, warmup=20, steps=150)
     opt = train.make_optimizer(model, tcfg)
@@ -87,9 +103,12 @@ def test_loss_drops_on_a_repeat_task():
     for step in range(tcfg.steps):
         pattern = torch.randint(3, 32, (8, period), generator=g)
         tokens = pattern.repeat(1, T // period)
-        batch = {"tokens": tokens, "positions": torch.arange(T).repeat(8, 1),
-                 "targets": torch.roll(tokens, -1, dims=1),
-                 "weights": (torch.arange(T) >= period - 1).float().repeat(8, 1)}
+        batch = {
+            "tokens": tokens,
+            "positions": torch.arange(T).repeat(8, 1),
+            "targets": torch.roll(tokens, -1, dims=1),
+            "weights": (torch.arange(T) >= period - 1).float().repeat(8, 1),
+        }
         batch["weights"][:, -1] = 0
         for group in opt.param_groups:
             group["lr"] = train.lr_at(step, tcfg)
@@ -100,7 +119,7 @@ def test_loss_drops_on_a_repeat_task():
         opt.zero_grad()
         if step == 0:
             first = float(loss.detach())
-    assert first > 3.0                      # ~ log(29) at the start
+    assert first > 3.0  # ~ log(29) at the start
     assert float(loss.detach()) < 0.2, float(loss.detach())
 
 
@@ -115,6 +134,7 @@ def test_lr_schedule():
 # --------------------------------------------------------------------------
 # gradients through the scan and the RG-LRU
 # --------------------------------------------------------------------------
+
 
 def test_chunked_scan_gradients_equal_the_reference_loop():
     g = torch.Generator().manual_seed(0)
@@ -169,18 +189,25 @@ def test_rglru_gradients_match_the_gradchecked_definition():
     h0 = torch.randn(B, L)
     positions = torch.tensor([list(range(T)), [3, 4, 5, 0, 1, 2, 3, 4, 5, 6, 7, 8]])
     reset = positions == 0
-    params = [layer.input_gate_weight, layer.input_gate_bias, layer.recurrent_gate_weight,
-              layer.recurrent_gate_bias, layer.recurrent_param]
+    params = [
+        layer.input_gate_weight,
+        layer.input_gate_bias,
+        layer.recurrent_gate_weight,
+        layer.recurrent_gate_bias,
+        layer.recurrent_param,
+    ]
 
     def definition(x64, wx, bx, wa, ba, param):
         return _rglru_definition(x64, wx, bx, wa, ba, param, reset, h0.double())
 
     inputs64 = [x.detach().double().requires_grad_()] + [
-        p.detach().double().requires_grad_() for p in params]
+        p.detach().double().requires_grad_() for p in params
+    ]
     assert torch.autograd.gradcheck(definition, inputs64)
 
-    chunk = Chunk.build(positions, torch.zeros(B, dtype=torch.long),
-                        torch.zeros(B, dtype=torch.long))
+    chunk = Chunk.build(
+        positions, torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long)
+    )
     y, _ = layer(x, h0.clone(), chunk)
     w = torch.randn(B, T, L)
     (y * w).sum().backward()
@@ -191,12 +218,22 @@ def test_rglru_gradients_match_the_gradchecked_definition():
 
 
 def test_model_gradients_with_activation_checkpointing_are_the_same():
-    cfg = GriffinConfig(vocab_size=40, width=32, mlp_width=64, num_heads=2,
-                        block_types=griffin_pattern(3), attention_window=8)
+    cfg = GriffinConfig(
+        vocab_size=40,
+        width=32,
+        mlp_width=64,
+        num_heads=2,
+        block_types=griffin_pattern(3),
+        attention_window=8,
+    )
     tokens = torch.randint(0, 40, (2, 20), generator=torch.Generator().manual_seed(0))
     # rows that start inside a document (as packed rows do): the state matters
-    batch = {"tokens": tokens, "positions": torch.arange(5, 25).repeat(2, 1),
-             "targets": tokens.roll(-1, 1), "weights": torch.ones(2, 20)}
+    batch = {
+        "tokens": tokens,
+        "positions": torch.arange(5, 25).repeat(2, 1),
+        "targets": tokens.roll(-1, 1),
+        "weights": torch.ones(2, 20),
+    }
     grads = []
     for ckpt in (False, True):
         model = Griffin(cfg).init_weights(0).train()
@@ -211,6 +248,7 @@ def test_model_gradients_with_activation_checkpointing_are_the_same():
 # the training run: export, resume, DDP, LoRA fine-tuning, CLI
 # --------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def reference_run(corpus, tmp_path_factory):
     """20 uninterrupted steps, checkpoint at 10 and 20, eval, export."""
@@ -222,6 +260,7 @@ def reference_run(corpus, tmp_path_factory):
 
 def test_training_run_outputs(reference_run):
     from rgemma.io import checkpoint
+
     cfg, summary = reference_run
     records = checkpoints.read_metrics(os.path.join(cfg.out, "metrics.jsonl"))
     assert [r["step"] for r in records] == list(range(1, 21))
@@ -232,7 +271,7 @@ def test_training_run_outputs(reference_run):
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        assert summary["plot"] is False          # the plot is optional
+        assert summary["plot"] is False  # the plot is optional
     else:
         assert os.path.getsize(os.path.join(cfg.out, "loss.png")) > 1000
     ckpts = sorted(os.listdir(os.path.join(cfg.out, "checkpoints")))
@@ -255,19 +294,16 @@ train.train(cfg, on_step=on_step)
 """
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 def test_resume_after_sigkill_gives_identical_weights(corpus, reference_run, tmp_path):
     ref_cfg, _ = reference_run
     cfg = _cfg(corpus, tmp_path, save_every=10, keep=2, eval_every=10)
-    proc = subprocess.run([sys.executable, "-c", _KILLER, json.dumps(dataclasses.asdict(cfg))],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLER, json.dumps(dataclasses.asdict(cfg))],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-00000010.pt"]
     assert len(_losses(tmp_path)) == 13
@@ -275,8 +311,9 @@ def test_resume_after_sigkill_gives_identical_weights(corpus, reference_run, tmp
     summary = train.train(dataclasses.replace(cfg, resume="latest"))
     assert summary["step"] == 20
     ours = torch.load(tmp_path / "checkpoints" / "step-00000020.pt", weights_only=False)
-    ref = torch.load(os.path.join(ref_cfg.out, "checkpoints", "step-00000020.pt"),
-                     weights_only=False)
+    ref = torch.load(
+        os.path.join(ref_cfg.out, "checkpoints", "step-00000020.pt"), weights_only=False
+    )
     for name, p in ref["model"].items():
         torch.testing.assert_close(ours["model"][name], p, rtol=0, atol=1e-6)
     assert _losses(tmp_path) == pytest.approx(_losses(ref_cfg.out), rel=1e-6)
@@ -285,8 +322,12 @@ def test_resume_after_sigkill_gives_identical_weights(corpus, reference_run, tmp
 
 def test_resume_refuses_a_different_run(corpus, reference_run):
     ref_cfg, _ = reference_run
-    cfg = dataclasses.replace(ref_cfg, lr=1e-3, resume=os.path.join(
-        ref_cfg.out, "checkpoints", "step-00000010.pt"), steps=21)
+    cfg = dataclasses.replace(
+        ref_cfg,
+        lr=1e-3,
+        resume=os.path.join(ref_cfg.out, "checkpoints", "step-00000010.pt"),
+        steps=21,
+    )
     with pytest.raises(train.TrainError, match="lr"):
         train.train(cfg)
 
@@ -308,12 +349,42 @@ def test_grad_accumulation_equals_a_bigger_batch(corpus, five_steps, tmp_path):
 def test_torchrun_two_processes_match_one(corpus, five_steps, tmp_path):
     """DDP over gloo, 2 x batch 2 = the single-process run with batch 4."""
     root, tok = corpus
-    cmd = [TORCHRUN, "--standalone", "--nproc_per_node", "2", "-m", "rgemma", "train",
-           "--data", root, "--tokenizer", tok, "--preset", "tiny", "--seq-len", "32",
-           "--batch-size", "2", "--steps", "5", "--warmup", "2", "--lr", "3e-3",
-           "--eval-fraction", "0.15", "--eval-every", "5", "--threads", "1", "--no-progress",
-           "--no-export", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    cmd = [
+        TORCHRUN,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "rgemma",
+        "train",
+        "--data",
+        root,
+        "--tokenizer",
+        tok,
+        "--preset",
+        "tiny",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--steps",
+        "5",
+        "--warmup",
+        "2",
+        "--lr",
+        "3e-3",
+        "--eval-fraction",
+        "0.15",
+        "--eval-every",
+        "5",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-export",
+        "--out",
+        str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     records = checkpoints.read_metrics(tmp_path / "metrics.jsonl")
     assert [r["loss"] for r in records] == pytest.approx(five_steps, rel=1e-5)
@@ -324,27 +395,51 @@ def test_torchrun_two_processes_match_one(corpus, five_steps, tmp_path):
 def test_lora_fine_tuning_on_chat_jsonl_exports_a_merged_model(corpus, reference_run, tmp_path):
     from rgemma.io import checkpoint
     from rgemma.training import lora
+
     _, ref_summary = reference_run
     chats = tmp_path / "chat.jsonl"
     with open(chats, "w") as f:
         for i in range(12):
-            f.write(json.dumps({"messages": [
-                {"role": "user", "content": f"write func_{i}"},
-                {"role": "assistant", "content": f"def func_{i}(x):\n    return x"}]}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": f"write func_{i}"},
+                            {"role": "assistant", "content": f"def func_{i}(x):\n    return x"},
+                        ]
+                    }
+                )
+                + "\n"
+            )
     out = tmp_path / "ft"
-    cfg = train.TrainConfig(data=[str(chats)], init=ref_summary["export"], lora_rank=2,
-                            lora_targets="attention,mlp", seq_len=32, batch_size=2, steps=4,
-                            warmup=1, lr=1e-2, eval_fraction=0.2, out=str(out),
-                            progress=False, plot=False)
+    cfg = train.TrainConfig(
+        data=[str(chats)],
+        init=ref_summary["export"],
+        lora_rank=2,
+        lora_targets="attention,mlp",
+        seq_len=32,
+        batch_size=2,
+        steps=4,
+        warmup=1,
+        lr=1e-2,
+        eval_fraction=0.2,
+        out=str(out),
+        progress=False,
+        plot=False,
+    )
     summary = train.train(cfg)
     base, _ = checkpoint.load(ref_summary["export"])
     tuned, tok = checkpoint.load(summary["export"])
     assert not lora.has_lora(tuned) and tok is not None
-    changed = {n for n, p in tuned.state_dict().items()
-               if not torch.equal(p, base.state_dict()[n])}
-    assert changed and all(n.endswith("weight") and any(
-        t in n for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                         "down_proj")) for n in changed)
+    changed = {n for n, p in tuned.state_dict().items() if not torch.equal(p, base.state_dict()[n])}
+    assert changed and all(
+        n.endswith("weight")
+        and any(
+            t in n
+            for t in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+        )
+        for n in changed
+    )
     # the loss counts only the model's turns
     rows = data.PackedRows(data.tokenize(documents.find_documents([str(chats)])[0], tok), 32)
     w = rows.batch(range(len(rows)))
@@ -361,6 +456,7 @@ def test_bfloat16_is_refused_clearly_without_hardware_support(corpus, tmp_path):
 
 def test_cli_help_explains_every_flag():
     from rgemma.cli import build_parser
+
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "verb").choices["train"]
     flags = [a for a in sub._actions if a.option_strings and a.dest != "help"]
@@ -368,11 +464,36 @@ def test_cli_help_explains_every_flag():
     for action in flags:
         assert action.help and len(action.help) > 10, action.option_strings
     names = {s for a in flags for s in a.option_strings}
-    for flag in ("--data", "--init", "--preset", "--seq-len", "--batch-size", "--grad-accum",
-                 "--lr", "--warmup", "--steps", "--clip", "--dtype", "--grad-checkpointing",
-                 "--seed", "--lora-rank", "--lora-alpha", "--lora-targets", "--save-every",
-                 "--keep", "--resume", "--eval-every", "--out", "--fsdp"):
+    for flag in (
+        "--data",
+        "--init",
+        "--preset",
+        "--seq-len",
+        "--batch-size",
+        "--grad-accum",
+        "--lr",
+        "--warmup",
+        "--steps",
+        "--clip",
+        "--dtype",
+        "--grad-checkpointing",
+        "--seed",
+        "--lora-rank",
+        "--lora-alpha",
+        "--lora-targets",
+        "--save-every",
+        "--keep",
+        "--resume",
+        "--eval-every",
+        "--out",
+        "--fsdp",
+    ):
         assert flag in names
-    out = subprocess.run([sys.executable, "-m", "rgemma", "train", "--help"], env=_env(),
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "rgemma", "train", "--help"],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--lora-rank" in out.stdout

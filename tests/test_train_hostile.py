@@ -20,6 +20,7 @@ import time
 import pytest
 import torch
 
+from helpers import SRC, subprocess_env
 from rgemma.cli import build_parser, main
 from rgemma.config import PRESETS, GriffinConfig, griffin_pattern
 from rgemma.io import checkpoint
@@ -27,7 +28,6 @@ from rgemma.model import Griffin
 from rgemma.training import checkpoints, data, defaults, train
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
-SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 try:
     import lm_eval
@@ -35,18 +35,12 @@ except ImportError:
     lm_eval = None
 needs_lm_eval = pytest.mark.skipif(lm_eval is None, reason="lm-eval is not installed")
 
+pytestmark = pytest.mark.usefixtures("one_thread_per_test")
+
 
 # --------------------------------------------------------------------------
 # fixtures and helpers
 # --------------------------------------------------------------------------
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _text(i: int) -> str:
@@ -93,6 +87,24 @@ def train_argv(corpus, out, *extra: str) -> list[str]:
         "--no-export",
         "--out",
         str(out),
+        *extra,
+    ]
+
+
+def init_argv(root, init, out, *extra: str) -> list[str]:
+    """``train`` fine-tuning ``init`` on ``root``: one step, no warmup."""
+    return [
+        "train",
+        "--data",
+        root,
+        "--init",
+        init,
+        "--out",
+        str(out),
+        "--warmup",
+        "0",
+        "--steps",
+        "1",
         *extra,
     ]
 
@@ -469,14 +481,6 @@ def test_resume_into_an_out_without_checkpoints(corpus, tmp_path, capsys, exists
 # --------------------------------------------------------------------------
 
 
-def _env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
-    env["OMP_NUM_THREADS"] = "1"
-    env.pop("WORLD_SIZE", None)
-    return env
-
-
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_stopped_run_saves_and_prints_the_resume_command(corpus, tmp_path, capsys, sig):
     out = tmp_path / "run"
@@ -484,7 +488,7 @@ def test_stopped_run_saves_and_prints_the_resume_command(corpus, tmp_path, capsy
     argv[argv.index("--steps") + 1] = "1000000"
     proc = subprocess.Popen(
         [sys.executable, "-m", "rgemma", *argv],
-        env=_env(),
+        env=subprocess_env(),
         text=True,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -786,23 +790,7 @@ def test_a_new_run_into_a_folder_with_checkpoints_is_refused(corpus, run_copy, c
 def test_init_with_a_shape_is_refused(corpus, init_model, tmp_path, capsys, extra, message):
     root, _ = corpus
     out = tmp_path / "out"
-    err = refused(
-        capsys,
-        [
-            "train",
-            "--data",
-            root,
-            "--init",
-            init_model,
-            "--out",
-            str(out),
-            "--warmup",
-            "0",
-            "--steps",
-            "1",
-            *extra,
-        ],
-    )
+    err = refused(capsys, init_argv(root, init_model, out, *extra))
     assert "fine-tunes the checkpoint's own shape" in err
     assert not out.exists()
 
@@ -812,22 +800,7 @@ def test_out_that_is_a_file_and_missing_init(corpus, tmp_path, capsys):
     file.write_text("x")
     assert "exists and is not a folder" in refused(capsys, train_argv(corpus, file))
     root, tok = corpus
-    err = refused(
-        capsys,
-        [
-            "train",
-            "--data",
-            root,
-            "--init",
-            str(tmp_path / "nope"),
-            "--out",
-            str(tmp_path / "o"),
-            "--warmup",
-            "0",
-            "--steps",
-            "1",
-        ],
-    )
+    err = refused(capsys, init_argv(root, str(tmp_path / "nope"), tmp_path / "o"))
     assert "--init" in err and "no such file or folder" in err
 
 

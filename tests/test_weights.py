@@ -19,13 +19,29 @@ R, A = common.TemporalBlockType.RECURRENT, common.TemporalBlockType.ATTENTION
 
 TINY = {
     # Griffin-style: recurrent and attention blocks, lru_width != width.
-    "griffin": dict(vocab_size=128, width=64, mlp_expanded_width=96, num_heads=4,
-                    block_types=(R, R, A, R), embeddings_scale_by_sqrt_dim=True,
-                    attention_window_size=16, logits_soft_cap=30.0, lru_width=96),
+    "griffin": dict(
+        vocab_size=128,
+        width=64,
+        mlp_expanded_width=96,
+        num_heads=4,
+        block_types=(R, R, A, R),
+        embeddings_scale_by_sqrt_dim=True,
+        attention_window_size=16,
+        logits_soft_cap=30.0,
+        lru_width=96,
+    ),
     # Hawk-style: recurrent blocks only, lru_width != width, no soft-cap.
-    "hawk": dict(vocab_size=96, width=32, mlp_expanded_width=48, num_heads=2,
-                 block_types=(R, R, R), embeddings_scale_by_sqrt_dim=False,
-                 attention_window_size=8, logits_soft_cap=0.0, lru_width=48),
+    "hawk": dict(
+        vocab_size=96,
+        width=32,
+        mlp_expanded_width=48,
+        num_heads=2,
+        block_types=(R, R, R),
+        embeddings_scale_by_sqrt_dim=False,
+        attention_window_size=8,
+        logits_soft_cap=0.0,
+        lru_width=48,
+    ),
 }
 
 PRESET_OF = {
@@ -39,8 +55,9 @@ PRESET_OF = {
 def official_model(kind: str, dtype=torch.float32, seed: int = 0, **overrides):
     """A tiny official Griffin with every parameter random (biases and norms too)."""
     torch.manual_seed(seed)
-    model = official_griffin.Griffin(common.GriffinConfig(**{**TINY[kind], **overrides}),
-                                     gradient_checkpointing=False)
+    model = official_griffin.Griffin(
+        common.GriffinConfig(**{**TINY[kind], **overrides}), gradient_checkpointing=False
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.1)
@@ -50,11 +67,16 @@ def official_model(kind: str, dtype=torch.float32, seed: int = 0, **overrides):
 def our_config(kind: str, **overrides) -> GriffinConfig:
     c = {**TINY[kind], **overrides}
     return GriffinConfig(
-        vocab_size=c["vocab_size"], width=c["width"], mlp_width=c["mlp_expanded_width"],
-        num_heads=c["num_heads"], lru_width=c["lru_width"],
+        vocab_size=c["vocab_size"],
+        width=c["width"],
+        mlp_width=c["mlp_expanded_width"],
+        num_heads=c["num_heads"],
+        lru_width=c["lru_width"],
         block_types=tuple(ATTENTION if b == A else RECURRENT for b in c["block_types"]),
-        attention_window=c["attention_window_size"], logits_soft_cap=c["logits_soft_cap"],
-        embeddings_scale_by_sqrt_dim=c["embeddings_scale_by_sqrt_dim"])
+        attention_window=c["attention_window_size"],
+        logits_soft_cap=c["logits_soft_cap"],
+        embeddings_scale_by_sqrt_dim=c["embeddings_scale_by_sqrt_dim"],
+    )
 
 
 def official_meta_state_dict(preset: str) -> dict[str, torch.Tensor]:
@@ -65,10 +87,14 @@ def official_meta_state_dict(preset: str) -> dict[str, torch.Tensor]:
 def hf_meta_shapes(cfg: GriffinConfig) -> dict[str, tuple[int, ...]]:
     """Our names -> shapes of transformers' RecurrentGemmaForCausalLM (no lm_head)."""
     from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
     with torch.device("meta"):
         model = RecurrentGemmaForCausalLM(RecurrentGemmaConfig(**cfg.to_hf_dict()))
-    return {k.removeprefix("model."): tuple(v.shape) for k, v in model.state_dict().items()
-            if k != "lm_head.weight"}
+    return {
+        k.removeprefix("model."): tuple(v.shape)
+        for k, v in model.state_dict().items()
+        if k != "lm_head.weight"
+    }
 
 
 # ------------------------------------------------------------------ round trip
@@ -113,22 +139,27 @@ def test_hf_to_official_accepts_hf_prefix_and_tied_head():
 
 
 # ------------------------------------------------------------ vs transformers
-@pytest.mark.parametrize("preset", ["recurrentgemma-2b", "recurrentgemma-9b", "griffin-7b",
-                                    "hawk-7b"])
+@pytest.mark.parametrize(
+    "preset", ["recurrentgemma-2b", "recurrentgemma-9b", "griffin-7b", "hawk-7b"]
+)
 def test_names_and_shapes_match_transformers_and_official(preset):
     cfg = GriffinConfig.from_preset(preset)
     want = W.expected_shapes(cfg)
     assert hf_meta_shapes(cfg) == want
     official = official_meta_state_dict(preset)
     assert {k: tuple(v.shape) for k, v in W.official_to_hf(official).items()} == want
-    assert {k: tuple(v.shape) for k, v in W.hf_to_official(
-        {k: torch.empty(s, device="meta") for k, s in want.items()}).items()} == \
-        {k: tuple(v.shape) for k, v in official.items()}
+    assert {
+        k: tuple(v.shape)
+        for k, v in W.hf_to_official(
+            {k: torch.empty(s, device="meta") for k, s in want.items()}
+        ).items()
+    } == {k: tuple(v.shape) for k, v in official.items()}
 
 
 @pytest.mark.parametrize("kind", ["griffin", "hawk"])
 def test_transformers_logits_equal_official_with_mapped_weights(kind):
     from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
     # transformers always scales the embeddings and soft-caps the logits
     hf_able = dict(embeddings_scale_by_sqrt_dim=True, logits_soft_cap=30.0)
     official = official_model(kind, **hf_able)
@@ -149,12 +180,22 @@ def test_infer_config_from_tiny_official(kind):
     sd = official_model(kind).state_dict()
     got = W.infer_config_from_official(sd)
     want = our_config(kind)
-    for field in ("vocab_size", "width", "mlp_width", "num_heads", "lru_width", "block_types",
-                  "conv1d_width"):
+    for field in (
+        "vocab_size",
+        "width",
+        "mlp_width",
+        "num_heads",
+        "lru_width",
+        "block_types",
+        "conv1d_width",
+    ):
         assert getattr(got, field) == getattr(want, field), field
     # not in the weights: the RecurrentGemma defaults
-    assert (got.attention_window, got.logits_soft_cap, got.embeddings_scale_by_sqrt_dim) == \
-        (2048, 30.0, True)
+    assert (got.attention_window, got.logits_soft_cap, got.embeddings_scale_by_sqrt_dim) == (
+        2048,
+        30.0,
+        True,
+    )
 
 
 @pytest.mark.parametrize("preset", list(PRESET_OF))
@@ -200,8 +241,12 @@ def test_check_state_dict_reports_missing_unexpected_and_wrong_shapes():
     sd["layers.0.temporal_block.extra"] = torch.zeros(3)
     sd["final_norm.weight"] = torch.zeros(63)
     with pytest.raises(W.WeightsError) as err:
-        W.check_state_dict(sd, cfg, "ckpt/model.safetensors",
-                           locations={"final_norm.weight": "shard-2.safetensors"})
+        W.check_state_dict(
+            sd,
+            cfg,
+            "ckpt/model.safetensors",
+            locations={"final_norm.weight": "shard-2.safetensors"},
+        )
     msg = str(err.value)
     assert "ckpt/model.safetensors" in msg
     assert "missing (1): layers.2.temporal_block.k_proj.weight" in msg
@@ -230,8 +275,11 @@ def test_unknown_tensors_are_named():
 # ------------------------------------------------------------------ prefixes
 def test_prefix_helpers_and_lm_head():
     emb = torch.randn(8, 4)
-    hf = {"model.embed_tokens.weight": emb, "model.final_norm.weight": torch.zeros(4),
-          "lm_head.weight": emb}
+    hf = {
+        "model.embed_tokens.weight": emb,
+        "model.final_norm.weight": torch.zeros(4),
+        "lm_head.weight": emb,
+    }
     ours = W.strip_hf_prefix(hf)
     assert set(ours) == {"embed_tokens.weight", "final_norm.weight"}
     assert W.add_hf_prefix(ours).keys() == {"model.embed_tokens.weight", "model.final_norm.weight"}
@@ -242,19 +290,25 @@ def test_prefix_helpers_and_lm_head():
 
 def test_flax_tree_to_official():
     import numpy as np
-    tree = {"params": {
-        "embedder": {"input_embedding": np.ones((8, 4), np.float32)},
-        "blocks.0": {"attention_block": {"proj_k": {"kernel": np.arange(8.0).reshape(4, 2)}}},
-    }}
+
+    tree = {
+        "params": {
+            "embedder": {"input_embedding": np.ones((8, 4), np.float32)},
+            "blocks.0": {"attention_block": {"proj_k": {"kernel": np.arange(8.0).reshape(4, 2)}}},
+        }
+    }
     sd = W.flax_to_official(tree)
     assert sd["embedder.input_embedding"].shape == (8, 4)
-    assert torch.equal(sd["blocks.0.attention_block.proj_k.weight"],
-                       torch.arange(8.0, dtype=torch.float64).reshape(4, 2).t())
+    assert torch.equal(
+        sd["blocks.0.attention_block.proj_k.weight"],
+        torch.arange(8.0, dtype=torch.float64).reshape(4, 2).t(),
+    )
 
 
 def test_bfloat16_arrays_convert_bit_exact():
     ml_dtypes = pytest.importorskip("ml_dtypes")
     import numpy as np
+
     values = np.array([1.5, -2.25, 3e-3, 65504.0], dtype=np.float32)
     tensor = W.array_to_torch(values.astype(ml_dtypes.bfloat16))
     assert tensor.dtype == torch.bfloat16

@@ -13,4 +13,5 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def load(data_files: str, **_metadata):
     """A DatasetDict with one "test" split: the JSONL file ``data_files`` of this folder."""
     import datasets
+
     return datasets.load_dataset("json", data_files={"test": os.path.join(HERE, data_files)})
