@@ -91,26 +91,11 @@ def rebuild_rotary_embeddings(hf, device) -> None:
 
 def official_from(model: Griffin, dtype: torch.dtype):
     """The official recurrentgemma.torch.Griffin holding the same weights."""
-    from recurrentgemma import common
     from recurrentgemma.torch import griffin
 
     from rgemma import weights
 
-    cfg = model.config
-    kinds = {"attention": common.TemporalBlockType.ATTENTION}
-    ocfg = common.GriffinConfig(
-        vocab_size=cfg.vocab_size,
-        width=cfg.width,
-        mlp_expanded_width=cfg.mlp_width,
-        num_heads=cfg.num_heads,
-        block_types=tuple(
-            kinds.get(b, common.TemporalBlockType.RECURRENT) for b in cfg.block_types
-        ),
-        embeddings_scale_by_sqrt_dim=cfg.embeddings_scale_by_sqrt_dim,
-        attention_window_size=cfg.attention_window,
-        logits_soft_cap=cfg.logits_soft_cap,
-        lru_width=cfg.lru_width,
-    )
+    ocfg = weights.official_config(model.config)
     with torch.device("meta"):
         om = griffin.Griffin(ocfg, gradient_checkpointing=False, dtype=dtype)
     sd = {k: v.to(dtype) for k, v in weights.hf_to_official(model.state_dict()).items()}

@@ -16,34 +16,15 @@ import time
 
 import torch
 
-from rgemma.config import ATTENTION, GriffinConfig, griffin_pattern
+from rgemma.config import GriffinConfig, griffin_pattern
 from rgemma.io.tokenizer import Tokenizer
 from rgemma.model import Griffin
+from rgemma.weights import official_config
 
 SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src")
 
 
 # ================================================== random weights, official reference
-def official_config(cfg: GriffinConfig):
-    """The official ``recurrentgemma.common.GriffinConfig`` for an rgemma config."""
-    from recurrentgemma import common
-
-    kinds = {ATTENTION: common.TemporalBlockType.ATTENTION}
-    return common.GriffinConfig(
-        vocab_size=cfg.vocab_size,
-        width=cfg.width,
-        mlp_expanded_width=cfg.mlp_width,
-        num_heads=cfg.num_heads,
-        block_types=tuple(
-            kinds.get(b, common.TemporalBlockType.RECURRENT) for b in cfg.block_types
-        ),
-        embeddings_scale_by_sqrt_dim=cfg.embeddings_scale_by_sqrt_dim,
-        attention_window_size=cfg.attention_window,
-        logits_soft_cap=cfg.logits_soft_cap,
-        lru_width=cfg.lru_width,
-    )
-
-
 def official_model(cfg: GriffinConfig, seed: int = 0, noise: float = 0.1):
     """A random official torch Griffin; zero-initialised tensors (norms, biases) get noise too."""
     from recurrentgemma.torch import griffin

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from helpers import small_config, small_model
+from rgemma import weights
 from rgemma.config import GriffinConfig
 from rgemma.inference.generate import (
     Completion,
@@ -27,23 +28,9 @@ EMOJI_CJK = "fire 🔥 rocket 🚀 你好世界 模型 😀 日本語"
 # ============================================================ helpers
 def official_pair(config: GriffinConfig, seed: int = 0):
     """(official recurrentgemma.torch.Griffin, our Griffin) with the same random weights."""
-    from recurrentgemma import common
     from recurrentgemma.torch import griffin as official_griffin
 
-    kinds = {
-        "recurrent": common.TemporalBlockType.RECURRENT,
-        "attention": common.TemporalBlockType.ATTENTION,
-    }
-    official_config = common.GriffinConfig(
-        vocab_size=config.vocab_size,
-        width=config.width,
-        mlp_expanded_width=config.mlp_width,
-        num_heads=config.num_heads,
-        block_types=tuple(kinds[b] for b in config.block_types),
-        embeddings_scale_by_sqrt_dim=True,
-        attention_window_size=config.attention_window,
-        logits_soft_cap=config.logits_soft_cap,
-    )
+    official_config = weights.official_config(config)
     torch.manual_seed(seed)
     official = official_griffin.Griffin(official_config, gradient_checkpointing=False)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -357,6 +357,24 @@ def array_to_torch(x: Any) -> torch.Tensor:
 
 
 # ----------------------------------------------------------- shapes / config
+def official_config(config: GriffinConfig):
+    """The official package's ``recurrentgemma.common.GriffinConfig`` for ``config`` (needs
+    the ``recurrentgemma`` package: the tests and benchmarks build official models with it)."""
+    from recurrentgemma import common
+
+    kinds = {
+        RECURRENT: common.TemporalBlockType.RECURRENT,
+        ATTENTION: common.TemporalBlockType.ATTENTION,
+    }
+    return common.GriffinConfig(
+        vocab_size=config.vocab_size, width=config.width, mlp_expanded_width=config.mlp_width,
+        num_heads=config.num_heads, block_types=tuple(kinds[b] for b in config.block_types),
+        embeddings_scale_by_sqrt_dim=config.embeddings_scale_by_sqrt_dim,
+        attention_window_size=config.attention_window,
+        logits_soft_cap=config.logits_soft_cap, lru_width=config.lru_width,
+    )  # fmt: skip
+
+
 def expected_shapes(config: GriffinConfig) -> dict[str, tuple[int, ...]]:
     """Our tensor names -> shapes for ``config`` (the exact state dict of Griffin)."""
     c = config
