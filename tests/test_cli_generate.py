@@ -348,3 +348,34 @@ def test_generate_chat_template_continues_a_saved_chat(model_dir, loaded, tmp_pa
         == 0
     )
     assert capsys.readouterr().out == answers[1] + "\n"
+
+
+def test_sampling_defaults_come_from_generation_config(model_dir, tmp_path, capsys):
+    """A checkpoint's generation_config.json sets the defaults; a flag still wins."""
+    import json
+    import shutil
+
+    from rgemma.io import checkpoint
+
+    ckpt = tmp_path / "sampled"
+    shutil.copytree(model_dir, ckpt)
+    config = json.loads((ckpt / "generation_config.json").read_text())
+    config.update(do_sample=True, temperature=0.9, top_k=5, repetition_penalty=1.3)
+    (ckpt / "generation_config.json").write_text(json.dumps(config))
+    model, tok = checkpoint.load(ckpt)
+    want = generate(
+        model,
+        tok,
+        ["the quick"],
+        max_new_tokens=10,
+        temperature=0.9,
+        top_k=5,
+        repetition_penalty=1.3,
+        seed=4,
+    )[0]
+    greedy = generate(model, tok, ["the quick"], max_new_tokens=10, repetition_penalty=1.3)[0]
+    assert want.text != greedy.text
+    assert main(["generate", "the quick", "--model", str(ckpt), "-m", "10", "--seed", "4"]) == 0
+    assert capsys.readouterr().out == want.text + "\n"
+    assert main(["generate", "the quick", "--model", str(ckpt), "-m", "10", "--temp", "0"]) == 0
+    assert capsys.readouterr().out == greedy.text + "\n"

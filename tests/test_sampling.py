@@ -145,3 +145,42 @@ def test_logprobs_are_of_the_raw_distribution():
 def test_invalid_parameters(kwargs):
     with pytest.raises(SamplingError):
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "config, expected",
+    [
+        ({"eos_token_id": 1, "bos_token_id": 2}, {}),  # ids only: no defaults
+        ({"do_sample": False, "temperature": 0.7}, {"temperature": 0.0}),  # transformers: greedy
+        ({"do_sample": True}, {"temperature": 1.0, "top_k": 50, "top_p": 1.0}),
+        (
+            {
+                "do_sample": True,
+                "temperature": 0.6,
+                "top_k": 0,
+                "top_p": 0.9,
+                "min_p": 0.05,
+                "repetition_penalty": 1.2,
+            },
+            {
+                "temperature": 0.6,
+                "top_k": 0,
+                "top_p": 0.9,
+                "min_p": 0.05,
+                "repetition_penalty": 1.2,
+            },
+        ),
+        ({"repetition_penalty": 1.3}, {"temperature": 0.0, "repetition_penalty": 1.3}),
+    ],
+)
+def test_generation_config_defaults_read_as_transformers_reads_them(config, expected):
+    from rgemma.inference.sampling import generation_defaults
+
+    assert generation_defaults(config) == expected
+
+
+def test_generation_config_out_of_range_names_the_file():
+    from rgemma.inference.sampling import generation_defaults
+
+    with pytest.raises(SamplingError, match="generation_config.json: top_p"):
+        generation_defaults({"do_sample": True, "top_p": 0.0})

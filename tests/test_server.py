@@ -757,3 +757,20 @@ def test_bundled_demo_model_is_the_default():
         r = c.completions.create(model="demo", prompt=prompt, max_tokens=32, temperature=0)
     [direct] = generate(model, tok, [prompt], max_new_tokens=32)
     assert r.choices[0].text == direct.text
+
+
+def test_fields_a_request_does_not_send_take_the_models_defaults():
+    """The model's generation_config.json defaults (as ``generation_defaults`` reads them)
+    fill the sampling fields a request leaves out; the fields it sends win."""
+    from rgemma.inference.sampling import generation_defaults
+
+    defaults = generation_defaults({"do_sample": False, "repetition_penalty": 1.3})
+    plain = CompletionRequest.model_validate({"prompt": "x", "temperature": None})
+    params = plain.to_sampling_params(defaults)
+    assert params.greedy and params.repetition_penalty == 1.3
+    assert plain.to_sampling_params().temperature == 1.0  # no model defaults: OpenAI's
+    sent = CompletionRequest.model_validate({"prompt": "x", "temperature": 0.5, "top_p": 0.9})
+    params = sent.to_sampling_params(defaults)
+    assert (params.temperature, params.top_p, params.repetition_penalty) == (0.5, 0.9, 1.3)
+    [req] = sent.to_engine_requests([[2, 5]], defaults)
+    assert req.params == params

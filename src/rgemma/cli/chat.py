@@ -65,7 +65,11 @@ def run(args) -> int:
         check_sampling_args(args)
         model, tokenizer = load_model(args)
         session = ChatSession(
-            model, tokenizer, sampling=sampling_kwargs(args), seed=args.seed, system=args.system
+            model,
+            tokenizer,
+            sampling=sampling_kwargs(args, tokenizer),
+            seed=args.seed,
+            system=args.system,
         )
         if args.load_state:
             session.load(args.load_state)

@@ -158,18 +158,29 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
         default=max_tokens,
         help=f"maximum tokens to generate (default {max_tokens})",
     )
-    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default 0)")
-    p.add_argument("--top-k", type=int, default=0, help="top-k sampling; 0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling, in (0, 1]; 1 = off")
-    p.add_argument("--min-p", type=float, default=0.0, help="min-p sampling, in [0, 1]; 0 = off")
+    # Unset sampling flags take the checkpoint's generation_config.json, else greedy.
+    model_default = "default: the model's generation_config.json, else"
     p.add_argument(
-        "--repeat-penalty",
-        "--repetition-penalty",
-        dest="repeat_penalty",
-        type=float,
-        default=1.0,
-        help="CTRL repetition penalty (> 0); 1 = off",
+        "--temp", type=float, default=None, help=f"temperature; 0 = greedy ({model_default} 0)"
     )
+    p.add_argument(
+        "--top-k", type=int, default=None, help=f"top-k sampling; 0 = off ({model_default} 0)"
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=None,
+        help=f"nucleus sampling, in (0, 1]; 1 = off ({model_default} 1)",
+    )
+    p.add_argument(
+        "--min-p",
+        type=float,
+        default=None,
+        help=f"min-p sampling, in [0, 1]; 0 = off ({model_default} 0)",
+    )
+    p.add_argument("--repeat-penalty", "--repetition-penalty", dest="repeat_penalty",
+                   type=float, default=None,
+                   help=f"CTRL repetition penalty (> 0); 1 = off ({model_default} 1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument(
         "--stop",
@@ -186,13 +197,19 @@ def add_sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
     )
 
 
-_SAMPLING_FLAGS = {
-    "temperature": "--temp",
-    "top_k": "--top-k",
-    "top_p": "--top-p",
-    "min_p": "--min-p",
-    "repetition_penalty": "--repeat-penalty",
+_SAMPLING_ARGS = {  # SamplingParams field -> (flag, argparse dest)
+    "temperature": ("--temp", "temp"),
+    "top_k": ("--top-k", "top_k"),
+    "top_p": ("--top-p", "top_p"),
+    "min_p": ("--min-p", "min_p"),
+    "repetition_penalty": ("--repeat-penalty", "repeat_penalty"),
 }
+
+
+def _given_sampling(args) -> dict:
+    """The sampling flags given on the command line, as SamplingParams fields."""
+    given = {name: getattr(args, dest) for name, (_, dest) in _SAMPLING_ARGS.items()}
+    return {name: value for name, value in given.items() if value is not None}
 
 
 def check_sampling_args(args) -> None:
@@ -204,10 +221,10 @@ def check_sampling_args(args) -> None:
     if args.max_tokens <= 0:
         raise CLIError(f"--max-tokens must be > 0, got {args.max_tokens}", 2)
     try:
-        SamplingParams(args.temp, args.top_k, args.top_p, args.min_p, args.repeat_penalty)
+        SamplingParams(**_given_sampling(args))
     except SamplingError as e:
         msg = str(e)
-        for name, flag in _SAMPLING_FLAGS.items():
+        for name, (flag, _) in _SAMPLING_ARGS.items():
             if msg.startswith(name + " "):
                 msg = flag + msg[len(name) :]
                 break
@@ -216,15 +233,18 @@ def check_sampling_args(args) -> None:
         raise CLIError("--stop needs a non-empty string", 2)
 
 
-def sampling_kwargs(args) -> dict:
-    """``rgemma.inference.generate.stream`` keyword arguments of the sampling flags."""
+def sampling_kwargs(args, tokenizer) -> dict:
+    """``rgemma.inference.generate.stream`` keyword arguments: the flags given, else the
+    checkpoint's generation_config.json (read with the tokenizer), else greedy."""
+    from rgemma.inference.sampling import SamplingError, generation_defaults
+
+    try:
+        defaults = generation_defaults(getattr(tokenizer, "generation_config", {}))
+    except SamplingError as e:
+        raise CLIError(str(e)) from None
     return dict(
         max_new_tokens=args.max_tokens,
-        temperature=args.temp,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repeat_penalty,
+        **{**defaults, **_given_sampling(args)},
         stop_strings=list(args.stop),
         compile=args.compile,
     )

@@ -130,7 +130,7 @@ def _generate(args) -> int:
             seed=args.seed,
             rng_states=rng,
             context_ids=[history],
-            **sampling_kwargs(args),
+            **sampling_kwargs(args, tokenizer),
         ):
             if delta.text:
                 sys.stdout.write(delta.text)

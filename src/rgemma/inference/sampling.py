@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -98,6 +99,43 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+
+_SAMPLING_KEYS = ("do_sample", "temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+
+
+def generation_defaults(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The sampling defaults a checkpoint's ``generation_config.json`` sets, read as
+    ``transformers`` reads them: ``do_sample`` false means greedy, true means sampling with
+    its temperature, top_k and top_p (``transformers``' defaults 1.0, 50 and 1.0 where the
+    file says nothing); repetition_penalty and min_p apply either way.
+
+    A file that names none of these keys (only token ids, as ``save_hf`` writes) sets no
+    defaults: the caller's own apply. Returns ``SamplingParams`` keyword arguments;
+    SamplingError for a value out of range.
+    """
+    if not any(k in config for k in _SAMPLING_KEYS):
+        return {}
+    out: dict[str, Any] = {}
+    if config.get("do_sample"):
+
+        def given(key: str, default: float) -> float:
+            return default if config.get(key) is None else config[key]
+
+        out["temperature"] = float(given("temperature", 1.0))
+        out["top_k"] = int(given("top_k", 50))
+        out["top_p"] = float(given("top_p", 1.0))
+    else:
+        out["temperature"] = 0.0
+    if config.get("min_p") is not None:
+        out["min_p"] = float(config["min_p"])
+    if config.get("repetition_penalty") is not None:
+        out["repetition_penalty"] = float(config["repetition_penalty"])
+    try:
+        SamplingParams(**out)
+    except SamplingError as e:
+        raise SamplingError(f"generation_config.json: {e}") from None
+    return out
 
 
 # --------------------------------------------------------------------------

@@ -293,6 +293,7 @@ class Tokenizer:
         self.chat_template = chat_template
         pieces = _configured_pieces(special_tokens_map, tokenizer_config)
         generation_config = generation_config or {}
+        self.generation_config = dict(generation_config)  # sampling defaults live here too
         self._ids = {
             name: self._resolve_id(pieces[name], generation_config.get(f"{name}_token_id"), name)
             for name in DEFAULT_PIECES

@@ -59,6 +59,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 
 from rgemma.inference.engine import EngineError, QueueFull, RequestError
+from rgemma.inference.sampling import generation_defaults
 from rgemma.serving import DEFAULT_HOST
 from rgemma.serving.errors import APIError
 from rgemma.serving.formatting import EventStream, ResponseFormatter, TokenTexts, sse
@@ -116,6 +117,8 @@ class Server:
 
     def __init__(self, engine, tokenizer, config: ServerConfig | None = None):
         self.engine, self.tokenizer = engine, tokenizer
+        # sampling defaults of the model's generation_config.json (request fields win)
+        self.defaults = generation_defaults(getattr(tokenizer, "generation_config", {}))
         self.config = config = config or ServerConfig()
         self.limits = RequestLimits(
             max_tokens=config.max_tokens_limit,
@@ -256,7 +259,7 @@ class Server:
                 503, "the engine is not running", code="engine_unavailable", kind="server_error"
             )
         try:
-            requests = req.to_engine_requests([ids for ids, _ in fmt.prompts])
+            requests = req.to_engine_requests([ids for ids, _ in fmt.prompts], self.defaults)
         except RequestError as e:
             raise APIError(400, str(e)) from None
         try:

@@ -361,15 +361,19 @@ class _GenerationRequest(RequestModel):
             return 0.0
         return value
 
-    def to_sampling_params(self) -> SamplingParams:
-        return sampling_params(
-            top_k=max(self.top_k, 0),
-            **{name: self._sampling_value(name) for name in SAMPLING_FIELDS},
-        )
+    def to_sampling_params(self, defaults: dict | None = None) -> SamplingParams:
+        """The request's sampling fields; those it does not send take ``defaults`` (the
+        model's generation_config.json) where given, else OpenAI's defaults."""
+        sent = {name: self._sampling_value(name) for name in SAMPLING_FIELDS}
+        sent["top_k"] = max(self.top_k, 0)
+        unsent = {k: v for k, v in (defaults or {}).items() if k not in self.model_fields_set}
+        return sampling_params(**{**sent, **unsent})
 
-    def to_engine_requests(self, prompt_ids: list[list[int]]) -> list[Request]:
-        """One engine Request per prompt."""
-        params = self.to_sampling_params()
+    def to_engine_requests(
+        self, prompt_ids: list[list[int]], defaults: dict | None = None
+    ) -> list[Request]:
+        """One engine Request per prompt (``defaults``: see ``to_sampling_params``)."""
+        params = self.to_sampling_params(defaults)
         return [
             Request(
                 prompt_ids=ids,
