@@ -233,18 +233,23 @@ def check_sampling_args(args) -> None:
         raise CLIError("--stop needs a non-empty string", 2)
 
 
-def sampling_kwargs(args, tokenizer) -> dict:
-    """``rgemma.inference.generate.stream`` keyword arguments: the flags given, else the
-    checkpoint's generation_config.json (read with the tokenizer), else greedy."""
+def model_sampling_defaults(tokenizer) -> dict:
+    """The sampling defaults of the checkpoint's generation_config.json (read with the
+    tokenizer); CLIError for out-of-range values."""
     from rgemma.inference.sampling import SamplingError, generation_defaults
 
     try:
-        defaults = generation_defaults(getattr(tokenizer, "generation_config", {}))
+        return generation_defaults(getattr(tokenizer, "generation_config", {}))
     except SamplingError as e:
         raise CLIError(str(e)) from None
+
+
+def sampling_kwargs(args, tokenizer) -> dict:
+    """``rgemma.inference.generate.stream`` keyword arguments: the flags given, else the
+    checkpoint's generation_config.json, else greedy."""
     return dict(
         max_new_tokens=args.max_tokens,
-        **{**defaults, **_given_sampling(args)},
+        **{**model_sampling_defaults(tokenizer), **_given_sampling(args)},
         stop_strings=list(args.stop),
         compile=args.compile,
     )

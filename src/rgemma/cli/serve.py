@@ -18,6 +18,7 @@ from rgemma.cli.common import (
     CLIError,
     add_model_args,
     load_model,
+    model_sampling_defaults,
     report_error,
     resolve_model_path,
 )
@@ -147,7 +148,7 @@ def _serve(args) -> int:
     from rgemma.serving.app import ServerConfig, create_app
 
     model, tokenizer, path = _load(args)
-    check_generation_config(tokenizer)
+    model_sampling_defaults(tokenizer)  # refuse out-of-range defaults now, not per request
     engine = Engine(
         model,
         tokenizer,
@@ -229,16 +230,6 @@ def _check_args(args) -> None:
         raise CLIError(f"--port must be in [0, 65535] (0 = any free port), got {args.port}", 2)
     if args.prefix_cache_mb < 0 or args.max_body_mb <= 0:
         raise CLIError("--prefix-cache-mb must be >= 0 and --max-body-mb > 0", 2)
-
-
-def check_generation_config(tokenizer) -> None:
-    """CLIError now, not at the first request, for out-of-range sampling defaults."""
-    from rgemma.inference.sampling import SamplingError, generation_defaults
-
-    try:
-        generation_defaults(getattr(tokenizer, "generation_config", {}))
-    except SamplingError as e:
-        raise CLIError(str(e)) from None
 
 
 def _load(args):
