@@ -13,6 +13,11 @@ completion tokens / wall time), time to first token (request sent -> first
 streamed text) p50 / p99, and whole-request latency p50. Unless ``--url`` is
 given, the server runs as a separate process (``python -m rgemma.cli.serve``)
 bound to 127.0.0.1, stopped at the end.
+
+Also unless ``--url`` is given, the same load is first run on the engine alone
+(a separate process, no HTTP: C threads submitting the same requests), and
+the last column is the server's tok/s over the engine's: what the HTTP layer
+(parsing, SSE, the event loop) costs.
 """
 
 from __future__ import annotations
@@ -191,6 +196,70 @@ async def run_level(
     }
 
 
+def engine_level(
+    path: str,
+    clients: int,
+    requests: int,
+    max_tokens: int,
+    prompt_words: int,
+    seed: int,
+    max_batch: int,
+) -> dict:
+    """The load of ``run_level`` on the engine alone (no HTTP), in this process."""
+    import threading
+
+    from rgemma.inference.engine import Engine, EngineConfig, Request
+    from rgemma.io import checkpoint
+
+    model, tok = checkpoint.load(path, progress=False)
+    rng = random.Random(seed)
+    prompts = [" ".join(rng.choice(WORDS) for _ in range(prompt_words)) for _ in range(requests)]
+    tokens = []
+
+    def client(engine):
+        while prompts:
+            ids = tok.encode(prompts.pop(), add_bos=True)
+            handle = engine.submit(Request(ids, max_tokens=max_tokens, stop_ids=[]))
+            tokens.append(sum(1 for e in handle if e.kind == "token"))
+
+    with Engine(model.eval(), tok, EngineConfig(max_batch=max_batch, max_queue=4 * requests)) as e:
+        warm = e.submit(Request(tok.encode("warm up", add_bos=True), max_tokens=4))
+        list(warm)
+        threads = [threading.Thread(target=client, args=(e,)) for _ in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+    return {"clients": clients, "tok_s": sum(tokens) / wall}
+
+
+def engine_baseline(args, path: str) -> dict[int, float]:
+    """{clients: tok/s} of ``engine_level`` per level, each in a fresh process."""
+    out = {}
+    for clients in args.clients:
+        n = args.requests or max(8, 2 * clients)
+        call = (
+            f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"import torch; torch.set_num_threads({args.threads}) if {args.threads} else None; "
+            f"from serve_load import engine_level; print(json.dumps(engine_level({path!r}, "
+            f"{clients}, {n}, {args.max_tokens}, {args.prompt_words}, {clients}, "
+            f"{args.max_batch or max(args.clients)})))"
+        )
+        done = subprocess.run([sys.executable, "-c", call], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"the engine baseline failed:\n{done.stderr}")
+        out[clients] = json.loads(done.stdout.strip().splitlines()[-1])["tok_s"]
+    return out
+
+
+def _vs_engine(tok_s: float, engine_tok_s: float | None) -> str:
+    if engine_tok_s is None:
+        return ""
+    return f"{engine_tok_s:>12.1f} {tok_s / engine_tok_s:>12.2f}x"
+
+
 def _quantile(sorted_values: list[float], q: float) -> float:
     """Nearest-rank quantile of an ascending list (nan when empty)."""
     if not sorted_values:
@@ -222,6 +291,7 @@ def main() -> int:
 
     server = None
     url = args.url
+    baseline: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as tmp:
         if url is None:
             path = args.model
@@ -234,13 +304,15 @@ def main() -> int:
                     path = demo.path()
                 except FileNotFoundError as e:
                     raise SystemExit(f"{e}\n(use --model PATH or --random)") from None
+            baseline = engine_baseline(args, path)
             server, url = start_server(args, path)
             print(f"serving {path} at {url}", file=sys.stderr)
         try:
             asyncio.run(run_level(url, 1, 2, 4, args.prompt_words, seed=123))  # warm-up
             print(
                 f"{'clients':>7} {'requests':>8} {'errors':>6} {'tok/s':>8} "
-                f"{'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'wall s':>7}"
+                f"{'TTFT p50':>9} {'TTFT p99':>9} {'lat p50':>8} {'wall s':>7} "
+                f"{'engine tok/s':>12} {'server/engine':>13}"
             )
             for clients in args.clients:
                 n = args.requests or max(8, 2 * clients)
@@ -250,7 +322,8 @@ def main() -> int:
                 print(
                     f"{r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['tok_s']:>8.1f} "
                     f"{r['ttft_p50'] * 1e3:>7.0f}ms {r['ttft_p99'] * 1e3:>7.0f}ms "
-                    f"{r['latency_p50']:>7.2f}s {r['wall_s']:>7.1f}",
+                    f"{r['latency_p50']:>7.2f}s {r['wall_s']:>7.1f} "
+                    + _vs_engine(r["tok_s"], baseline.get(clients)),
                     flush=True,
                 )
         finally:

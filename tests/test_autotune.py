@@ -77,6 +77,28 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(tuning, monkeypatc
     assert layer.path(16) == "w8a8" and layer.path(9) == "w8a8"
 
 
+def test_the_quantized_table_is_timed_at_the_shape_attend_multiplies(tuning, monkeypatch):
+    """Up to 16 rows the logits are one product of the whole table; past that ``attend``
+    multiplies VOCAB_BLOCK rows at a time: those are the shapes timed."""
+    monkeypatch.setattr(layers, "VOCAB_BLOCK", 96)  # no other layer has 96 outputs
+    monkeypatch.setattr("rgemma.quantize.VOCAB_BLOCK", 96)
+    cfg = tiny_config(vocab_size=300, width=64, mlp_width=128, num_heads=2)
+    model = quantize_model(random_model(cfg), bits=8)
+    chosen = tune_model(model)
+    assert set(chosen["embed_tokens.table"]) == set(autotune.ROW_BUCKETS)
+    keys = [k.split("|") for k in json.loads(autotune.cache_file().read_text())]
+    table = {(int(n), int(rows)) for _, n, k, rows in keys if int(n) in (300, 96)}
+    small = {b for b in autotune.ROW_BUCKETS if b <= 16}
+    assert table == {(300, b) for b in small} | {(96, b) for b in autotune.ROW_BUCKETS if b > 16}
+    x = torch.randn(40, 64)
+    assert torch.allclose(
+        model.embed_tokens.attend(x),
+        x @ model.embed_tokens.rows(slice(None)).T,
+        atol=1e-2,
+        rtol=1e-3,
+    )
+
+
 def test_without_measuring_the_defaults_are_kept(tmp_path, monkeypatch):
     monkeypatch.setenv("RGEMMA_CACHE", str(tmp_path))
     monkeypatch.setenv("RGEMMA_AUTOTUNE", "0")

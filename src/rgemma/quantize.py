@@ -33,6 +33,7 @@ and "dense" above.
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
@@ -194,12 +195,12 @@ class _QuantLinear(nn.Module):
             return self._few_rows(x.reshape(rows, -1))
         return None
 
-    def tune(self) -> dict[int, str]:
+    def tune(self, buckets: tuple[int, ...] = autotune.ROW_BUCKETS) -> dict[int, str]:
         """Measures (or reads from the cache) the fastest path per row bucket; CPU only."""
         self.paths = {}
         if self.qweight.device.type != "cpu":
             return self.paths
-        for rows in autotune.ROW_BUCKETS:
+        for rows in buckets:
             x = torch.randn(rows, self.in_features)
             candidates = {
                 p: functools.partial(self._product_or_dense, p, x, rows)
@@ -209,6 +210,14 @@ class _QuantLinear(nn.Module):
             key = f"{type(self).__name__}|{self.out_features}|{self.in_features}|{rows}"
             self.paths[rows] = autotune.choose(key, candidates)
         return self.paths
+
+    def first_outputs(self, n: int) -> _QuantLinear:
+        """A layer of this one's first ``n`` outputs, sharing its buffers (for timing)."""
+        part = copy.copy(self)
+        part._buffers = {k: None if b is None else b[:n] for k, b in self._buffers.items()}
+        part.out_features = min(n, self.out_features)
+        part.paths, part._kernel = {}, None
+        return part
 
     def _product_or_dense(self, path: str, x: torch.Tensor, rows: int) -> torch.Tensor:
         y = self._product(path, x, rows)
@@ -374,6 +383,19 @@ class QuantEmbedding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.rows(tokens.reshape(-1)).reshape(*tokens.shape, -1)
 
+    def tune(self) -> dict[int, str]:
+        """The table's product per row bucket. Up to 16 rows the logits are one product of
+        the whole table; past that ``attend`` multiplies VOCAB_BLOCK rows at a time, so
+        that is the shape those buckets are timed at (a [256000, 2560] product timed five
+        times per bucket would also take minutes)."""
+        t = self.table
+        few = tuple(b for b in autotune.ROW_BUCKETS if b <= _DECODE_ROWS)
+        many = tuple(b for b in autotune.ROW_BUCKETS if b > _DECODE_ROWS)
+        paths = t.tune(few)
+        paths.update(t.first_outputs(VOCAB_BLOCK).tune(many))
+        t.paths = paths
+        return paths
+
     def attend(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> [..., V]."""
         if x.numel() // x.shape[-1] <= _DECODE_ROWS:
@@ -462,9 +484,12 @@ def tune_model(model) -> dict[str, dict[int, str]]:
     """Each quantized layer's product per row bucket, measured once per shape on this
     machine (``rgemma.autotune``); returns {layer name: {rows: path}}."""
     chosen = {}
+    tables = {f"{n}.table" for n, m in model.named_modules() if isinstance(m, QuantEmbedding)}
     for name, module in model.named_modules():
-        if isinstance(module, _QuantLinear) and not isinstance(module.qweight, nn.Parameter):
-            if module.qweight.device.type == "meta":
+        if isinstance(module, QuantEmbedding) and module.table.qweight.device.type == "cpu":
+            chosen[f"{name}.table"] = module.tune()
+        elif isinstance(module, _QuantLinear) and not isinstance(module.qweight, nn.Parameter):
+            if module.qweight.device.type == "meta" or name in tables:
                 continue
             chosen[name] = module.tune()
     return chosen

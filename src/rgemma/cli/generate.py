@@ -61,6 +61,17 @@ def register(subparsers) -> None:
         action="store_true",
         help="print prompt / generation speed and the state size to stderr",
     )
+    structured = p.add_mutually_exclusive_group()
+    structured.add_argument(
+        "--json-schema",
+        metavar="FILE",
+        default=None,
+        help="structured output: the text is JSON valid under the JSON Schema in FILE "
+        "(generation stops when the JSON is complete)",
+    )
+    structured.add_argument(
+        "--json", action="store_true", help="structured output: the text is a JSON object"
+    )
     p.set_defaults(func=run)
 
 
@@ -88,6 +99,35 @@ def _read_prompt(args) -> str | None:
     return prompt
 
 
+def _grammar_spec(args):
+    """The structured-output spec of ``--json`` / ``--json-schema`` (None without them),
+    read and checked before the model loads."""
+    from rgemma.inference.structured import (
+        StructuredOutputError,
+        json_object_spec,
+        json_schema_spec,
+    )
+
+    if args.json:
+        return json_object_spec()
+    path = args.json_schema
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise CLIError(f"--json-schema {path}: no such file", 2) from None
+    except UnicodeDecodeError as e:
+        raise CLIError(f"--json-schema {path}: not UTF-8 text ({e.reason})", 2) from None
+    except OSError as e:
+        raise CLIError(f"--json-schema {path}: cannot read it ({e.strerror})", 2) from None
+    try:
+        return json_schema_spec(text)
+    except StructuredOutputError as e:
+        raise CLIError(f"--json-schema {path}: {e}", 2) from None
+
+
 def _generate(args) -> int:
     from rgemma.inference.generate import GenerationError, stream
     from rgemma.inference.sampling import SamplingError
@@ -95,6 +135,7 @@ def _generate(args) -> int:
 
     check_sampling_args(args)
     prompt = _read_prompt(args)
+    grammar = _grammar_spec(args)
     if args.load_state and not os.path.isfile(args.load_state):
         raise CLIError(f"state file {args.load_state!r} not found")
     if args.save_state:
@@ -130,6 +171,7 @@ def _generate(args) -> int:
             seed=args.seed,
             rng_states=rng,
             context_ids=[history],
+            grammar=grammar,
             **sampling_kwargs(args, tokenizer),
         ):
             if delta.text:

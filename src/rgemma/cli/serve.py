@@ -83,6 +83,25 @@ def register(subparsers) -> None:
         help="memory for cached prompt-prefix states, 0 = off (default 256)",
     )
     p.add_argument(
+        "--state-memory-mb",
+        type=float,
+        default=1024.0,
+        help="memory for state handles (/v1/states) kept in RAM (default 1024)",
+    )
+    p.add_argument(
+        "--state-dir",
+        default=None,
+        metavar="DIR",
+        help="disk tier: state handles and evicted prefix-cache states are written here "
+        "and survive a restart (default: none, handles live in RAM only)",
+    )
+    p.add_argument(
+        "--state-disk-mb",
+        type=float,
+        default=8192.0,
+        help="bytes of the disk tier; the least recently used files go first (default 8192)",
+    )
+    p.add_argument(
         "--api-key",
         default=os.environ.get("RGEMMA_API_KEY"),
         help="require 'Authorization: Bearer KEY' (all paths but /health and "
@@ -145,10 +164,12 @@ def _serve(args) -> int:
     import uvicorn
 
     from rgemma.inference.engine import Engine, EngineConfig
+    from rgemma.inference.state_store import StateStore
     from rgemma.serving.app import ServerConfig, create_app
 
     model, tokenizer, path = _load(args)
     model_sampling_defaults(tokenizer)  # refuse out-of-range defaults now, not per request
+    disk = _disk_tier(args, model)
     engine = Engine(
         model,
         tokenizer,
@@ -158,7 +179,9 @@ def _serve(args) -> int:
             prefill_chunk=args.prefill_chunk,
             prefix_cache_bytes=int(args.prefix_cache_mb * 2**20),
         ),
+        disk=disk,
     ).start()
+    states = StateStore(model, int(args.state_memory_mb * 2**20), disk)
     name = args.served_model_name or os.path.basename(os.path.normpath(path)) or "rgemma"
     config = ServerConfig(
         model_name=name,
@@ -186,7 +209,7 @@ def _serve(args) -> int:
     try:
         server = uvicorn.Server(
             uvicorn.Config(
-                create_app(engine, tokenizer, config),
+                create_app(engine, tokenizer, config, states),
                 log_level=args.log_level,
                 timeout_graceful_shutdown=5,
             )
@@ -230,6 +253,20 @@ def _check_args(args) -> None:
         raise CLIError(f"--port must be in [0, 65535] (0 = any free port), got {args.port}", 2)
     if args.prefix_cache_mb < 0 or args.max_body_mb <= 0:
         raise CLIError("--prefix-cache-mb must be >= 0 and --max-body-mb > 0", 2)
+    if args.state_memory_mb <= 0 or args.state_disk_mb <= 0:
+        raise CLIError("--state-memory-mb and --state-disk-mb must be > 0", 2)
+
+
+def _disk_tier(args, model):
+    """The disk tier under --state-dir (None without one)."""
+    if args.state_dir is None:
+        return None
+    from rgemma.io.disk_tier import DiskTier
+
+    try:
+        return DiskTier(args.state_dir, int(args.state_disk_mb * 2**20), model.config)
+    except OSError as e:
+        raise CLIError(f"--state-dir {args.state_dir}: cannot use it ({e.strerror or e})") from None
 
 
 def _load(args):

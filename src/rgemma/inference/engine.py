@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import threading
 import time
@@ -68,6 +69,8 @@ from rgemma.inference.requests import (
 )
 from rgemma.inference.sampling import Sampler, SamplingParams
 from rgemma.inference.stopping import StopChecker
+from rgemma.inference.structured import Grammar, StructuredOutputError, token_mask
+from rgemma.io.disk_tier import DiskTier
 from rgemma.state import State
 
 __all__ = [
@@ -101,6 +104,7 @@ class _Job:
         self.ids = list(handle.request.prompt_ids)
         self.state: State | None = None  # 1-row, while prefilling
         self.done = 0  # prompt tokens in self.state
+        self.offset = 0  # tokens the state had seen before the prompt (Request.state)
         self.cached = 0
         self.split: int | None = None  # prefix length to snapshot into the cache
         self.logits: torch.Tensor | None = None  # [1, V] after the whole prompt
@@ -119,7 +123,7 @@ class _Sequence:
         self.sampler = sampler
         self.stopper = stopper
         self.next_token = 0  # sampled, not yet fed
-        self.position = len(job.ids)
+        self.position = job.offset + len(job.ids)
 
 
 @dataclasses.dataclass
@@ -176,16 +180,23 @@ class Engine:
       model: a Griffin (eval mode; the engine only calls it from its thread).
       tokenizer: an ``rgemma.tokenizer.Tokenizer`` (text deltas, stop strings).
       config: sizes; defaults to ``EngineConfig()``.
+      disk: a disk tier the prefix cache spills to (and flushes to when the engine stops).
     """
 
-    def __init__(self, model, tokenizer, config: EngineConfig | None = None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        config: EngineConfig | None = None,
+        disk: DiskTier | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
-        self.config = config or EngineConfig()
+        self.config = config = config or EngineConfig()
         self.vocab_size = model.config.vocab_size
         self.cache = (
-            PrefixCache(self.config.prefix_cache_bytes, self.config.prefix_min_tokens)
-            if self.config.prefix_cache_bytes > 0
+            PrefixCache(config.prefix_cache_bytes, config.prefix_min_tokens, disk=disk, model=model)
+            if config.prefix_cache_bytes > 0
             else None
         )
         self._stats = EngineStats(max_slots=self.config.max_batch)
@@ -275,6 +286,17 @@ class Engine:
                 raise RequestError(f"{name} must be None or in [0, vocab size]")
         if not isinstance(r.params, SamplingParams):
             raise RequestError("params must be a SamplingParams")
+        if r.state is not None and (not isinstance(r.state, State) or r.state.batch_size != 1):
+            raise RequestError("state must be a 1-row State")
+        if r.return_state and r.max_tokens > 0 and r.n != 1:
+            raise RequestError("return_state needs n = 1 (one final state per request)")
+        if r.grammar is not None and (
+            not isinstance(r.grammar, Grammar) or r.grammar.vocab_size != self.vocab_size
+        ):
+            raise RequestError(
+                "grammar must be a structured.Grammar compiled for this engine's "
+                f"vocabulary ({self.vocab_size} ids)"
+            )
 
     def _wake(self) -> None:
         with self._cond:
@@ -291,6 +313,8 @@ class Engine:
                     log.exception("engine step failed")
                     self._fail_all(f"internal error: {e}", waiting=False)
         self._fail_all("the server is shutting down")
+        if self.cache is not None:
+            self.cache.flush()
 
     def _wait_for_work(self) -> bool:
         """Blocks while idle; False once stopping."""
@@ -335,9 +359,13 @@ class Engine:
         job = _Job(handle)
         stop_ids = handle.request.stop_ids
         job.stop_ids = frozenset(self.tokenizer.stop_ids if stop_ids is None else stop_ids)
-        use_cache = self.cache is not None and job.request.prompt_logprobs is None
+        given = job.request.state
+        use_cache = self.cache is not None and job.request.prompt_logprobs is None and given is None
         hit = self.cache.lookup(job.ids) if use_cache else None
-        if hit is not None:
+        if given is not None:
+            job.state = given.to(self.model.device)
+            job.offset = int(given.num_tokens[0])
+        elif hit is not None:
             job.done = job.cached = hit[0]
             job.state, job.logits = hit[1], hit[2]
         else:
@@ -439,7 +467,7 @@ class Engine:
         if start == end:  # the whole prompt came from the cache
             return 0
         tokens = torch.tensor([job.ids[start:end]], device=self.model.device)
-        positions = torch.arange(start, end, device=self.model.device)[None]
+        positions = torch.arange(start, end, device=self.model.device)[None] + job.offset
         ends_here = end == total or end == job.split
         mode = "all" if scoring else ("last" if ends_here else "none")
         logits, _ = self.model(tokens, positions, job.state, logits=mode)
@@ -475,6 +503,7 @@ class Engine:
                 cached_tokens=job.cached,
                 prompt_logprobs=job.prompt_lp if r.prompt_logprobs is not None else None,
                 prompt_top_logprobs=job.prompt_top if r.prompt_logprobs is not None else None,
+                state=job.state if r.return_state and r.max_tokens == 0 else None,
             )
         )
         if r.max_tokens == 0:
@@ -483,7 +512,9 @@ class Engine:
         rows = []
         try:
             seqs = [self._new_sequence(job, j) for j in range(r.n)]
-            for seq, ended in zip(seqs, self._sample(seqs, job.logits.expand(r.n, -1))):
+            logits = job.logits.expand(r.n, -1)
+            ended_choices = self._sample(seqs, logits, lambda _: job.state.clone())
+            for seq, ended in zip(seqs, ended_choices):
                 if not ended:
                     rows.append(len(self._rows))
                     self._rows.append(seq)
@@ -504,7 +535,10 @@ class Engine:
             seeds=[seed],
             history=[job.ids] if r.params.repetition_penalty != 1 else None,
         )
-        stopper = StopChecker(self.tokenizer, job.stop_ids, list(r.stop_strings), r.max_tokens)
+        matcher = r.grammar.matcher() if r.grammar is not None else None  # one per choice
+        stopper = StopChecker(
+            self.tokenizer, job.stop_ids, list(r.stop_strings), r.max_tokens, grammar=matcher
+        )
         return _Sequence(job, index, sampler, stopper)
 
     # ------------------------------------------------------------- decode
@@ -527,7 +561,7 @@ class Engine:
         for seq in self._rows:
             seq.position += 1
         try:
-            ended = self._sample(self._rows, logits)
+            ended = self._sample(self._rows, logits, lambda i: self.state.select([i]))
         except Exception as e:  # e.g. a NaN distribution: fails this step
             log.warning("sampling failed: %s", e)
             ended = [True] * k
@@ -542,12 +576,21 @@ class Engine:
                 self._end(job.handle)
         self._rate.add(k)
 
-    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor) -> list[bool]:
+    def _sample(
+        self, seqs: list[_Sequence], logits: torch.Tensor, row_state: Callable[[int], State]
+    ) -> list[bool]:
         """Samples the next token of every sequence from logits [len(seqs), V] in one call
         (each row with its own parameters and generator) and emits them; True where the
-        choice ended."""
+        choice ended. ``row_state(i)``: a copy of sequence i's state (for ``return_state``)."""
         want_lp = any(s.job.request.logprobs is not None for s in seqs)
-        tokens, lps = Sampler.stack([s.sampler for s in seqs]).sample(logits, logprobs=want_lp)
+        # structured output: one mask for the rows with a grammar, the others untouched
+        constrained = [
+            (i, s.stopper.grammar) for i, s in enumerate(seqs) if s.stopper.grammar is not None
+        ]
+        mask = token_mask(constrained, logits.shape[-1], logits.device)
+        tokens, lps = Sampler.stack([s.sampler for s in seqs]).sample(
+            logits, logprobs=want_lp, mask=mask
+        )
         ids, lps = tokens.tolist(), (lps.tolist() if lps is not None else [None] * len(seqs))
         k = max((s.job.request.logprobs or 0) for s in seqs)
         tops = top_logprobs(torch.log_softmax(logits.float(), -1), k) if k else None
@@ -558,13 +601,26 @@ class Engine:
                 continue
             want = seq.job.request.logprobs
             top = None if want is None else (tops[i][:want] if tops and want else [])
-            ended.append(self._emit_token(seq, ids[i], lps[i] if want is not None else None, top))
+            lp = lps[i] if want is not None else None
+            try:
+                ended.append(
+                    self._emit_token(seq, ids[i], lp, top, functools.partial(row_state, i))
+                )
+            except StructuredOutputError as e:  # its grammar alone: fails only its request
+                self._fail(seq.job.handle, f"structured output failed: {e}")
+                ended.append(True)
         return ended
 
     def _emit_token(
-        self, seq: _Sequence, token: int, logprob: float | None, top: TopLogprobs | None
+        self,
+        seq: _Sequence,
+        token: int,
+        logprob: float | None,
+        top: TopLogprobs | None,
+        state: Callable[[], State],
     ) -> bool:
-        """Sends a sampled token to its request; True if the choice ended with it."""
+        """Sends a sampled token to its request; True if the choice ended with it (the last
+        event carries ``state()`` when the request asked for it)."""
         seq.next_token = token
         self._stats.generated_tokens += 1
         text = seq.stopper.add(token)
@@ -578,6 +634,8 @@ class Engine:
             finish_reason=seq.stopper.finish_reason,
             stop=seq.stopper.stop,
         )
+        if event.finish_reason and seq.job.request.return_state:
+            event.state = state()
         seq.job.handle._emit(event)
         if event.finish_reason:
             seq.job.open_choices -= 1

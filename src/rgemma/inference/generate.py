@@ -39,6 +39,13 @@ import torch
 from rgemma.inference.batching import pad_batch
 from rgemma.inference.sampling import Sampler, SamplingError, SamplingParams
 from rgemma.inference.stopping import StopChecker
+from rgemma.inference.structured import (
+    Grammar,
+    GrammarSpec,
+    StructuredOutputError,
+    compile_grammar,
+    token_mask,
+)
 from rgemma.state import State
 
 
@@ -179,6 +186,25 @@ def _encode_prompts(tokenizer, prompts, add_bos: bool) -> list[list[int]]:
     return out
 
 
+def _row_grammars(grammar, B: int, tokenizer, vocab_size: int) -> list[Grammar | None]:
+    """``grammar`` (None, a Grammar or GrammarSpec, or one of those per row) compiled for
+    the tokenizer and the model's vocabulary, one per row."""
+    out = []
+    for i, g in enumerate(_per_row(grammar, B, "grammar")):
+        if isinstance(g, GrammarSpec):
+            try:
+                g = compile_grammar(g, tokenizer, vocab_size)
+            except StructuredOutputError as e:
+                raise GenerationError(f"grammar of prompt {i}: {e}") from None
+        elif g is not None and (not isinstance(g, Grammar) or g.vocab_size != vocab_size):
+            raise GenerationError(
+                f"grammar of prompt {i}: expected a GrammarSpec, or a Grammar compiled for "
+                f"the model's {vocab_size} token ids"
+            )
+        out.append(g)
+    return out
+
+
 def _row_seeds(seed, B: int) -> list[int | None]:
     """seed int -> row b uses seed + b; a sequence gives each row's seed; None = random."""
     if seed is None or isinstance(seed, int):
@@ -239,6 +265,7 @@ def stream(
     add_bos: bool | None = None,
     compile: bool = False,
     should_stop: Callable[[], bool] | None = None,
+    grammar: Grammar | GrammarSpec | Sequence[Grammar | GrammarSpec | None] | None = None,
 ) -> Iterator[Delta]:
     """Generates for a batch of prompts, yielding text deltas as they are decoded.
 
@@ -262,6 +289,10 @@ def stream(
       compile: torch.compile the model's decode step (slow first steps while it
         compiles; then several times less per-token overhead on small models).
       should_stop: polled after every step; True ends all rows ("interrupted").
+      grammar: structured output (``rgemma.inference.structured``): a GrammarSpec
+        (e.g. ``json_schema_spec(schema)``, compiled here) or a compiled Grammar, for
+        all rows or a list with one (or None) per row. A row's text then follows it
+        and the row ends ("stop") once the text is complete.
     Yields:
       Delta per row per step with new text or tokens; each row's last Delta has
       ``finish_reason`` and ``completion``.
@@ -305,6 +336,7 @@ def stream(
     if isinstance(stop_strings, str):
         stop_strings = [stop_strings]
     history = [list(c) + p for c, p in zip(context_ids or [[]] * B, prompt_ids)]
+    grammars = _row_grammars(grammar, B, tokenizer, vocab)
     sampler = Sampler(
         params,
         vocab,
@@ -317,7 +349,13 @@ def stream(
         _Row(
             b,
             prompt_ids[b],
-            StopChecker(tokenizer, stop_ids, stop_strings, max_new_tokens),
+            StopChecker(
+                tokenizer,
+                stop_ids,
+                stop_strings,
+                max_new_tokens,
+                grammar=None if grammars[b] is None else grammars[b].matcher(),
+            ),
             logprobs,
         )
         for b in range(B)
@@ -366,8 +404,11 @@ def _run(
     active = [True] * B
     inactive_mask = torch.zeros(B, 1, dtype=torch.bool, device=device)
     while True:
+        # structured output: masks for the active rows that follow a grammar
+        matchers = [(b, r.stopper.grammar) for b, r in enumerate(rows) if active[b]]
+        mask = token_mask([(b, m) for b, m in matchers if m is not None], logits.shape[-1], device)
         with torch.inference_mode():
-            tokens, lps = sampler.sample(logits, active, logprobs=want_logprobs)
+            tokens, lps = sampler.sample(logits, active, logprobs=want_logprobs, mask=mask)
         ids = tokens.tolist()
         lp = lps.tolist() if lps is not None else [None] * B
         stop_now = should_stop is not None and should_stop()

@@ -12,9 +12,14 @@ import itertools
 import queue
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING
 
 from rgemma.inference.batching import TopLogprobs
 from rgemma.inference.sampling import SamplingError, SamplingParams
+from rgemma.state import State
+
+if TYPE_CHECKING:
+    from rgemma.inference.structured import Grammar
 
 
 class EngineError(RuntimeError):
@@ -67,6 +72,16 @@ class Request:
       top alternatives (0 = the chosen token only).
     prompt_logprobs: None, or the same for every prompt token (the first
       token gets None). Such requests skip the prefix cache.
+    state: None, or a 1-row State to continue from (the engine takes it over:
+      pass a copy); ``prompt_ids`` then follow the tokens it has seen, and the
+      prefix cache is skipped (its keys are prompts from the start).
+    return_state: hand the final state back on the last event: with
+      ``max_tokens`` 0 the "prompt" event's ``state`` (after the prompt), else
+      (n must be 1) the finishing "token" event's ``state``, which has seen the
+      prompt and every generated token but the last (that one is ``token_id``).
+    grammar: None, or a ``structured.Grammar`` compiled for the engine's tokenizer
+      and vocabulary size (``structured.compile_grammar``): every choice's text
+      follows it (JSON mode / JSON Schema) and ends ("stop") when it is complete.
     """
 
     prompt_ids: Sequence[int]
@@ -78,6 +93,9 @@ class Request:
     stop_strings: Sequence[str] = ()
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    state: State | None = None
+    return_state: bool = False
+    grammar: Grammar | None = None
 
 
 TOKEN, PROMPT, ERROR = "token", "prompt", "error"
@@ -97,6 +115,7 @@ class Event:
       "length") on the choice's last token, with ``stop`` = the stop string
       or stop token id that ended it.
     kind "error": the request failed (``error`` says why); nothing follows.
+    ``state``: a 1-row State, on the last event of a ``return_state`` request.
     """
 
     kind: str
@@ -112,6 +131,7 @@ class Event:
     prompt_logprobs: list[float | None] | None = None
     prompt_top_logprobs: list[TopLogprobs | None] | None = None
     error: str | None = None
+    state: State | None = None
 
 
 @dataclasses.dataclass

@@ -18,6 +18,11 @@ Pipeline for one step (logits [B, V] of the model -> tokens [B]):
 Each sampled row draws exactly one uniform number per step from its own
 generator (on the CPU, so a seed gives the same tokens on any device).
 
+A ``TokenMask`` (structured output, ``rgemma.inference.structured``) sets the
+tokens a row may not pick to -inf FIRST, before the penalty, the temperature
+and the truncations: top-k / top-p / min-p then choose among allowed tokens
+(truncating first could keep only forbidden ones and leave nothing to sample).
+
 Log-probabilities (``Sampler.sample(..., logprobs=True)``) are those of the RAW
 model distribution, ``log_softmax(logits)`` at the chosen token, before the
 penalty, the temperature and the truncations: what the OpenAI API and
@@ -29,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -187,6 +192,27 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+class TokenMask(NamedTuple):
+    """The tokens some rows of a batch may pick (structured output).
+
+    rows: the constrained rows' indices in the batch (R of them, distinct).
+    allowed: bool [R, V], True where row rows[r] may pick the token.
+    """
+
+    rows: list[int]
+    allowed: torch.Tensor
+
+
+def apply_token_mask(logits: torch.Tensor, mask: TokenMask) -> torch.Tensor:
+    """logits [B, V] with the tokens ``mask`` forbids at -inf (a new tensor; rows not in
+    ``mask.rows`` are unchanged)."""
+    if mask.rows == list(range(logits.shape[0])):  # every row: no gather / scatter
+        return torch.where(mask.allowed, logits, NEG_INF)
+    index = torch.tensor(mask.rows, device=logits.device)
+    masked = torch.where(mask.allowed, logits.index_select(0, index), NEG_INF)
+    return logits.index_copy(0, index, masked)
+
+
 def sample_inverse_cdf(logits: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """One token per row from softmax(logits [B, V]) using uniforms [B] in [0, 1).
 
@@ -328,12 +354,14 @@ class Sampler:
         gen = self.generators[row]
         return None if gen is None else gen.get_state()
 
-    def process(self, logits: torch.Tensor) -> torch.Tensor:
+    def process(self, logits: torch.Tensor, mask: TokenMask | None = None) -> torch.Tensor:
         """logits [B, V] -> processed float32 logits [B, V] (masked tokens at -inf).
 
-        Greedy rows get only the repetition penalty.
+        Greedy rows get only ``mask`` and the repetition penalty.
         """
         z = logits.float()
+        if mask is not None:  # first: the truncations below must see only allowed tokens
+            z = apply_token_mask(z, mask)
         if self.seen is not None:
             z = apply_repetition_penalty(z, self.seen, self.penalty)
         if not self.sampled_rows:
@@ -346,7 +374,12 @@ class Sampler:
         return z
 
     def sample(
-        self, logits: torch.Tensor, active: Sequence[bool] | None = None, *, logprobs: bool = False
+        self,
+        logits: torch.Tensor,
+        active: Sequence[bool] | None = None,
+        *,
+        logprobs: bool = False,
+        mask: TokenMask | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Picks one token per row and records it for the repetition penalty.
 
@@ -355,6 +388,8 @@ class Sampler:
           active: rows that still generate; only they draw random numbers and
             update their history (default: all).
           logprobs: also return log_softmax(logits)[token] of the raw logits.
+          mask: the tokens constrained rows may pick (structured output), applied
+            before everything else; logprobs stay those of the raw logits.
         Returns:
           tokens [B] int64 and optionally logprobs [B] float32.
         """
@@ -365,7 +400,7 @@ class Sampler:
                 f"the model gave NaN or infinite logits (row {row}): its weights "
                 "or its state hold NaN/Inf values, so there is nothing to sample"
             )
-        z = self.process(logits)
+        z = self.process(logits, mask)
         tokens = z.argmax(dim=-1)
         rows = [b for b in self.sampled_rows if active is None or active[b]]
         if rows:

@@ -1,7 +1,8 @@
 """When a row of generation ends: the one stop checker every generation path uses.
 
 A row ends at a stop token, at a stop string (which may span several
-tokens, and is never shown), or at its token limit. ``StopChecker`` decides
+tokens, and is never shown), at its token limit, or when its grammar
+(structured output) has terminated. ``StopChecker`` decides
 it, token by token, and hands back the text that may be shown so far:
 whole UTF-8 characters only, with text that could still become a stop
 string held back until it cannot.
@@ -77,14 +78,24 @@ class StopChecker:
         text is not shown).
       stop_strings: strings that end the row; cut from the text.
       max_tokens: tokens the row may generate.
+      grammar: a ``structured.GrammarMatcher`` the row's tokens must follow: ``add``
+        feeds it each token (raising ``StructuredOutputError`` for one it rejects)
+        and ends the row once it has terminated (the text is complete and a stop
+        token closed it), whatever ``stop_ids`` say.
     After ``add`` returns, ``finish_reason`` is None while the row goes on,
     else FINISH_STOP / FINISH_LENGTH (``stop``: the stop id or string).
     """
 
     def __init__(
-        self, tokenizer, stop_ids: frozenset[int], stop_strings: Sequence[str], max_tokens: int
+        self,
+        tokenizer,
+        stop_ids: frozenset[int],
+        stop_strings: Sequence[str],
+        max_tokens: int,
+        grammar=None,
     ):
         self.text = TextStream(tokenizer, stop_strings)
+        self.grammar = grammar
         self.stop_ids = stop_ids
         self.max_tokens = max_tokens
         self.count = 0
@@ -94,7 +105,9 @@ class StopChecker:
     def add(self, token: int) -> str:
         """Records a generated token; returns the text it lets through (may be "")."""
         self.count += 1
-        if token in self.stop_ids:
+        if self.grammar is not None:
+            self.grammar.accept(token)
+        if token in self.stop_ids or (self.grammar is not None and self.grammar.is_terminated()):
             self.finish_reason, self.stop = FINISH_STOP, token
             return self.text.finish()
         text = self.text.push(token)

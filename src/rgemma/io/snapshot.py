@@ -60,6 +60,7 @@ def save_state(
     model_config,
     extra: dict[str, Any] | None = None,
     rng_states: Sequence[torch.Tensor | None] | None = None,
+    tensors: dict[str, torch.Tensor] | None = None,
 ) -> str:
     """Writes ``state`` to ``path`` (safetensors + JSON metadata), atomically.
 
@@ -68,15 +69,20 @@ def save_state(
       model_config: the GriffinConfig of the model that made the state.
       extra: JSON-serialisable metadata kept with it (history ids, text...).
       rng_states: per row, a ``torch.Generator.get_state()`` or None.
+      tensors: more tensors kept with it (e.g. the logits after the state), stored as
+        ``extra.<name>`` and returned by ``load_state`` in ``metadata["tensors"]``.
     Returns:
       the path written.
     """
     from safetensors.torch import save_file
 
     path = os.fspath(path)
+    extra_tensors = tensors or {}
     tensors = {
         name: t.detach().to("cpu").contiguous().clone() for name, t in state.tensors().items()
     }
+    for name, t in extra_tensors.items():
+        tensors[f"extra.{name}"] = t.detach().to("cpu").contiguous().clone()
     for row, rng in enumerate(rng_states or []):
         if rng is not None:
             tensors[f"rng.{row}"] = rng.detach().to("cpu", torch.uint8).contiguous().clone()
@@ -159,7 +165,8 @@ def load_state(
       (state, metadata): the State on ``device`` (default: the model's), K/V
       and conv in the model's dtype; metadata is the ``extra`` dict plus
       ``rgemma_version``, ``config_fingerprint``, ``num_tokens``, ``batch_size``
-      and ``rng_states`` (a list with a uint8 tensor or None per row).
+      ``rng_states`` (a list with a uint8 tensor or None per row) and ``tensors`` (those
+      saved with ``tensors=``, by name).
     Raises:
       SnapshotError: a corrupt / truncated file, or a state of another model.
     """
@@ -208,6 +215,7 @@ def load_state(
         num_tokens=state.num_tokens.tolist(),
         batch_size=batch_size,
         rng_states=[_rng_state(path, tensors.get(f"rng.{b}")) for b in range(batch_size)],
+        tensors={k.removeprefix("extra."): t for k, t in tensors.items() if k.startswith("extra.")},
     )
     return state, metadata
 

@@ -16,6 +16,7 @@ Endpoints (shaped like vLLM's and llama.cpp's servers):
   chat format (Gemma's: turns end with ``<end_of_turn>``, a stop token),
   ``logprobs`` / ``top_logprobs``, and the sampling fields above.
 * ``GET /health``, ``GET /metrics`` (Prometheus text).
+* ``GET /``: a chat page in the browser (``web.py``; its files need no API key).
 * ``GET /tokenizer_info``, ``POST /tokenize``, ``POST /detokenize`` (vLLM's
   shapes): lm-eval's ``local-completions`` finds them and tokenizes with the
   server's own tokenizer (its "remote" tokenizer backend).
@@ -25,7 +26,7 @@ built by ``formatting.py``. Streaming is Server-Sent Events (``data: {...}``
 chunks, then ``data: [DONE]``). Errors are OpenAI's JSON ``{"error":
 {"message", "type", "param", "code"}}``: 400 for invalid fields (named in
 ``param``) and malformed JSON, 401 for a missing / wrong API key (every path
-but /health and /metrics), 413 for bodies over the limit, 503 (with
+but /health, /metrics and the chat page's files), 413 for bodies over the limit, 503 (with
 ``Retry-After``) when the engine's queue is full. A client that disconnects
 cancels its request, freeing its rows at once (a non-streamed request notices
 within ``DISCONNECT_POLL_S``, however fast its tokens come).
@@ -60,6 +61,7 @@ from starlette.exceptions import HTTPException
 
 from rgemma.inference.engine import EngineError, QueueFull, RequestError
 from rgemma.inference.sampling import generation_defaults
+from rgemma.inference.state_store import StateStore, StoredState
 from rgemma.serving import DEFAULT_HOST
 from rgemma.serving.errors import APIError
 from rgemma.serving.formatting import EventStream, ResponseFormatter, TokenTexts, sse
@@ -73,9 +75,13 @@ from rgemma.serving.protocol import (
     TokenizeRequest,
     api_error_from_validation,
 )
+from rgemma.serving.states import StateRoutes, continuation_prompts
+from rgemma.serving.web import WEB_PATHS, add_web_routes
+from rgemma.state import State
 
 DISCONNECT_POLL_S = 0.2  # how often a running request checks that its client is still there
-OPEN_PATHS = ("/health", "/metrics")  # the only paths that need no API key
+# the only paths that need no API key (the chat page's files hold no data)
+OPEN_PATHS = ("/health", "/metrics", *WEB_PATHS)
 
 
 @dataclasses.dataclass
@@ -83,7 +89,7 @@ class ServerConfig:
     """What the HTTP layer accepts.
 
     model_name: the id listed by /v1/models (requests may name any model).
-    api_key: when set, every path but /health and /metrics needs
+    api_key: when set, every path but /health, /metrics and the chat page (``OPEN_PATHS``) needs
       ``Authorization: Bearer <api_key>``.
     max_tokens_limit: largest ``max_tokens`` a request may ask for.
     max_prompt_tokens: longest prompt (in tokens) accepted; prompt texts of more than
@@ -113,10 +119,20 @@ def _error_response(e: APIError) -> JSONResponse:
 
 
 class Server:
-    """The HTTP layer over one started engine: ``Server(engine, tokenizer, config).app``."""
+    """The HTTP layer over one started engine: ``Server(engine, tokenizer, config).app``;
+    ``states``: the store of the state handles (default: in RAM, 1 GiB)."""
 
-    def __init__(self, engine, tokenizer, config: ServerConfig | None = None):
+    def __init__(
+        self,
+        engine,
+        tokenizer,
+        config: ServerConfig | None = None,
+        states: StateStore | None = None,
+    ):
         self.engine, self.tokenizer = engine, tokenizer
+        # state handles (states.py): RAM only unless the caller gives a store with a disk tier
+        self.states = states if states is not None else StateStore(engine.model)
+        self.state_routes = StateRoutes(self, self.states)
         # sampling defaults of the model's generation_config.json (request fields win)
         self.defaults = generation_defaults(getattr(tokenizer, "generation_config", {}))
         self.config = config = config or ServerConfig()
@@ -225,6 +241,8 @@ class Server:
             req = await self._parse(request, ChatCompletionRequest)
             return await self._complete(request, req)
 
+        self.state_routes.add_to(app)
+        add_web_routes(app)  # GET /: the chat page (web.py)
         app.add_middleware(ApiKeyGuard, api_key=config.api_key)
         app.add_middleware(ResponseCounter, metrics=self.metrics)  # outermost: counts 401s
         return app
@@ -236,10 +254,52 @@ class Server:
         body = await _read_body(request, self.config.max_body_bytes)
         return await asyncio.to_thread(_validate, model, body, self.limits)
 
-    def _prepare(self, req: CompletionRequest | ChatCompletionRequest) -> ResponseFormatter:
-        """Tokenizes the prompts, checks the budgets, sets up the response (worker thread)."""
-        prompts = req.encode_prompts(self.tokenizer, self.limits)
+    async def read_body(self, request: Request, limit: int) -> bytes:
+        """The raw body (413 over ``limit`` bytes)."""
+        return await _read_body(request, limit)
+
+    async def run_to_state(self, request: Request, engine_request) -> State:
+        """Runs a ``return_state`` request with ``max_tokens`` 0 (reading a prompt into
+        a state) and returns the state; 499 if the client left, 500 if it failed."""
+        run = self._start(engine_request)
+        state, error = None, None
+        try:
+            async with contextlib.aclosing(run.batches(request)) as batches:
+                async for batch in batches:
+                    for _, event in batch:
+                        state = event.state if event.state is not None else state
+                        error = event.error or error
+        finally:
+            run.cancel()
+        if run.client_gone:
+            raise APIError(499, "the client closed the request")
+        if error or state is None:
+            raise APIError(500, error or "no state came back", kind="server_error")
+        return state
+
+    def _start(self, engine_request) -> _Run:
+        if not self.engine.alive:
+            raise APIError(
+                503, "the engine is not running", code="engine_unavailable", kind="server_error"
+            )
+        try:
+            return _Run(self.engine, [engine_request], asyncio.get_running_loop())
+        except APIError as e:
+            if e.status == 503:
+                e.headers = {"Retry-After": str(self.config.retry_after_s)}
+            raise
+
+    def _prepare(
+        self, req: CompletionRequest | ChatCompletionRequest, entry: StoredState | None = None
+    ) -> ResponseFormatter:
+        """Tokenizes the prompts (after ``entry``'s text, if given), checks the budgets,
+        sets up the response (worker thread)."""
+        if entry is None:
+            prompts = req.encode_prompts(self.tokenizer, self.limits)
+        else:
+            prompts = continuation_prompts(req, entry, self.tokenizer)
         req.check_budgets(prompts, self.limits)
+        req.prepare_grammar(self.tokenizer, self.engine.vocab_size)  # response_format
         return ResponseFormatter(
             isinstance(req, ChatCompletionRequest),
             self.config.model_name,
@@ -253,7 +313,8 @@ class Server:
 
     async def _complete(self, request: Request, req: CompletionRequest | ChatCompletionRequest):
         """Runs a completion request on the engine: the whole response, or its stream."""
-        fmt = await asyncio.to_thread(self._prepare, req)
+        entry = await self.state_routes.get(req.state) if req.state is not None else None
+        fmt = await asyncio.to_thread(self._prepare, req, entry)
         if not self.engine.alive:
             raise APIError(
                 503, "the engine is not running", code="engine_unavailable", kind="server_error"
@@ -262,6 +323,10 @@ class Server:
             requests = req.to_engine_requests([ids for ids, _ in fmt.prompts], self.defaults)
         except RequestError as e:
             raise APIError(400, str(e)) from None
+        for r in requests:
+            r.state = entry.state.clone() if entry is not None else None
+            r.return_state = req.save_state
+        saver = _StateSaver(self, req, isinstance(req, ChatCompletionRequest))
         try:
             run = _Run(self.engine, requests, asyncio.get_running_loop())
         except APIError as e:
@@ -270,13 +335,14 @@ class Server:
             raise
         if req.stream:
             return EventStream(
-                self._stream(request, run, fmt, req.include_usage), on_close=run.cancel
+                self._stream(request, run, fmt, req.include_usage, saver), on_close=run.cancel
             )
         try:
             async with contextlib.aclosing(run.batches(request)) as batches:
                 async for batch in batches:
                     for p, event in batch:
                         fmt.apply(p, event)
+                        await saver.take(event)
         finally:
             run.cancel()
         if run.client_gone:
@@ -284,10 +350,15 @@ class Server:
         if fmt.error:
             return _error_response(APIError(500, fmt.error, kind="server_error"))
         # Up to max_logprob_entries: megabytes of JSON, built off the event loop.
-        return await asyncio.to_thread(lambda: JSONResponse(fmt.response()))
+        return await asyncio.to_thread(lambda: JSONResponse(saver.added(fmt.response())))
 
     async def _stream(
-        self, request: Request, run: _Run, fmt: ResponseFormatter, include_usage: bool
+        self,
+        request: Request,
+        run: _Run,
+        fmt: ResponseFormatter,
+        include_usage: bool,
+        saver: _StateSaver,
     ) -> AsyncIterator[bytes]:
         try:
             if fmt.chat:
@@ -297,8 +368,11 @@ class Server:
                     out = b""  # everything that arrived: one write
                     for p, event in batch:
                         choices = fmt.apply(p, event)
-                        if choices:
-                            out += sse(fmt.chunk(choices))
+                        saved = await saver.take(event)
+                        if choices or saved:
+                            out += sse(
+                                saver.added(fmt.chunk(choices)) if saved else fmt.chunk(choices)
+                            )
                         if fmt.error:
                             out += sse(APIError(500, fmt.error, kind="server_error").body())
                             break
@@ -313,9 +387,40 @@ class Server:
             run.cancel()  # the client left, or we are done: free the rows now
 
 
-def create_app(engine, tokenizer, config: ServerConfig | None = None) -> FastAPI:
+def create_app(
+    engine, tokenizer, config: ServerConfig | None = None, states: StateStore | None = None
+) -> FastAPI:
     """The FastAPI app serving ``engine`` (which must be started)."""
-    return Server(engine, tokenizer, config).app
+    return Server(engine, tokenizer, config, states).app
+
+
+class _StateSaver:
+    """``save_state``: makes the handle from the finishing event's state, and adds its
+    state object to the response (or to the stream's chunk with the finish_reason)."""
+
+    def __init__(self, server: Server, req, chat: bool):
+        self.server, self.req, self.chat = server, req, chat
+        self.object: dict | None = None
+
+    async def take(self, event) -> bool:
+        """True if ``event`` carried the final state (now saved)."""
+        if getattr(event, "state", None) is None or not self.req.save_state:
+            return False
+        store = self.server.states
+        entry = StoredState(
+            store.new_id(),
+            event.state,
+            pending_ids=[event.token_id],
+            metadata=self.req.metadata or {},
+            ends_with_answer=self.chat,
+        )
+        self.object = await self.server.state_routes.save(entry)
+        return True
+
+    def added(self, body: dict) -> dict:
+        if self.object is not None:
+            body["state"] = self.object
+        return body
 
 
 # ============================================================ engine bridge

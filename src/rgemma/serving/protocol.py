@@ -18,6 +18,7 @@ the first error pydantic found (see ``errors.py``).
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -25,6 +26,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -32,6 +34,12 @@ from pydantic import (
 )
 
 from rgemma.inference.engine import Request, RequestError, SamplingParams, sampling_params
+from rgemma.inference.structured import (
+    GrammarSpec,
+    StructuredOutputError,
+    compile_grammar,
+    parse_response_format,
+)
 from rgemma.io.tokenizer import ChatTemplateError
 from rgemma.serving.errors import (
     APIError,
@@ -56,7 +64,7 @@ CHAT_ROLE_ALIASES = {"developer": "system"}
 
 
 # ------------------------------------------------------------- field shapes
-def _valid_unicode(text: str, param: str) -> str:
+def valid_unicode(text: str, param: str) -> str:
     """``text`` if it is valid Unicode (JSON can carry lone surrogates, which are not)."""
     try:
         text.encode("utf-8")
@@ -76,13 +84,13 @@ def _is_token_ids(value: Any) -> bool:
 def _prompt_list(value: Any) -> Any:
     """``prompt`` in any of OpenAI's shapes -> a list of strings or of token-id lists."""
     if isinstance(value, str) or _is_token_ids(value):
-        return [_valid_unicode(value, "prompt") if isinstance(value, str) else value]
+        return [valid_unicode(value, "prompt") if isinstance(value, str) else value]
     if (
         isinstance(value, list)
         and value
         and (all(isinstance(x, str) for x in value) or all(_is_token_ids(x) for x in value))
     ):
-        return [_valid_unicode(x, "prompt") if isinstance(x, str) else x for x in value]
+        return [valid_unicode(x, "prompt") if isinstance(x, str) else x for x in value]
     raise client_error(
         "'prompt' must be a string, a list of strings, a non-empty list of token "
         "ids or a list of such lists",
@@ -99,7 +107,7 @@ def _stop_list(value: Any) -> list[str]:
         raise client_error(f"'stop' may hold at most {MAX_STOP_STRINGS} strings")
     if any(not s or len(s) > MAX_STOP_CHARS for s in items):
         raise client_error(f"'stop' strings must have 1 to {MAX_STOP_CHARS} characters")
-    return [_valid_unicode(s, "stop") for s in items]
+    return [valid_unicode(s, "stop") for s in items]
 
 
 def _message_list(value: Any) -> list[dict]:
@@ -118,9 +126,7 @@ def _message_list(value: Any) -> list[dict]:
                 "user or assistant)",
                 "invalid_role",
             )
-        out.append(
-            {"role": role, "content": _valid_unicode(_text(m.get("content"), i), "messages")}
-        )
+        out.append({"role": role, "content": valid_unicode(_text(m.get("content"), i), "messages")})
     return out
 
 
@@ -136,6 +142,19 @@ def _text(content: Any, i: int) -> str:
     raise client_error(
         f"messages[{i}].content must be a string or a list of text parts", "invalid_type"
     )
+
+
+STATE_ID_PATTERN = r"^state-[0-9a-f]{1,64}$"
+MAX_METADATA_BYTES = 64 * 1024
+
+
+def small_metadata(value: Any) -> dict:
+    """A client's JSON object kept with a state: at most MAX_METADATA_BYTES as JSON."""
+    if not isinstance(value, dict):
+        raise client_error("'metadata' must be a JSON object", "invalid_type")
+    if len(json.dumps(value)) > MAX_METADATA_BYTES:
+        raise client_error(f"'metadata' is over {MAX_METADATA_BYTES} bytes of JSON")
+    return value
 
 
 class ChatMessage(BaseModel):
@@ -245,6 +264,16 @@ class StreamOptions(RequestModel):
     include_usage: bool = False
 
 
+def _response_format(value: Any) -> GrammarSpec | None:
+    """``response_format`` (``text``, ``json_object`` or ``json_schema``) -> the checked
+    GrammarSpec to enforce, None for text. The schema is checked here, without a tokenizer;
+    ``prepare_grammar`` compiles it."""
+    try:
+        return parse_response_format(value)
+    except StructuredOutputError as e:
+        raise client_error(f"'response_format': {e}") from None
+
+
 _UNSUPPORTED = {
     "presence_penalty": "'presence_penalty' is not supported (use repetition_penalty)",
     "frequency_penalty": "'frequency_penalty' is not supported (use repetition_penalty)",
@@ -271,6 +300,13 @@ class _GenerationRequest(RequestModel):
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     max_tokens: int | None = None  # bounds and default per endpoint; an int once validated
+    # state handles (rgemma's extension, see states.py): continue from one, save the result
+    state: str | None = Field(None, pattern=STATE_ID_PATTERN)
+    save_state: bool = False
+    metadata: Annotated[dict, BeforeValidator(small_metadata)] | None = None
+    # structured output: a GrammarSpec once validated (None: plain text)
+    response_format: Annotated[Any, BeforeValidator(_response_format)] = None
+    _grammar: Any = PrivateAttr(None)  # response_format compiled by prepare_grammar
     # Accepted at their no-op value only.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
@@ -299,6 +335,12 @@ class _GenerationRequest(RequestModel):
     def _check_combinations(self) -> _GenerationRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise client_error("'best_of' other than n is not supported", "unsupported", "best_of")
+        if self.save_state and self.n != 1:
+            raise client_error("'save_state' needs n = 1", param="save_state")
+        if self.metadata is not None and not self.save_state:
+            raise client_error(
+                "'metadata' is kept with a saved state: send save_state", param="metadata"
+            )
         if self.stream_options is not None and not self.stream:
             raise client_error(
                 "'stream_options' is only allowed with stream: true", param="stream_options"
@@ -369,10 +411,25 @@ class _GenerationRequest(RequestModel):
         unsent = {k: v for k, v in (defaults or {}).items() if k not in self.model_fields_set}
         return sampling_params(**{**sent, **unsent})
 
+    def prepare_grammar(self, tokenizer, vocab_size: int) -> None:
+        """Compiles ``response_format`` for the tokenizer and the model's ``vocab_size``
+        (cached per schema; the first time a schema is seen it takes up to ~0.1 s at a
+        256000 vocabulary: run it off the event loop). A 400 naming ``response_format`` if
+        it cannot be enforced."""
+        if self.response_format is None:
+            return
+        try:
+            self._grammar = compile_grammar(self.response_format, tokenizer, vocab_size)
+        except StructuredOutputError as e:
+            raise invalid_request("response_format", f"'response_format': {e}") from None
+
     def to_engine_requests(
         self, prompt_ids: list[list[int]], defaults: dict | None = None
     ) -> list[Request]:
-        """One engine Request per prompt (``defaults``: see ``to_sampling_params``)."""
+        """One engine Request per prompt (``defaults``: see ``to_sampling_params``); with a
+        ``response_format``, after ``prepare_grammar``."""
+        if self.response_format is not None and self._grammar is None:
+            raise RuntimeError("response_format: call prepare_grammar() first")
         params = self.to_sampling_params(defaults)
         return [
             Request(
@@ -385,6 +442,7 @@ class _GenerationRequest(RequestModel):
                 stop_strings=self.stop,
                 logprobs=self.num_logprobs,
                 prompt_logprobs=self.num_prompt_logprobs,
+                grammar=self._grammar,
             )
             for ids in prompt_ids
         ]
@@ -518,7 +576,7 @@ class TokenizeRequest(RequestModel):
     @field_validator("prompt")
     @classmethod
     def _unicode(cls, value: str) -> str:
-        return _valid_unicode(value, "prompt")
+        return valid_unicode(value, "prompt")
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> TokenizeRequest:
