@@ -2,8 +2,8 @@
 
     python bench/structured.py                          # demo model, b=1 and b=16
     python bench/structured.py --shape 2b --new-tokens 24 --rounds 2   # random 2B weights
-    python bench/structured.py --engines                # mask cost: xgrammar / llguidance /
-                                                        # outlines-core (those installed)
+    python bench/structured.py --engines                # mask cost: llguidance, and
+                                                        # xgrammar / outlines-core if installed
     python bench/structured.py --smoke                  # seconds, for the tests
 
 Decode: b requests (different prompts, sampled, seeds 0..b-1) run together through
@@ -25,7 +25,9 @@ masks have Gemma's width.
 ``--engines`` measures the grammar engines themselves, on the demo tokenizer and the
 synthetic 256000-piece one: per token, fill the mask of one row + accept the token,
 over JSON documents tokenized by the vocabulary (``{"type": "object"}`` and SCHEMA),
-plus compile times. This chose xgrammar (see ``rgemma/inference/structured.py``).
+plus compile times. llguidance is measured through ``rgemma.inference.structured``
+(what the engine runs); xgrammar and outlines-core, not dependencies, are skipped when
+they are not installed (see ``rgemma/inference/structured.py`` for the choice).
 """
 
 from __future__ import annotations
@@ -61,11 +63,13 @@ SCHEMA = {
             "type": "object",
             "properties": {"city": {"type": "string", "maxLength": 20}, "zip": {"type": "string"}},
             "required": ["city"],
+            "additionalProperties": False,
         },
         "score": {"type": "number"},
         "active": {"type": "boolean"},
     },
     "required": ["name", "age", "role", "tags", "active"],
+    "additionalProperties": False,  # closed: a row ends when its last property is written
 }
 PROMPTS = [
     "config = ",
@@ -323,52 +327,27 @@ class _XGrammar:
 
 
 class _LLGuidance:
+    """What the engine runs: ``rgemma.inference.structured`` (llguidance)."""
+
     name = "llguidance"
 
     def __init__(self, tok, vocab_size: int):
-        import llguidance
-        import llguidance.torch
+        import llguidance  # noqa: F401  (a dependency: ImportError only in a broken install)
 
-        self.llg, self.lt = llguidance, llguidance.torch
-        pieces = structured.token_bytes(tok, vocab_size)
-        self.stop = sorted(tok.stop_ids)
-        tokens = [b if b is not None else b"\xff<special_%d>" % i for i, b in enumerate(pieces)]
-
-        class Wrapped:  # what llguidance.TokenizerWrapper reads
-            eos_token_id = self.stop[0]
-            bos_token_id = tok.bos_id
-            special_token_ids = [i for i, b in enumerate(pieces) if b is None]
-
-            def __init__(self):
-                self.tokens = tokens
-
-            def __call__(self, text):
-                if isinstance(text, bytes):
-                    text = text.decode("utf-8", errors="replace")
-                return tok.encode(text, add_bos=False)
-
-        self.tok = llguidance.LLTokenizer(
-            llguidance.TokenizerWrapper(Wrapped()), n_vocab=vocab_size, eos_token=self.stop
-        )
-        self.bits = llguidance.torch.allocate_token_bitmask(1, vocab_size)
+        self.vocab = structured.vocabulary(tok, vocab_size)
+        self.stop = self.vocab.stop_ids
+        self.bits = torch.empty((1, (vocab_size + 31) // 32), dtype=torch.int32)
 
     def compile(self, schema: dict):
-        grammar = self.llg.LLMatcher.grammar_from_json_schema(
-            schema,
-            defaults={"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "},
-        )
-        error = self.llg.LLMatcher.validate_grammar(grammar, self.tok)
-        if error:
-            raise RuntimeError(error)
-        return grammar
+        structured._schema_grammar.cache_clear()  # time the whole compile
+        return self.vocab.compile(structured.json_schema_spec(schema))
 
     def matcher(self, grammar):
-        return self.llg.LLMatcher(self.tok, grammar)
+        return grammar.matcher()
 
     def step(self, m, token: int) -> None:
-        self.lt.fill_next_token_bitmask(m, self.bits, 0)
-        if not m.consume_token(token):
-            raise RuntimeError(m.get_error())
+        m.fill_mask(self.bits, 0)
+        m.accept(token)
 
 
 class _OutlinesCore:
@@ -410,13 +389,15 @@ def engine_bench(args) -> list[dict]:
     grammars = [("json_object", {"type": "object"}), ("schema", SCHEMA)]
     rows = []
     for label, tok in tokenizers:
-        for kind in (_XGrammar, _LLGuidance, _OutlinesCore):
+        for kind in (_LLGuidance, _XGrammar, _OutlinesCore):
+            t0 = time.perf_counter()
             try:
                 engine = kind(tok, tok.vocab_size)
             except ImportError:
                 print(f"{kind.name}: not installed, skipped")
                 continue
             row = {"vocab": tok.vocab_size, "tokenizer": label, "engine": kind.name}
+            row["vocabulary s"] = time.perf_counter() - t0
             for name, schema in grammars:
                 t0 = time.perf_counter()
                 grammar = engine.compile(schema)

@@ -203,11 +203,15 @@ def _schema_format(schema, **extra) -> dict:
         ({"type": "json_schema", "json_schema": {"name": "x"}}, "'json_schema.schema' is required"),
         (_schema_format({}, strict="yes"), "'json_schema.strict' must be a boolean"),
         (_schema_format([1]), "must be a JSON object, got an array"),
-        (_schema_format({"type": "integr"}), 'Unsupported type "integr"'),
-        (_schema_format({"type": "integer", "minimum": 5, "maximum": 1}), "minimum greater"),
-        (_schema_format({"type": "string", "pattern": "(["}), "Regex parsing error"),
+        (_schema_format({"type": "integr"}), "Invalid type: integr"),
+        (_schema_format({"type": "integer", "minimum": 5, "maximum": 1}), "is greater than"),
+        (_schema_format({"type": "string", "pattern": "(["}), "regex parse error"),
         (_schema_format({"$ref": "#/$defs/missing"}), "missing"),
-        (_schema_format({"enum": []}), "enum array must not be empty"),
+        (_schema_format({"enum": []}), "Unsatisfiable schema"),
+        (_schema_format({"anyOf": []}), "Unsatisfiable schema"),
+        (_schema_format({"type": "integer", "minimum": 1.5, "maximum": 1.7}), "no integer"),
+        # keywords the engine cannot enforce are refused, not ignored
+        (_schema_format({"type": "array", "uniqueItems": True}), "Unimplemented keys"),
         (_schema_format({"x": "y" * structured.MAX_SCHEMA_CHARS}), "over the limit"),
     ],
 )
@@ -217,13 +221,26 @@ def test_bad_response_formats_say_what_is_wrong(value, message):
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
-def test_unsatisfiable_schema_is_refused_at_compile(demo_model):
-    """A schema that converts but admits no text ("anyOf": [] leaves only the stop tokens)
-    is an error, not a generation that can only end at once with no JSON."""
-    model, tok = demo_model
-    spec = json_schema_spec({"anyOf": []})
+class _LettersOnly:
+    """A tokenizer that cannot spell "{" (ids 3-7 are the letters a-e)."""
+
+    vocab_size, unk_id, bos_id = 8, 0, 1
+    stop_ids = frozenset({2})
+    special_ids = frozenset({0, 1, 2})
+
+    def id_to_piece(self, i: int) -> str:
+        return ["<unk>", "<bos>", "<eos>", "a", "b", "c", "d", "e"][i]
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]:
+        return [3 + "abcde".index(c) for c in text if c in "abcde"]
+
+
+def test_unsatisfiable_grammar_is_refused_at_compile():
+    """A grammar that leaves only the stop tokens (here: a vocabulary without "{"; the
+    schemas the engine sees as unsatisfiable never get this far) is an error, not a
+    generation that can only end at once with no JSON."""
     with pytest.raises(StructuredOutputError, match="admits no JSON text"):
-        compile_grammar(spec, tok, model.config.vocab_size)
+        compile_grammar(json_object_spec(), _LettersOnly(), 8)
 
 
 # ========================================================== vocabulary and matchers
@@ -533,7 +550,7 @@ def test_completions_json_object_and_text(client):
 @pytest.mark.parametrize(
     "response_format,message",
     [
-        (_schema_format({"type": "objec"}), 'Unsupported type "objec"'),
+        (_schema_format({"type": "objec"}), "Invalid type: objec"),
         ({"type": "yaml"}, "unknown type 'yaml'"),
         ([RESPONSE_FORMAT], "must be an object"),
         ({"type": "json_schema", "json_schema": {"schema": SCHEMA}}, "'json_schema.name'"),
@@ -569,7 +586,7 @@ def test_cli_json_schema(tmp_path, capsys):
         (None, "no such file"),
         ("{not json", "the schema is not valid JSON"),
         ("[1, 2]", "the schema must be a JSON object, got an array"),
-        ('{"type": "strin"}', 'invalid JSON schema: Unsupported type "strin"'),
+        ('{"type": "strin"}', "invalid JSON schema: Invalid type: strin"),
         (b"\xff\xfe{}", "not UTF-8 text"),
         ("dir", "cannot read it"),
     ],

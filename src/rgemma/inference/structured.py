@@ -22,17 +22,29 @@ lengths and grammars. Log-probabilities stay those of the raw model.
 
 The output is compact JSON (``json.dumps``' separators ", " and ": ", no newlines): a
 grammar that allows any whitespace lets a weak model emit blanks until ``max_tokens``.
-JSON Schema keywords xgrammar does not implement (``not``, ``allOf``...) are ignored, so
-those constraints are not guaranteed; ``strict`` is accepted and changes nothing.
+Properties come in the schema's order. An object may hold properties its schema does
+not list unless it says ``"additionalProperties": false`` (JSON Schema's rule, which
+OpenAI's strict mode makes every schema spell out; a weak model may otherwise go on
+writing keys). Keywords the engine cannot enforce (``not``, ``uniqueItems``...) are
+refused (``Unimplemented keys: ["not"]``), as are schemas no text satisfies; ``strict``
+is accepted and changes nothing.
 
-Grammar engine: xgrammar. Chosen by measured per-token cost: filling one row's mask and
-accepting the sampled token, the work added to each decode step of a constrained row,
-on this project's 2-core CPU, over 20 JSON documents (~60 tokens each) tokenized by a
-SentencePiece vocabulary, compact JSON as generated here, for ``{"type": "object"}``
-(JSON mode) and a 7-property schema (enum, bounds, nested object, array). Microseconds
-per token, median / mean / p99, and compile seconds; medians of 3 runs::
+Grammar engine: llguidance, chosen for its weight at a measured cost that fits. It has
+no dependencies (7.6 MB installed); xgrammar, the fastest per token, pulls
+``transformers`` and, on x86-64 Linux, ``triton`` (~1 GB) into every install of this
+CPU-first package. The cost: filling one row's mask and accepting the sampled token,
+the work added to each decode step of a constrained row, on this project's 2-core CPU
+(busy with other jobs: load ~3.4), over 20 JSON documents (~60 tokens each) tokenized
+by a SentencePiece vocabulary, compact JSON as generated here, for
+``{"type": "object"}`` (JSON mode) and a 7-property schema (enum, bounds, bounded
+strings, nested object, array; ``bench/structured.py``'s SCHEMA). Microseconds per
+token, median / mean / p99, and compile seconds; medians of 3 runs::
 
     vocab   engine                json_object            schema                 compile s
+    4096    llguidance 1.9.1       5.5 /   7.9 /  45      7.7 /  10.5 /   60     0.002
+    256000  llguidance            9.4 /  17.9 /  74     24.6 / 223   / 3317     0.009
+    before the switch (xgrammar installed; SCHEMA without "additionalProperties": false;
+    llguidance with a new matcher per document):
     4096    xgrammar 0.2.9         4.2 /   4.6 /   7.9    2.6 /   3.9 /    9.2   0.003
     4096    llguidance 1.9.1       4.5 /   8.0 /  55     10.8 /  20.3 /  129     0.001
     4096    outlines-core 0.2.14   3.8 /   2.5 /   5.9    0.7 /   2.3 /    8.8   5.5 (obj)
@@ -42,16 +54,26 @@ per token, median / mean / p99, and compile seconds; medians of 3 runs::
 
 4096 is the bundled demo model's tokenizer; 256000 (Gemma's size) a synthetic
 SentencePiece model extending the demo's with 252k pieces (fragments of Python
-standard-library words; Latin, Cyrillic, CJK, Arabic and kana strings). Reproduce:
-``pip install llguidance outlines-core; python bench/structured.py --engines``.
-xgrammar precomputes the masks of context-independent tokens when it compiles, so a
-step mostly copies a stored mask: the lowest mean at 256000 for both grammars and a
-bounded tail. llguidance compiles nothing but computes masks lazily: 1.7-24x the mean
-and ~60x the p99 (schema, 256000). outlines-core is fast at 4096 but compiles a
-whole-vocabulary automaton per schema (5.5 s for JSON mode at 4096; 13-22 s at
-256000, where its masks also cost 160-300 us). The price of xgrammar is its
-dependencies (``transformers``, and ``triton`` on x86-64 Linux, ~1 GB installed);
-everything engine-specific is in this module.
+standard-library words; Latin, Cyrillic, CJK, Arabic and kana strings); building the
+engine's view of it (``Vocabulary``) takes 1.5 s, once per tokenizer. Reproduce:
+``python bench/structured.py --engines`` (xgrammar and outlines-core are measured too
+when installed). xgrammar precomputes the masks of context-independent tokens when it
+compiles, so a step mostly copies a stored mask; llguidance compiles nothing (ms) and
+computes each mask from its token trie and lexer: ~2x xgrammar's mean in JSON mode, and
+inside length-bounded strings at 256000 pieces up to ~3 ms per row (the schema's mean
+and p99). A matcher's first mask costs 0.4-1.2 ms when built from the grammar, so each
+``Grammar`` keeps one at the start and sequences get copies (first mask 20-50 us).
+Through the engine (``python bench/structured.py --rounds 9``, demo model, three runs),
+schema / plain decode tok/s is 0.95-0.99 at batch 1 and 0.91-0.93 at batch 16, where the
+grammar work is ~0.9 ms of a ~20 ms step (filling 0.63-0.76 ms; isolated, 16 rows take
+~0.2 ms: what runs between steps, the forward pass or other jobs, leaves the caches
+cold). With random 2B weights and the 256000-piece tokenizer
+(``--shape 2b --new-tokens 16 --rounds 3``) it is 1.5 ms of a ~500 ms step at batch 1
+and 12 ms of ~850 ms at batch 16 (ratios 0.84 and 0.95 in one run, 1.07 and 0.97 in
+another: the forward pass's own spread, 475-620 ms between identical steps, decides
+them). Batch filling: one ``LLExecutor`` call with one thread; a second thread did not
+pay on 2 busy cores (16 rows: 0.15 ms either way at 4096, 2.9 ms at 256000) and a loop
+of single-row calls costs about the same. Everything engine-specific is in this module.
 """
 
 from __future__ import annotations
@@ -78,7 +100,14 @@ MAX_SCHEMA_CHARS = 64 * 1024  # a schema's JSON text; compile time grows with it
 MAX_CACHED_GRAMMARS = 64  # compiled grammars kept per vocabulary (LRU)
 _SEPARATORS = (", ", ": ")  # json.dumps' defaults: what models have seen most
 _BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece byte fallback
-_ENGINE_NOISE = re.compile(r"^\[[0-9:]+\] \S+:\d+: (Check failed: \(.*?\) is false: )?")
+# llguidance's JSON options: compact JSON, json.dumps' separators
+_JSON_OPTIONS = {
+    "whitespace_flexible": False,
+    "item_separator": _SEPARATORS[0],
+    "key_separator": _SEPARATORS[1],
+}
+_SPECIAL_MARK = b"\xff"  # llguidance's first byte of tokens that are not text
+_FILL_THREADS = 1  # llguidance.LLExecutor threads filling a batch's masks
 _NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
@@ -188,22 +217,33 @@ def _json_type_name(value: Any) -> str:
 
 
 @functools.lru_cache(maxsize=MAX_CACHED_GRAMMARS)
-def _schema_grammar(schema: str):
-    """The engine's grammar of a schema text (no tokenizer involved)."""
-    import xgrammar
+def _schema_grammar(schema: str) -> str:
+    """The engine's grammar of a schema text (llguidance's JSON text of it), checked
+    without a tokenizer."""
+    import llguidance
 
-    try:
-        return xgrammar.Grammar.from_json_schema(
-            schema, any_whitespace=False, separators=_SEPARATORS, strict_mode=True
-        )
-    except (RuntimeError, ValueError, TypeError) as e:
+    try:  # overrides: compact JSON even if the schema's "x-guidance" asks otherwise
+        grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=_JSON_OPTIONS)
+    except (ValueError, TypeError) as e:
         raise StructuredOutputError(f"invalid JSON schema: {_engine_message(e)}") from None
+    error = llguidance.LLMatcher.validate_grammar(grammar, limits=_limits())
+    if error:
+        raise StructuredOutputError(f"invalid JSON schema: {_engine_message(error)}")
+    return grammar
 
 
-def _engine_message(e: BaseException) -> str:
-    """An engine error without its source location prefix, on one line."""
-    lines = [line for line in str(e).strip().splitlines() if line.strip()]
-    return _ENGINE_NOISE.sub("", lines[0] if lines else type(e).__name__)
+def _engine_message(error: BaseException | str) -> str:
+    """An engine error on one line (its lines joined; regex carets dropped)."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return " ".join(line for line in lines if line.strip("^ ")) or type(error).__name__
+
+
+@functools.lru_cache(maxsize=1)
+def _limits():
+    """Errors without the parser state and grammar dump (llguidance's default adds them)."""
+    import llguidance
+
+    return llguidance.LLParserLimits(verbose_errors=False)
 
 
 # ================================================================ vocabulary
@@ -226,6 +266,32 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     return out
 
 
+class _Pieces:
+    """A tokenizer as ``llguidance.TokenizerWrapper`` reads it: every id's bytes, ids that
+    are not text spelled 0xFF + their name (llguidance's mark for special tokens: no
+    text grammar can produce them), and an encoder."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: list[int]):
+        pieces = token_bytes(tokenizer, vocab_size)
+        self.tokens = [
+            piece if piece is not None else _SPECIAL_MARK + _special_name(tokenizer, i).encode()
+            for i, piece in enumerate(pieces)
+        ]
+        self.special_token_ids = [i for i, piece in enumerate(pieces) if piece is None]
+        self.eos_token_id = stop_ids[0]
+        self.bos_token_id = tokenizer.bos_id
+        self._tokenizer = tokenizer
+
+    def __call__(self, text: bytes | str) -> list[int]:
+        if isinstance(text, bytes):
+            text = text.decode("utf-8", errors="replace")
+        return self._tokenizer.encode(text, add_bos=False)
+
+
+def _special_name(tokenizer, i: int) -> str:
+    return tokenizer.id_to_piece(i) if i < tokenizer.vocab_size else f"<id_{i}>"
+
+
 class Vocabulary:
     """One tokenizer's vocabulary as the grammar engine sees it, with the grammars
     compiled for it (LRU, at most MAX_CACHED_GRAMMARS). Built once per tokenizer and
@@ -235,29 +301,37 @@ class Vocabulary:
     """
 
     def __init__(self, tokenizer, vocab_size: int):
-        import xgrammar
+        import llguidance
 
         self.vocab_size = vocab_size
         self.stop_ids = sorted(t for t in tokenizer.stop_ids if t < vocab_size)
         if not self.stop_ids:
             raise StructuredOutputError("the tokenizer has no stop token within the vocabulary")
-        encoded = [b or b"" for b in token_bytes(tokenizer, vocab_size)]  # b"": not text
-        self.info = xgrammar.TokenizerInfo(
-            encoded, xgrammar.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=self.stop_ids
+        self._stop_set = frozenset(self.stop_ids)
+        wrapper = llguidance.TokenizerWrapper(_Pieces(tokenizer, vocab_size, self.stop_ids))
+        self.ll_tokenizer = llguidance.LLTokenizer(  # the token trie masks are computed on
+            wrapper, n_vocab=vocab_size, eos_token=self.stop_ids
         )
-        # Our own LRU below keys by schema text; the engine's cache would be unbounded.
-        self._compiler = xgrammar.GrammarCompiler(self.info, max_threads=2, cache_enabled=False)
         self._grammars: collections.OrderedDict[GrammarSpec, Grammar] = collections.OrderedDict()
         self._lock = threading.Lock()
 
     def compile(self, spec: GrammarSpec) -> Grammar:
         """The Grammar of ``spec`` (compiled once, then from the cache)."""
+        import llguidance
+
         key = dataclasses.replace(spec, name=None, strict=None)  # same schema, same grammar
         with self._lock:
             if key in self._grammars:
                 self._grammars.move_to_end(key)
                 return self._grammars[key]
-        grammar = Grammar(spec, self, self._compiler.compile_grammar(_schema_grammar(spec.schema)))
+        start = llguidance.LLMatcher(
+            self.ll_tokenizer, _schema_grammar(spec.schema), log_level=0, limits=_limits()
+        )
+        if start.is_error():
+            raise StructuredOutputError(
+                f"invalid JSON schema: {_engine_message(start.get_error())}"
+            )
+        grammar = Grammar(spec, self, start)
         first = grammar.matcher().allowed()
         first[self.stop_ids] = False
         if not bool(first.any()):  # only the empty text (e.g. "anyOf": []): nothing to write
@@ -294,7 +368,10 @@ def compile_grammar(spec: GrammarSpec, tokenizer, vocab_size: int | None = None)
 
 # =================================================================== grammars
 class Grammar:
-    """A grammar compiled for one vocabulary: immutable, shared by all its matchers."""
+    """A grammar compiled for one vocabulary: immutable, shared by all its matchers.
+
+    ``compiled``: an engine matcher at the start of the text, never advanced; each
+    sequence's matcher is a copy of it."""
 
     def __init__(self, spec: GrammarSpec, vocab: Vocabulary, compiled):
         self.spec = spec
@@ -304,9 +381,7 @@ class Grammar:
 
     def matcher(self) -> GrammarMatcher:
         """A fresh matcher at the start of the text (one per sequence)."""
-        import xgrammar
-
-        return GrammarMatcher(self, xgrammar.GrammarMatcher(self._compiled))
+        return GrammarMatcher(self, self._compiled.deep_copy())
 
     def __repr__(self) -> str:
         return f"Grammar({self.spec.kind}, {self.spec.schema[:60]!r}, vocab={self.vocab_size})"
@@ -318,11 +393,14 @@ class GrammarMatcher:
     def __init__(self, grammar: Grammar, handle):
         self.grammar = grammar
         self._handle = handle
+        self._terminated = False
 
     def fill_mask(self, bitmask: torch.Tensor, row: int = 0) -> None:
         """Writes the allowed next tokens into ``bitmask[row]`` (int32 [R, ceil(V / 32)] on
         the CPU; bit j of word w = token 32 w + j)."""
-        self._handle.fill_next_token_bitmask(bitmask, row)
+        _check_bitmask(bitmask, self.grammar.vocab_size)
+        bits = bitmask[row]
+        self._handle.unsafe_compute_mask_ptr(bits.data_ptr(), bits.numel() * 4)
 
     def allowed(self) -> torch.Tensor:
         """The allowed next tokens: bool [V]."""
@@ -335,28 +413,53 @@ class GrammarMatcher:
         return logits.masked_fill(~self.allowed().to(logits.device), float("-inf"))
 
     def accept(self, token: int) -> None:
-        """Advances past ``token``; StructuredOutputError if the grammar does not allow it."""
-        if not self._handle.accept_token(int(token)):
+        """Advances past ``token``; StructuredOutputError if the grammar does not allow it
+        (the matcher is then unusable: the engine ends the sequence)."""
+        token = int(token)
+        try:
+            ok = 0 <= token < self.grammar.vocab_size and self._handle.consume_token(token)
+        except (ValueError, OverflowError):
+            ok = False
+        if not ok:
             raise StructuredOutputError(
                 f"token {token} does not fit the {self.grammar.spec.kind} grammar here"
             )
+        if token in self.grammar.vocab._stop_set:  # allowed only once the text is complete
+            self._terminated = True
 
     def is_terminated(self) -> bool:
         """True once the text is complete and a stop token ended it."""
-        return self._handle.is_terminated()
+        return self._terminated
 
     def is_completed(self) -> bool:
         """True when the text so far is a complete value (a stop token may come next)."""
-        return self._handle.is_completed()
+        return self._handle.is_accepting()
 
     def fork(self) -> GrammarMatcher:
         """An independent copy at the same point (cheap: the compiled grammar is shared)."""
-        return GrammarMatcher(self.grammar, self._handle.fork())
+        copy = GrammarMatcher(self.grammar, self._handle.deep_copy())
+        copy._terminated = self._terminated
+        return copy
 
 
 # ===================================================================== masks
 def _new_bitmask(rows: int, vocab_size: int) -> torch.Tensor:
     return torch.empty((rows, (vocab_size + 31) // 32), dtype=torch.int32)
+
+
+def _check_bitmask(bitmask: torch.Tensor, vocab_size: int) -> None:
+    """The engine writes through a raw pointer: the buffer must be what it assumes."""
+    if (
+        bitmask.dtype != torch.int32
+        or bitmask.device.type != "cpu"
+        or bitmask.dim() != 2
+        or bitmask.shape[1] != (vocab_size + 31) // 32
+        or not bitmask.is_contiguous()
+    ):
+        raise ValueError(
+            f"the bit mask must be a contiguous int32 CPU tensor [R, {(vocab_size + 31) // 32}],"
+            f" got {bitmask.dtype} {tuple(bitmask.shape)} on {bitmask.device}"
+        )
 
 
 def unpack_bitmask(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -385,7 +488,11 @@ def token_mask(
     if not matchers:
         return None
     bits = _bitmask_buffer(len(matchers), vocab_size)
-    _batch_filler().batch_fill_next_token_bitmask([m._handle for _, m in matchers], bits)
+    if len(matchers) == 1:
+        matchers[0][1].fill_mask(bits, 0)
+    else:
+        rows = [(m._handle, i) for i, (_, m) in enumerate(matchers)]
+        _executor().unsafe_compute_mask_ptr(rows, bits.data_ptr(), bits.shape[1] * 4, len(rows))
     allowed = unpack_bitmask(bits, vocab_size)
     if torch.device(device).type != "cpu":
         allowed = allowed.to(device, non_blocking=True)
@@ -395,16 +502,13 @@ def token_mask(
 _local = threading.local()
 
 
-def _batch_filler():
-    """This thread's xgrammar BatchGrammarMatcher: one call fills every row (R separate
-    calls cost ~1.5x as much). One thread: on a busy CPU more threads cost more than the
-    ~2-20 us per row they would share (measured: 16 rows, 46 us with 1, 230-360 with 2)."""
-    filler = getattr(_local, "filler", None)
-    if filler is None:
-        import xgrammar
+@functools.lru_cache(maxsize=1)
+def _executor():
+    """llguidance's batch filler: one call fills every row. One thread: see the module
+    docstring."""
+    import llguidance
 
-        filler = _local.filler = xgrammar.BatchGrammarMatcher(max_threads=1)
-    return filler
+    return llguidance.LLExecutor(num_threads=_FILL_THREADS)
 
 
 def _bitmask_buffer(rows: int, vocab_size: int) -> torch.Tensor:
