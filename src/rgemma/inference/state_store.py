@@ -229,15 +229,19 @@ class StateStore:
                 self._ram.popitem(last=False)  # on disk if there is a disk tier, else gone
 
 
+def text_after(
+    tokenizer, entry: StoredState, text: str | None = None, ids: Sequence[int] = (), *, final: bool
+) -> tuple[list[int], str]:
+    """(new ids, text still pending) of ``text`` or token ``ids`` following ``entry``'s
+    pending text (ids make that text final: it is tokenized before them)."""
+    if text is not None:
+        return split_stable_text(tokenizer, entry.pending_text + text, final=final)
+    return split_stable_text(tokenizer, entry.pending_text, final=True)[0] + list(ids), ""
+
+
 def continuation_ids(
     tokenizer, entry: StoredState, new_ids: Sequence[int] = (), text: str | None = None
 ) -> list[int]:
     """The ids to feed after ``entry``'s state for a completion that continues it with
     ``text`` (tokenized after the pending text) or ``new_ids``: pending ids first."""
-    if text is not None:
-        return (
-            list(entry.pending_ids)
-            + split_stable_text(tokenizer, entry.pending_text + text, final=True)[0]
-        )
-    flushed = split_stable_text(tokenizer, entry.pending_text, final=True)[0]
-    return list(entry.pending_ids) + flushed + list(new_ids)
+    return list(entry.pending_ids) + text_after(tokenizer, entry, text, new_ids, final=True)[0]

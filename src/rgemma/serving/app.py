@@ -261,7 +261,7 @@ class Server:
     async def run_to_state(self, request: Request, engine_request) -> State:
         """Runs a ``return_state`` request with ``max_tokens`` 0 (reading a prompt into
         a state) and returns the state; 499 if the client left, 500 if it failed."""
-        run = self._start(engine_request)
+        run = self._start([engine_request])
         state, error = None, None
         try:
             async with contextlib.aclosing(run.batches(request)) as batches:
@@ -277,13 +277,17 @@ class Server:
             raise APIError(500, error or "no state came back", kind="server_error")
         return state
 
-    def _start(self, engine_request) -> _Run:
+    def _check_alive(self) -> None:
         if not self.engine.alive:
             raise APIError(
                 503, "the engine is not running", code="engine_unavailable", kind="server_error"
             )
+
+    def _start(self, engine_requests: list) -> _Run:
+        """Submits the requests as one _Run (503 with Retry-After when the queue is full)."""
+        self._check_alive()
         try:
-            return _Run(self.engine, [engine_request], asyncio.get_running_loop())
+            return _Run(self.engine, engine_requests, asyncio.get_running_loop())
         except APIError as e:
             if e.status == 503:
                 e.headers = {"Retry-After": str(self.config.retry_after_s)}
@@ -315,10 +319,7 @@ class Server:
         """Runs a completion request on the engine: the whole response, or its stream."""
         entry = await self.state_routes.get(req.state) if req.state is not None else None
         fmt = await asyncio.to_thread(self._prepare, req, entry)
-        if not self.engine.alive:
-            raise APIError(
-                503, "the engine is not running", code="engine_unavailable", kind="server_error"
-            )
+        self._check_alive()
         try:
             requests = req.to_engine_requests([ids for ids, _ in fmt.prompts], self.defaults)
         except RequestError as e:
@@ -327,12 +328,7 @@ class Server:
             r.state = entry.state.clone() if entry is not None else None
             r.return_state = req.save_state
         saver = _StateSaver(self, req, isinstance(req, ChatCompletionRequest))
-        try:
-            run = _Run(self.engine, requests, asyncio.get_running_loop())
-        except APIError as e:
-            if e.status == 503:
-                e.headers = {"Retry-After": str(self.config.retry_after_s)}
-            raise
+        run = self._start(requests)
         if req.stream:
             return EventStream(
                 self._stream(request, run, fmt, req.include_usage, saver), on_close=run.cancel

@@ -551,14 +551,15 @@ class ChatCompletionRequest(_GenerationRequest):
         """The rendered conversation as the one prompt: [(token ids, text)]. Slow for long
         conversations: run it off the event loop."""
         _check_bytes("".join(m.content for m in self.messages), limits, "messages")
-        text = _render(tokenizer, self.messages, True)
+        text = render_messages(tokenizer, self.messages, True)
         _check_bytes(text, limits, "messages")
         prompts = [(tokenizer.encode(text, add_bos=False), text)]
         _check_lengths(prompts, limits, "messages")
         return prompts
 
 
-def _render(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+def render_messages(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """The conversation in the tokenizer's chat format (400 naming messages if it fails)."""
     try:
         return tokenizer.render_chat([m.model_dump() for m in messages], add_generation_prompt)
     except ChatTemplateError as e:
@@ -586,7 +587,7 @@ class TokenizeRequest(RequestModel):
 
     def encode(self, tokenizer) -> list[int]:
         if self.messages is not None:
-            text = _render(tokenizer, self.messages, self.add_generation_prompt)
+            text = render_messages(tokenizer, self.messages, self.add_generation_prompt)
             return tokenizer.encode(text, add_bos=False)
         return tokenizer.encode(self.prompt, add_bos=self.add_special_tokens)
 

@@ -46,16 +46,16 @@ from rgemma.inference.state_store import (
     StateStore,
     StoredState,
     continuation_ids,
-    split_stable_text,
+    text_after,
 )
 from rgemma.io.snapshot import SnapshotError, load_state, save_state
 from rgemma.serving.errors import APIError, client_error, invalid_request
 from rgemma.serving.protocol import (
     ChatCompletionRequest,
-    ChatMessage,
     CompletionRequest,
     Messages,
     RequestModel,
+    render_messages,
     small_metadata,
     valid_unicode,
 )
@@ -111,15 +111,6 @@ def _without_bos_text(tokenizer, text: str) -> str:
     return text.removeprefix(tokenizer.bos_token) if tokenizer.bos_token else text
 
 
-def _render(tokenizer, messages: list[ChatMessage], generation_prompt: bool) -> str:
-    from rgemma.io.tokenizer import ChatTemplateError
-
-    try:
-        return tokenizer.render_chat([m.model_dump() for m in messages], generation_prompt)
-    except ChatTemplateError as e:
-        raise invalid_request("messages", str(e)) from None
-
-
 def append_plan(
     tokenizer, entry: StoredState, req: StateTextRequest
 ) -> tuple[list[int], list[int], str]:
@@ -130,19 +121,14 @@ def append_plan(
     first = entry.empty
     bos = [tokenizer.bos_id] if first and req.add_bos else []
     if req.messages is not None:
-        text = _render(tokenizer, req.messages, False)
+        text = render_messages(tokenizer, req.messages, False)
         if not first or not req.add_bos:
             text = _without_bos_text(tokenizer, text)
         elif text.startswith(tokenizer.bos_token or "\x00"):
             bos = []
-        new, rest = split_stable_text(tokenizer, entry.pending_text + text)
-    elif isinstance(req.prompt, str):
-        new, rest = split_stable_text(tokenizer, entry.pending_text + req.prompt)
-    else:  # token ids: the pending text is final now
-        new = split_stable_text(tokenizer, entry.pending_text, final=True)[0] + list(
-            req.prompt or []
-        )
-        rest = ""
+    else:
+        text = req.prompt if isinstance(req.prompt, str) else None
+    new, rest = text_after(tokenizer, entry, text, req.prompt or [], final=False)
     ids = bos + list(entry.pending_ids) + new
     return ids[:-1], ids[-1:], rest
 
@@ -161,7 +147,7 @@ def continuation_prompts(
             text = req.messages[0].content
             ids = tokenizer.next_turn_ids(entry.pending_ids, text)
             return [(ids, text)]
-        text = _without_bos_text(tokenizer, _render(tokenizer, req.messages, True))
+        text = _without_bos_text(tokenizer, render_messages(tokenizer, req.messages, True))
         return [(continuation_ids(tokenizer, entry, text=text), text)]
     prompts = []
     for p in req.prompt:
