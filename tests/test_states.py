@@ -114,6 +114,17 @@ def test_state_from_chunks_continues_like_the_whole_prompt(live, demo_model, as_
     assert client.get(f"/v1/states/{handle['id']}").json()["tokens"] == r.json()["tokens"]
 
 
+def test_create_and_fork_take_no_body(live):
+    """As the README's curl examples send them; append still needs its prompt."""
+    client, _ = live
+    made = client.post("/v1/states")
+    assert made.status_code == 200 and made.json()["tokens"] == 0
+    forked = client.post(f"/v1/states/{made.json()['id']}/fork")
+    assert forked.status_code == 200 and forked.json()["id"] != made.json()["id"]
+    r = client.post(f"/v1/states/{made.json()['id']}/append")
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+
+
 def test_fork_is_independent(live):
     client, _ = live
     a = client.post("/v1/states", json={"prompt": "import os\nimport sys\n"}).json()

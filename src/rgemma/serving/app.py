@@ -248,10 +248,15 @@ class Server:
         return app
 
     # ------------------------------------------------------------- serving
-    async def _parse(self, request: Request, model: type[RequestModel]) -> RequestModel:
-        """The body validated by ``model`` (ValidationError: answered as a 400). Parsing and
+    async def _parse(
+        self, request: Request, model: type[RequestModel], empty_ok: bool = False
+    ) -> RequestModel:
+        """The body validated by ``model`` (ValidationError: answered as a 400); with
+        ``empty_ok`` no body at all means ``{}`` (every field optional). Parsing and
         validating megabytes takes a while: done in a worker thread."""
         body = await _read_body(request, self.config.max_body_bytes)
+        if empty_ok and not body:
+            body = b"{}"
         return await asyncio.to_thread(_validate, model, body, self.limits)
 
     async def read_body(self, request: Request, limit: int) -> bytes:

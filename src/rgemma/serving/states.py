@@ -246,7 +246,7 @@ class StateRoutes:
 
         @app.post("/v1/states")
         async def create(request: Request):
-            req = await parse(request, StateTextRequest)
+            req = await parse(request, StateTextRequest, empty_ok=True)
             entry = await asyncio.to_thread(self.store.create, req.metadata)
             async with self.lock(entry.id):
                 if req.prompt is None and req.messages is None:
@@ -290,7 +290,7 @@ class StateRoutes:
 
         @app.post("/v1/states/{id}/fork")
         async def fork(id: str, request: Request):
-            req = await parse(request, StateForkRequest)
+            req = await parse(request, StateForkRequest, empty_ok=True)
             async with self.lock(id):
                 entry = await self.get(id)
                 copy = await asyncio.to_thread(self.store.fork, entry, req.metadata)
