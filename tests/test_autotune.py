@@ -77,6 +77,23 @@ def test_the_choice_is_measured_once_then_read_from_the_cache(tuning, monkeypatc
     assert layer.path(16) == "w8a8" and layer.path(9) == "w8a8"
 
 
+def test_every_timed_run_starts_from_cold_caches(tuning, monkeypatch):
+    """In a model step each weight comes from memory, so each timing must too: the
+    eviction reads more than the last-level cache right before every timed run."""
+    events = []
+    monkeypatch.setattr(autotune, "evict_caches", lambda: events.append("evict"))
+    candidates = {name: (lambda n=name: events.append(n)) for name in ("kernel", "w8a8")}
+    autotune.choose("Int8Linear|8|8|1", candidates)
+    for name in candidates:
+        runs = [i for i, e in enumerate(events) if e == name]
+        assert len(runs) == 1 + autotune._REPEATS  # a warm-up, then the timed runs
+        assert all(events[i - 1] == "evict" for i in runs[1:])
+    assert autotune.last_level_cache_bytes() >= 1 << 20
+    monkeypatch.undo()
+    autotune.evict_caches()
+    assert autotune._evict_buffer.numel() * 4 >= 2 * autotune.last_level_cache_bytes()
+
+
 def test_the_quantized_table_is_timed_at_the_shape_attend_multiplies(tuning, monkeypatch):
     """Up to 16 rows the logits are one product of the whole table; past that ``attend``
     multiplies VOCAB_BLOCK rows at a time: those are the shapes timed."""

@@ -454,3 +454,51 @@ def test_init_follows_the_paper_scales():
     assert r.min() >= 0.9 - 1e-6 and r.max() <= 0.999 + 1e-6
     assert float(model.final_norm.weight.abs().max()) == 0.0
     assert float(att.o_proj.bias.abs().max()) == 0.0
+
+
+def test_a_short_context_reads_only_the_ring_slots_in_use(monkeypatch):
+    """While every row has seen fewer tokens than the window, attention reads only the
+    ring slots that can hold keys, and computes what it computes over the whole ring."""
+    from rgemma.attention import LocalAttentionBlock
+    from rgemma.state import State
+
+    cfg = tiny_config(attention_window=32)
+    model = random_model(cfg).eval()
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 9), generator=g)
+    more = torch.randint(0, cfg.vocab_size, (2, 40), generator=g)
+    positions = arange_positions(2, 9)
+    positions[1, :3] = -1  # row 1: left padding, 6 tokens
+    widths = []
+    step, forward = LocalAttentionBlock.step, LocalAttentionBlock.forward
+    monkeypatch.setattr(
+        LocalAttentionBlock,
+        "step",
+        lambda s, x, st, c, r: widths.append(r.shape[1]) or step(s, x, st, c, r),
+    )
+    monkeypatch.setattr(
+        LocalAttentionBlock,
+        "forward",
+        lambda s, x, st, c, r: widths.append(r.shape[1]) or forward(s, x, st, c, r),
+    )
+
+    def run() -> list[torch.Tensor]:
+        with torch.no_grad():
+            state = model.init_state(2)
+            out = [model(prompt, positions, state)[0]]
+            for i in range(3):  # decode steps
+                pos = state.num_tokens[:, None].clone()
+                out.append(model(prompt[:, i : i + 1], pos, state)[0])
+            pos = state.num_tokens[:, None] + torch.arange(40)[None]
+            out.append(model(more, pos, state)[0])  # past the window
+            out.append(model(more[:, :1], state.num_tokens[:, None].clone(), state)[0])
+        return out
+
+    used = run()
+    per_call = len(cfg.attention_layers)
+    assert widths[::per_call] == [1, 9, 10, 11, 12, 32]  # max tokens seen before each call
+    monkeypatch.setattr(State, "ring_slots_in_use", lambda self, window: window)
+    whole = run()
+    used[0], whole[0] = used[0][positions >= 0], whole[0][positions >= 0]  # pads: no output
+    for a, b in zip(used, whole):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

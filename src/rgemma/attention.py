@@ -65,7 +65,8 @@ class LocalAttentionBlock(nn.Module):
     ) -> torch.Tensor:
         """x: [B, T, D] -> [B, T, D]; writes the new keys/values into the ring.
 
-        ring_index: [B, W] stream index of each ring slot before this call (-1 empty).
+        ring_index: [B, R] stream index of each of the first R <= W ring slots before
+        this call (-1 empty); the slots past R are empty.
         """
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
@@ -73,21 +74,22 @@ class LocalAttentionBlock(nn.Module):
         v = self.v_proj(x)
         q = apply_rope(q, chunk.positions, self.rope_base)
         k = apply_rope(k, chunk.positions, self.rope_base)[:, :, 0]
-        keys = torch.cat([state.k.to(x.dtype), k], dim=1)  # [B, W+T, Dh]
-        values = torch.cat([state.v.to(x.dtype), v], dim=1)
-        key_index = torch.cat([ring_index, chunk.stream_index], dim=1)  # [B, W+T]
+        R = ring_index.shape[1]
+        keys = torch.cat([state.k[:, :R].to(x.dtype), k], dim=1)  # [B, R+T, Dh]
+        values = torch.cat([state.v[:, :R].to(x.dtype), v], dim=1)
+        key_index = torch.cat([ring_index, chunk.stream_index], dim=1)  # [B, R+T]
         out = torch.empty(B, T, self.num_heads, self.head_dim, dtype=x.dtype, device=x.device)
         W, Qb = self.window, self.query_block
         for a in range(0, T, Qb):
             b = min(a + Qb, T)
             # keys that can be seen from queries a..b-1: the ring while a query is
             # within W of it, then chunk keys from a - W on.
-            lo = 0 if a - int(chunk.n_pad.min()) < W else W + a - W
+            lo = 0 if a - int(chunk.n_pad.min()) < W else R + a - W
             out[:, a:b] = self._attend(
                 q[:, a:b],
-                keys[:, lo : W + b],
-                values[:, lo : W + b],
-                key_index[:, lo : W + b],
+                keys[:, lo : R + b],
+                values[:, lo : R + b],
+                key_index[:, lo : R + b],
                 chunk.stream_index[:, a:b],
                 chunk.doc_start[:, a:b],
             )
@@ -97,19 +99,21 @@ class LocalAttentionBlock(nn.Module):
     def step(
         self, x: torch.Tensor, state: AttentionLayerState, chunk: Chunk, ring_index: torch.Tensor
     ) -> torch.Tensor:
-        """One token: x [B, 1, D] -> [B, 1, D]. Attends to the ring (W keys) and to
-        itself without concatenating them, then writes its key/value into the ring."""
+        """One token: x [B, 1, D] -> [B, 1, D]. Attends to the ring's first R slots
+        (R = ring_index.shape[1] <= W) and to itself without concatenating them, then
+        writes its key/value into the ring."""
         B = x.shape[0]
         q = self.q_proj(x).view(B, 1, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, 1, 1, self.head_dim)
         v = self.v_proj(x)  # [B, 1, Dh]
         q = apply_rope(q, chunk.positions, self.rope_base)[:, 0]  # [B, H, Dh]
         k = apply_rope(k, chunk.positions, self.rope_base)[:, 0]  # [B, 1, Dh]
-        ring_k, ring_v = state.k.to(x.dtype), state.v.to(x.dtype)
+        R = ring_index.shape[1]
+        ring_k, ring_v = state.k[:, :R].to(x.dtype), state.v[:, :R].to(x.dtype)
         scale = self.head_dim**-0.5
-        ring_logits = torch.bmm(q, ring_k.transpose(1, 2)) * scale  # [B, H, W]
+        ring_logits = torch.bmm(q, ring_k.transpose(1, 2)) * scale  # [B, H, R]
         self_logit = torch.bmm(q, k.transpose(1, 2)) * scale  # [B, H, 1]
-        diff = chunk.stream_index - ring_index  # [B, W]
+        diff = chunk.stream_index - ring_index  # [B, R]
         visible = (diff <= self.window) & (ring_index >= chunk.doc_start) & (ring_index >= 0)
         logits = torch.cat([ring_logits, self_logit], dim=-1).float()
         logits[..., :-1].masked_fill_(~visible[:, None], _MASKED)

@@ -192,11 +192,15 @@ class Griffin(nn.Module):
 
     def _blocks(self, x: torch.Tensor, state: State, chunk: Chunk, step: bool) -> torch.Tensor:
         """All residual blocks on x [B, T, D]; updates the state in place."""
-        ring_index = (
-            state.ring_positions(self.config.attention_window)
-            if self.config.attention_layers
-            else None
-        )
+        ring_index = None
+        if self.config.attention_layers:
+            window = self.config.attention_window
+            ring_index = state.ring_positions(window)
+            if ring_index.device.type == "cpu" and not torch.compiler.is_compiling():
+                # attention reads only the slots that can hold keys: a context shorter
+                # than the window costs its length, not the window's (a compiled or
+                # CUDA-graphed step keeps the fixed shape)
+                ring_index = ring_index[:, : state.ring_slots_in_use(window)]
         for block, layer_state in zip(self.layers, state.layers):
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = _checkpointed(block, x, layer_state, chunk, ring_index)

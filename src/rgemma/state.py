@@ -133,6 +133,13 @@ class State:
         idx = n - 1 - torch.remainder(n - 1 - slots, window)
         return torch.where(idx >= self.doc_start[:, None], idx, torch.full_like(idx, -1))
 
+    def ring_slots_in_use(self, window: int) -> int:
+        """How many leading ring slots can hold a key (at least 1): min(window, the
+        most tokens any row has seen). Index i goes to slot i % window, so while a
+        row has seen n < window tokens its slots n.. are empty."""
+        seen = int(self.num_tokens.max()) if self.num_tokens.numel() else 0
+        return max(1, min(window, seen))
+
     # ---------------------------------------------------------- batch ops
     def _map(self, fn) -> State:
         layers: list[LayerState] = []
