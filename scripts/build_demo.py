@@ -163,6 +163,49 @@ def _corpus_bytes(cfg: dict[str, Any]) -> dict[str, int]:
     return out
 
 
+THIRD_PARTY = ("httpx", "click", "jinja2")  # Python sources the model never saw
+
+
+def bits_per_byte(model_dir: str, files: list[tuple[str, str]]) -> tuple[float, int]:
+    """(bits per byte, bytes) of the model in ``model_dir`` on ``files`` ((path, name)
+    pairs), scored as ``rgemma perplexity`` scores them: each file one document."""
+    from rgemma.evaluation.perplexity import score_texts
+    from rgemma.io import checkpoint
+    from rgemma.io.documents import read_documents
+
+    model, tokenizer = checkpoint.load(model_dir)
+    docs, _ = read_documents(files)
+    total = score_texts(model, tokenizer, [(d.name, d.text) for d in docs]).total
+    return total.bits_per_byte, total.bytes
+
+
+def held_out_files(cfg: dict[str, Any]) -> list[tuple[str, str]]:
+    """The training run's held-out files (as it split them)."""
+    from rgemma.io.documents import find_files
+    from rgemma.training.data import is_held_out
+
+    files = find_files(cfg["data"], extensions=tuple(cfg["extensions"]), exclude=cfg["exclude"])
+    return [(p, n) for p, n in files if is_held_out(n, cfg["eval_fraction"])]
+
+
+def third_party_files(packages: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
+    """The .py files of the installed ``packages`` found, and "name version" of each."""
+    import importlib.util
+    from importlib import metadata
+
+    from rgemma.io.documents import find_files
+
+    files, found = [], []
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        root = list(spec.submodule_search_locations)[0]
+        files += [(p, f"{name}/{n}") for p, n in find_files([root], extensions=(".py",))]
+        found.append(f"{name} {metadata.version(name)}")
+    return files, found
+
+
 def _command_of() -> str:
     """The training command, as the card quotes it: train_demo.sh itself."""
     with open(os.path.join(HERE, "train_demo.sh")) as f:
@@ -206,7 +249,8 @@ def model_card(run_dir: str, model_dir: str) -> str:
         f"- tokenizer: SentencePiece BPE, {stats['vocab_size']} pieces, trained on the training "
         "files only; Gemma's special ids (pad 0, eos 1, bos 2, unk 3, `<start_of_turn>` 106, "
         "`<end_of_turn>` 107), byte fallback, whitespace kept verbatim",
-        f"- files: {', '.join(demo.FILES)} (Hugging Face layout, float32), {size / 2**20:.1f} MiB",
+        f"- files: {', '.join(demo.FILES)} (Hugging Face layout, weights in "
+        f"{_weights_dtype(model_dir)}), {size / 2**20:.1f} MiB",
         "",
         "## Training data",
         "",
@@ -242,7 +286,8 @@ def model_card(run_dir: str, model_dir: str) -> str:
         f"{cfg.get('min_lr')} x lr, gradient clipping at {cfg.get('clip')}, float32, seed "
         f"{cfg.get('seed')}",
         f"- wall time: {summary['elapsed'] / 60:.1f} minutes of training loop (plus about a "
-        "minute of tokenizer training and tokenization) on one CPU thread "
+        f"minute of tokenizer training and tokenization) on {cfg.get('threads') or 1} CPU "
+        "thread(s) "
         f"({platform.machine()}, a 2-core machine shared with other jobs; Python "
         f"{platform.python_version()}, torch {torch.__version__})",
         "",
@@ -262,6 +307,7 @@ def model_card(run_dir: str, model_dir: str) -> str:
             f"| unigram baseline (training token frequencies) | {unigram:.3f} | "
             f"{math.exp(unigram):.1f} |"
         )
+    lines += _bits_per_byte_lines(cfg, model_dir)
     if evals:
         lines += [
             "",
@@ -285,6 +331,34 @@ def model_card(run_dir: str, model_dir: str) -> str:
         ]
     )
     return "\n".join(lines)
+
+
+def _weights_dtype(model_dir: str) -> str:
+    with open(os.path.join(model_dir, "config.json")) as f:
+        return json.load(f).get("torch_dtype", "float32")
+
+
+def _bits_per_byte_lines(cfg: dict[str, Any], model_dir: str) -> list[str]:
+    """Bits per byte (``rgemma perplexity``'s measure, comparable across tokenizers)
+    on the held-out files and on installed third-party packages' sources."""
+    rows = []
+    if cfg:
+        bpb, n = bits_per_byte(model_dir, held_out_files(cfg))
+        rows.append(f"| held-out standard library files | {n:,} | {bpb:.3f} |")
+    files, found = third_party_files(THIRD_PARTY)
+    if files:
+        bpb, n = bits_per_byte(model_dir, files)
+        rows.append(f"| third-party Python it never saw ({', '.join(found)}) | {n:,} | {bpb:.3f} |")
+    if not rows:
+        return []
+    return [
+        "",
+        "Bits per byte (`rgemma perplexity DIR`, each file one document):",
+        "",
+        "| text | bytes | bits per byte |",
+        "|---|---|---|",
+        *rows,
+    ]
 
 
 def write_generation_defaults(path: str) -> None:

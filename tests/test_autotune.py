@@ -172,8 +172,8 @@ def test_compiled_w8a8_decode_equals_eager():
 
 def test_avx2_only_machine_path(tmp_path, monkeypatch):
     """Forces what an AVX2-only CPU does: no native bf16 products (few-row bf16 only), and
-    rgemma's kernel built without AVX-512; the int8 decode product stays exact and the
-    bf16-held model stays close to float32."""
+    rgemma's kernels built without AVX-512; the int8 and bf16 decode products stay exact
+    and the bf16-held model stays close to float32."""
     if kernels._compiler() is None:
         pytest.skip("no C compiler")
     monkeypatch.setenv("RGEMMA_CACHE", str(tmp_path))
@@ -190,6 +190,10 @@ def test_avx2_only_machine_path(tmp_path, monkeypatch):
     ref = (x.double() @ q.double().T) * scale.double()
     bound = (x.abs().double() @ q.abs().double().T) * scale.double() * 300 * 2**-23
     assert ((kernels.int8_matmul(x, q, scale).double() - ref).abs() <= bound + 1e-30).all()
+    w = torch.randn(40, 300, generator=g).to(torch.bfloat16)
+    ref = x.double() @ w.double().T
+    bound = (x.abs().double() @ w.abs().double().T) * 300 * 2**-23
+    assert ((kernels.bf16_matmul(x, w).double() - ref).abs() <= bound + 1e-30).all()
     cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
     tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
     with torch.no_grad():

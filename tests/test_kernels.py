@@ -1,5 +1,5 @@
-"""rgemma's native int8 kernel (rgemma/kernels.c) against a float64 reference,
-its build cache, and the fallback when it cannot be built."""
+"""rgemma's native kernels (rgemma/kernels.c: int8 and bf16 weights) against a float64
+reference, their build cache, and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import random_model, tiny_config
-from rgemma import kernels
+from rgemma import kernels, layers
 from rgemma.layers import Linear
 from rgemma.quantize import Int4Linear, Int8Linear, dequantize_int4, quantize_int8, quantize_model
 
@@ -43,6 +43,51 @@ def test_int8_kernel_matches_float64_reference(M, K, N):
     y = kernels.int8_matmul(x, q, scale)
     _check_against_float64(y, x, q, scale)
     torch.testing.assert_close(y, kernels.int8_matmul_reference(x, q, scale), rtol=1e-5, atol=1e-4)
+
+
+def _check_bf16_against_float64(y, x, w):
+    """Within float32 summation error of x @ w.T, w's bf16 values taken exactly."""
+    ref = x.double() @ w.double().T
+    bound = (x.abs().double() @ w.abs().double().T) * x.shape[1] * 2**-23
+    assert y.dtype == torch.float32 and y.shape == ref.shape
+    assert ((y.double() - ref).abs() <= bound + 1e-30).all()
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (33, 6), (256, 48), (1000, 13)])
+def test_bf16_kernel_matches_float64_reference(M, K, N):
+    """x stays float32: the only error is float32 summation (oneDNN's bf16 product
+    rounds x to bf16, ~2^-9 relative)."""
+    g = torch.Generator().manual_seed(M * 7 + K)
+    x = torch.randn(M, K, generator=g)
+    w = torch.randn(N, K, generator=g).to(torch.bfloat16)
+    y = kernels.bf16_matmul(x, w)
+    _check_bf16_against_float64(y, x, w)
+    torch.testing.assert_close(y, kernels.bf16_matmul_reference(x, w), rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_bf16_held_decode_rows_stream_through_the_kernel(monkeypatch):
+    """A few float32 rows against a large bf16 weight (a decode step of a bf16-held
+    model) go through the kernel and equal the float32 reference; more rows, small
+    weights, or autograd keep PyTorch's product."""
+    calls = []
+    native = kernels.bf16_matmul
+    monkeypatch.setattr(kernels, "bf16_matmul", lambda x, w: calls.append(x.shape) or native(x, w))
+    lin = Linear(1024, 1100, dtype=torch.bfloat16)  # 1.1M weights
+    lin.weight.data.normal_()
+    lin.bias.data.normal_()
+    x = torch.randn(2, 1, 1024)
+    with torch.no_grad():
+        y = lin(x)
+        assert calls == [(2, 1024)]
+        ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
+        assert (y.double() - ref).abs().max().item() < 1e-4
+        lin(torch.randn(layers.KERNEL_BF16_ROWS + 1, 1024))  # more rows
+        Linear(64, 64, dtype=torch.bfloat16)(torch.randn(1, 64))  # a small weight
+    lin(x)  # autograd on
+    assert calls == [(2, 1024)]
 
 
 @needs_native

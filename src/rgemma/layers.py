@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rgemma import kernels
 from rgemma.scan import linear_scan
 from rgemma.state import RecurrentLayerState
 
@@ -179,16 +180,43 @@ def converted(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def mixed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w.T + b, x [..., K] in its dtype, w [N, K] held in another: -> [..., N] in x's dtype.
 
-    Reference: F.linear(x, w.to(x.dtype), b.to(x.dtype)). Where
+    Reference: F.linear(x, w.to(x.dtype), b.to(x.dtype)). A few float32 rows
+    against a large bf16 weight go through rgemma's kernel (``_streams_bf16``:
+    exactly the reference but for the order of the additions). Else, where
     ``low_precision_matmul_dtype`` says so (few rows, or a CPU with native
     bf16), x is rounded to w's dtype and multiplied there, the bias added in
     x's dtype; else w is converted to x's dtype and multiplied there.
     """
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    if _streams_bf16(x, w, rows):
+        y = kernels.bf16_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
+        return y if b is None else y + b.to(x.dtype)
     if w.dtype == torch.bfloat16 and low_precision_matmul_dtype(x, rows) == torch.bfloat16:
         y = F.linear(x.to(w.dtype), w).to(x.dtype)
         return y if b is None else y + b.to(x.dtype)
     return F.linear(x, converted(w, x.dtype), None if b is None else b.to(x.dtype))
+
+
+# Up to this many float32 rows against bf16 weights of at least this many elements,
+# the product is bound by reading the weights, and rgemma's kernel streams them
+# faster than oneDNN's bf16 product (which also rounds x to bf16); past 4 rows a
+# native bf16 product wins on arithmetic. Smaller weights: the call costs more
+# than the streaming gains.
+KERNEL_BF16_ROWS = 4
+_KERNEL_BF16_MIN_WEIGHTS = 1 << 20
+
+
+def _streams_bf16(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    """Whether x [..., K] @ w.T goes through ``kernels.bf16_matmul``."""
+    return (
+        w.dtype == torch.bfloat16
+        and x.dtype == torch.float32
+        and 0 < rows <= KERNEL_BF16_ROWS
+        and w.numel() >= _KERNEL_BF16_MIN_WEIGHTS
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and kernels.available()
+    )
 
 
 class Linear(nn.Linear):

@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rgemma import weights
+from rgemma import kernels, weights
 from rgemma.attention import LocalAttentionBlock
 from rgemma.config import RECURRENT, GriffinConfig
 from rgemma.layers import Chunk, Embedding, MLPBlock, RecurrentBlock, RMSNorm
@@ -233,6 +233,8 @@ class Griffin(nn.Module):
         compiler; CUDA: add ``capture_step()`` to replay it as CUDA graphs, since
         ``mode="reduce-overhead"`` skips graphs for steps that update their inputs
         in place, as this one does). The first steps are slow while it compiles."""
+        if enable and self.device.type == "cpu":
+            kernels.available()  # builds rgemma's kernels now: a compiled step cannot
         self._compiled_step = (
             torch.compile(self._step_eager, dynamic=False, **compile_kwargs) if enable else None
         )
