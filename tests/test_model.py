@@ -502,3 +502,43 @@ def test_a_short_context_reads_only_the_ring_slots_in_use(monkeypatch):
     used[0], whole[0] = used[0][positions >= 0], whole[0][positions >= 0]  # pads: no output
     for a, b in zip(used, whole):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("piece", [7, 64])
+def test_a_prompt_run_in_pieces_equals_one_pass(monkeypatch, piece):
+    """CPU inference runs long prompts in passes of PREFILL_PIECE rows; the state carries
+    everything between them, so logits and state equal one pass over the prompt, also
+    with left padding longer than a piece (passes where a row is all padding) and a
+    document boundary inside the prompt."""
+    from rgemma import model as model_module
+
+    cfg = tiny_config(attention_window=16)
+    model = random_model(cfg).eval()
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 90), generator=g)
+    positions = arange_positions(2, 90)
+    positions[1, :40] = -1  # row 1: 40 pads, then a document
+    positions[1, 40:] = torch.arange(50)
+    positions[0, 60:] = torch.arange(30)  # row 0: a second document at 60
+
+    passes = []
+    blocks = model._blocks
+    monkeypatch.setattr(model, "_blocks", lambda x, *a, **k: passes.append(1) or blocks(x, *a, **k))
+
+    def run(rows_per_pass: int):
+        monkeypatch.setattr(model_module, "PREFILL_PIECE", rows_per_pass)
+        passes.clear()
+        with torch.no_grad():
+            state = model.init_state(2)
+            everything, _ = model(tokens, positions, state)
+            last, _ = model(tokens[:, :50], positions[:, :50], model.init_state(2), logits="last")
+        return everything, last, state, len(passes)
+
+    whole, whole_last, whole_state, one = run(10**9)
+    split, split_last, split_state, many = run(2 * piece)  # 2 rows: `piece` tokens a pass
+    assert one == 2 and many == -(-90 // piece) + -(-50 // piece)
+    real = positions >= 0
+    torch.testing.assert_close(split[real], whole[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split_last, whole_last, rtol=1e-5, atol=1e-5)
+    for name, t in whole_state.tensors().items():
+        torch.testing.assert_close(split_state.tensors()[name], t, rtol=1e-5, atol=1e-5)

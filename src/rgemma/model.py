@@ -27,6 +27,7 @@ from rgemma.layers import Chunk, Embedding, MLPBlock, RecurrentBlock, RMSNorm
 from rgemma.state import State, clone_layer
 
 LogitsMode = Literal["all", "last", "none"]
+PREFILL_PIECE = 512  # CPU inference: prompt rows (B x T) per pass (Griffin._piece_length)
 
 
 class InputError(ValueError):
@@ -179,16 +180,32 @@ class Griffin(nn.Module):
         if order is not None:
             tokens, positions = tokens.gather(1, order), positions.gather(1, order)
 
-        chunk = Chunk.build(positions, state.num_tokens, state.doc_start)
-        x = self._blocks(self.embed(tokens), state, chunk, step=False)
+        pieces = []  # logits of each piece, for logits="all"
+        n = self._piece_length(tokens)
+        for a in range(0, max(tokens.shape[1], 1), n):
+            b = a + n
+            chunk = Chunk.build(positions[:, a:b], state.num_tokens, state.doc_start)
+            x = self._blocks(self.embed(tokens[:, a:b]), state, chunk, step=False)
+            if logits == "all":
+                pieces.append(self.logits(x))
         if logits == "none":
             return None, state
         if logits == "last":
             return self.logits(x[:, -1]), state
-        out = self.logits(x)
+        out = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
         if order is not None:
             out = torch.empty_like(out).scatter_(1, order[..., None].expand_as(out), out)
         return out, state
+
+    def _piece_length(self, tokens: torch.Tensor) -> int:
+        """Tokens per pass of a prompt. The state carries everything from one pass to
+        the next, so a prompt may be run in pieces with the same result; on the CPU,
+        without autograd, passes of about PREFILL_PIECE rows (B x tokens) keep each
+        layer's intermediates ([B, T, mlp_width] float32) nearer the caches, and the
+        elementwise work between the products is bound by memory."""
+        if tokens.device.type == "cpu" and not torch.is_grad_enabled():
+            return max(PREFILL_PIECE // max(tokens.shape[0], 1), 1)
+        return max(tokens.shape[1], 1)
 
     def _blocks(self, x: torch.Tensor, state: State, chunk: Chunk, step: bool) -> torch.Tensor:
         """All residual blocks on x [B, T, D]; updates the state in place."""
