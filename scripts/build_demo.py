@@ -77,7 +77,9 @@ def run_generate(argv: list[str]) -> str:
     check_sampling_args(args)
     model, tokenizer = load_model(args)
     ids = tokenizer.encode(args.prompt, add_bos=True)
-    [completion] = generate(model, tokenizer, [ids], seed=args.seed, **sampling_kwargs(args))
+    [completion] = generate(
+        model, tokenizer, [ids], seed=args.seed, **sampling_kwargs(args, tokenizer)
+    )
     return completion.text
 
 
@@ -384,8 +386,11 @@ def install(run_dir: str, dest: str | None = None) -> str:
     with open(os.path.join(run_dir, "summary.json")) as f:
         baseline = json.load(f).get("unigram_eval_loss")
     plot_metrics(os.path.join(run_dir, "metrics.jsonl"), os.path.join(dest, "loss.png"), baseline)
-    with open(os.path.join(dest, demo.CARD), "w") as f:
-        f.write(model_card(run_dir, dest))
+    card = model_card(run_dir, dest)  # all of it first: a failure leaves the old card
+    tmp = os.path.join(dest, demo.CARD + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(card)
+    os.replace(tmp, os.path.join(dest, demo.CARD))
     return dest
 
 
