@@ -33,6 +33,7 @@ from helpers import (
 from rgemma.cli.serve import register
 from rgemma.inference.engine import Engine, EngineConfig, EngineStats, Request
 from rgemma.inference.generate import generate
+from rgemma.inference.sampling import generation_defaults
 from rgemma.serving.app import ServerThread, create_app
 from rgemma.serving.metrics import ServerMetrics
 from rgemma.serving.protocol import (
@@ -755,7 +756,9 @@ def test_bundled_demo_model_is_the_default():
     ):
         c = openai.OpenAI(base_url=u + "/v1", api_key="x", max_retries=0)
         r = c.completions.create(model="demo", prompt=prompt, max_tokens=32, temperature=0)
-    [direct] = generate(model, tok, [prompt], max_new_tokens=32)
+    # the server's defaults are the model's generation_config.json; temperature 0 wins
+    defaults = generation_defaults(tok.generation_config)
+    [direct] = generate(model, tok, [prompt], max_new_tokens=32, **{**defaults, "temperature": 0})
     assert r.choices[0].text == direct.text
 
 
