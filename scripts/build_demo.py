@@ -121,8 +121,9 @@ USE_LINES = [
     "```python",
     "from rgemma.inference.generate import generate",
     "from rgemma.io import demo",
+    "",
     "model, tokenizer = demo.load()",
-    f"print(generate(model, tokenizer, [{SAMPLE_PROMPT!r}], max_new_tokens=64)[0].text)",
+    f"print(generate(model, tokenizer, [{json.dumps(SAMPLE_PROMPT)}], max_new_tokens=64)[0].text)",
     "```",
     "",
 ]
