@@ -142,53 +142,41 @@ def _latest_train_config(run_dir: str) -> dict[str, Any]:
     return checkpoints.read_checkpoint(found[-1])["train_config"] if found else {}
 
 
-def _corpus_bytes(cfg: dict[str, Any]) -> dict[str, int]:
-    """Files and bytes of the corpus, train and held-out, as the run split them."""
+def _split_files(cfg: dict[str, Any]) -> dict[str, list[tuple[str, str]]]:
+    """The corpus's (path, name) files as the run split them: {"train": ..., "eval": ...}."""
     from rgemma.io.documents import find_files
     from rgemma.training.data import is_held_out
 
     files = find_files(cfg["data"], extensions=tuple(cfg["extensions"]), exclude=cfg["exclude"])
-    out = {
-        "files": 0,
-        "bytes": 0,
-        "train_files": 0,
-        "train_bytes": 0,
-        "eval_files": 0,
-        "eval_bytes": 0,
-    }
-    for p, name in files:
-        size = os.path.getsize(p)
-        part = "eval" if is_held_out(name, cfg["eval_fraction"]) else "train"
-        out["files"] += 1
-        out["bytes"] += size
-        out[f"{part}_files"] += 1
-        out[f"{part}_bytes"] += size
+    split: dict[str, list[tuple[str, str]]] = {"train": [], "eval": []}
+    for path, name in files:
+        split["eval" if is_held_out(name, cfg["eval_fraction"]) else "train"].append((path, name))
+    return split
+
+
+def _corpus_bytes(cfg: dict[str, Any]) -> dict[str, int]:
+    """Files and bytes of the corpus, train and held-out, as the run split them."""
+    out = {"files": 0, "bytes": 0}
+    for part, files in _split_files(cfg).items():
+        out[f"{part}_files"] = len(files)
+        out[f"{part}_bytes"] = sum(os.path.getsize(path) for path, _ in files)
+        out["files"] += out[f"{part}_files"]
+        out["bytes"] += out[f"{part}_bytes"]
     return out
 
 
 THIRD_PARTY = ("httpx", "click", "jinja2")  # Python sources the model never saw
 
 
-def bits_per_byte(model_dir: str, files: list[tuple[str, str]]) -> tuple[float, int]:
-    """(bits per byte, bytes) of the model in ``model_dir`` on ``files`` ((path, name)
-    pairs), scored as ``rgemma perplexity`` scores them: each file one document."""
+def bits_per_byte(model, tokenizer, files: list[tuple[str, str]]) -> tuple[float, int]:
+    """(bits per byte, bytes) of the model on ``files`` ((path, name) pairs), scored as
+    ``rgemma perplexity`` scores them: each file one document."""
     from rgemma.evaluation.perplexity import score_texts
-    from rgemma.io import checkpoint
     from rgemma.io.documents import read_documents
 
-    model, tokenizer = checkpoint.load(model_dir)
     docs, _ = read_documents(files)
     total = score_texts(model, tokenizer, [(d.name, d.text) for d in docs]).total
     return total.bits_per_byte, total.bytes
-
-
-def held_out_files(cfg: dict[str, Any]) -> list[tuple[str, str]]:
-    """The training run's held-out files (as it split them)."""
-    from rgemma.io.documents import find_files
-    from rgemma.training.data import is_held_out
-
-    files = find_files(cfg["data"], extensions=tuple(cfg["extensions"]), exclude=cfg["exclude"])
-    return [(p, n) for p, n in files if is_held_out(n, cfg["eval_fraction"])]
 
 
 def third_party_files(packages: tuple[str, ...]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -344,13 +332,16 @@ def _weights_dtype(model_dir: str) -> str:
 def _bits_per_byte_lines(cfg: dict[str, Any], model_dir: str) -> list[str]:
     """Bits per byte (``rgemma perplexity``'s measure, comparable across tokenizers)
     on the held-out files and on installed third-party packages' sources."""
+    from rgemma.io import checkpoint
+
+    model, tokenizer = checkpoint.load(model_dir)
     rows = []
     if cfg:
-        bpb, n = bits_per_byte(model_dir, held_out_files(cfg))
+        bpb, n = bits_per_byte(model, tokenizer, _split_files(cfg)["eval"])
         rows.append(f"| held-out standard library files | {n:,} | {bpb:.3f} |")
     files, found = third_party_files(THIRD_PARTY)
     if files:
-        bpb, n = bits_per_byte(model_dir, files)
+        bpb, n = bits_per_byte(model, tokenizer, files)
         rows.append(f"| third-party Python it never saw ({', '.join(found)}) | {n:,} | {bpb:.3f} |")
     if not rows:
         return []
