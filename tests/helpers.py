@@ -71,6 +71,24 @@ def arange_positions(batch: int, length: int) -> torch.Tensor:
     return torch.arange(length)[None].repeat(batch, 1)
 
 
+def assert_compiled_decode_matches(
+    eager: Griffin, compiled: Griffin, prompt: torch.Tensor, steps: int, rtol: float
+) -> None:
+    """Prefills ``prompt`` [B, T] into both models, then decodes ``steps`` greedy tokens
+    (the eager model's) through both: each step's logits agree within ``rtol`` of the
+    largest eager logit."""
+    B, T = prompt.shape
+    with torch.inference_mode():
+        s1, s2 = eager.init_state(B), compiled.init_state(B)
+        a, _ = eager(prompt, arange_positions(B, T), s1, logits="last")
+        compiled(prompt, arange_positions(B, T), s2, logits="last")
+        for i in range(steps):
+            tok = a.argmax(-1, keepdim=True)
+            a, _ = eager(tok, torch.full((B, 1), T + i), s1, logits="last")
+            b, _ = compiled(tok, torch.full((B, 1), T + i), s2, logits="last")
+            assert (a - b).abs().max().item() <= rtol * a.abs().max().item(), i
+
+
 # ============================================= a tokenizer and a model to generate with
 GEMMA_SPECIALS = [f"<unused{i}>" for i in range(102)] + ["<start_of_turn>", "<end_of_turn>"]
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from helpers import arange_positions, random_model, tiny_config
+from helpers import arange_positions, assert_compiled_decode_matches, random_model, tiny_config
 from rgemma import autotune, kernels, layers
 from rgemma.quantize import (
     Int4Linear,
@@ -159,15 +159,7 @@ def test_compiled_w8a8_decode_equals_eager():
     _force(compiled, "w8a8")
     compiled.compile_step()
     prompt = torch.randint(0, cfg.vocab_size, (3, 5), generator=torch.Generator().manual_seed(1))
-    with torch.inference_mode():
-        s1, s2 = eager.init_state(3), compiled.init_state(3)
-        a, _ = eager(prompt, arange_positions(3, 5), s1, logits="last")
-        compiled(prompt, arange_positions(3, 5), s2, logits="last")
-        for i in range(3):
-            tok = a.argmax(-1, keepdim=True)
-            a, _ = eager(tok, torch.full((3, 1), 5 + i), s1, logits="last")
-            b, _ = compiled(tok, torch.full((3, 1), 5 + i), s2, logits="last")
-            assert (a - b).abs().max().item() <= 1e-4 * a.abs().max().item(), i
+    assert_compiled_decode_matches(eager, compiled, prompt, steps=3, rtol=1e-4)
 
 
 def test_avx2_only_machine_path(tmp_path, monkeypatch):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import arange_positions, random_model, tiny_config
+from helpers import arange_positions, assert_compiled_decode_matches, random_model, tiny_config
 from rgemma import layers
 from rgemma.layers import Linear
 from rgemma.quantize import (
@@ -125,13 +125,5 @@ def test_compiled_quantized_decode_equals_eager(bits):
     compiled = quantize_model(random_model(cfg, noise=0.02), bits=bits, group_size=64)
     compiled.compile_step()
     prompt = torch.randint(0, cfg.vocab_size, (2, 6))
-    with torch.inference_mode():
-        s1, s2 = eager.init_state(2), compiled.init_state(2)
-        a, _ = eager(prompt, arange_positions(2, 6), s1, logits="last")
-        compiled(prompt, arange_positions(2, 6), s2, logits="last")
-        for i in range(4):
-            tok = a.argmax(-1, keepdim=True)
-            a, _ = eager(tok, torch.full((2, 1), 6 + i), s1, logits="last")
-            b, _ = compiled(tok, torch.full((2, 1), 6 + i), s2, logits="last")
-            # bf16 activations in the kernels: fused code rounds at other places
-            assert (a - b).abs().max().item() <= 1e-2 * a.abs().max().item(), i
+    # bf16 activations in the kernels: fused code rounds at other places
+    assert_compiled_decode_matches(eager, compiled, prompt, steps=4, rtol=1e-2)

@@ -70,7 +70,7 @@ PROMPTS = [
     "options = dict(",
     "x = ",
 ]
-# Prompts after which the demo model's greedy JSON object closes (JSON mode bounds nothing)
+# Prompts after which a JSON object is plausible code
 OBJECT_PROMPTS = ["config = ", "import json\n", "data = {", "options = dict("]
 RESPONSE_FORMAT = {
     "type": "json_schema",

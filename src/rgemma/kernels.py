@@ -144,6 +144,10 @@ def available() -> bool:
     return _lib is not None
 
 
+def _threads(M: int, N: int, K: int) -> int:
+    return 1 if M * N * K < _SMALL_WORK else torch.get_num_threads()
+
+
 def _int8_matmul_native(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     M, K = x.shape
     N = q.shape[0]
@@ -157,10 +161,6 @@ def _int8_matmul_native(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
         x.data_ptr(), M, K, q.data_ptr(), N, scale.data_ptr(), y.data_ptr(), _threads(M, N, K)
     )
     return y
-
-
-def _threads(M: int, N: int, K: int) -> int:
-    return 1 if M * N * K < _SMALL_WORK else torch.get_num_threads()
 
 
 def _bf16_matmul_native(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
