@@ -13,6 +13,8 @@ from rgemma.quantize import (
     Int4Linear,
     Int8Linear,
     dequantize_int8,
+    pack_nibbles,
+    quantize_int4,
     quantize_int8,
     quantize_model,
     quantize_rows_int8,
@@ -127,9 +129,9 @@ def test_without_measuring_the_defaults_are_kept(tmp_path, monkeypatch):
     assert list(tmp_path.glob("autotune-*.json")) == []
 
 
-def _force(model, path: str) -> None:
+def _force(model, path: str, kind: type = Int8Linear) -> None:
     for m in model.modules():
-        if isinstance(m, Int8Linear):
+        if isinstance(m, kind):
             m.paths = {b: path for b in autotune.ROW_BUCKETS}
 
 
@@ -186,6 +188,11 @@ def test_avx2_only_machine_path(tmp_path, monkeypatch):
     ref = x.double() @ w.double().T
     bound = (x.abs().double() @ w.abs().double().T) * 300 * 2**-23
     assert ((kernels.bf16_matmul(x, w).double() - ref).abs() <= bound + 1e-30).all()
+    q4, scale4, minimum4 = quantize_int4(torch.randn(40, 256, generator=g), 64)
+    x4 = torch.randn(3, 256, generator=g)
+    ref = kernels.int4_matmul_reference(x4, q4, scale4, minimum4)  # AVX2's vpmaddubsw path
+    y4 = kernels.int4_matmul(x4, pack_nibbles(q4), scale4, minimum4).double()
+    assert (y4 - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
     cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
     tokens = torch.randint(0, cfg.vocab_size, (1, 12), generator=g)
     with torch.no_grad():
@@ -193,6 +200,15 @@ def test_avx2_only_machine_path(tmp_path, monkeypatch):
         held = random_model(cfg, noise=0.02).to(torch.bfloat16).set_compute_dtype(torch.float32)
         out, _ = held(tokens, arange_positions(1, 12))
     assert (out - ref_logits).abs().max().item() < 0.1
+    # the fused recurrent step (AVX2 build) decodes what the layers' own steps decode
+    steps = []
+    for fused in (True, False):
+        monkeypatch.setattr(layers, "FUSED_RECURRENT_STEP", fused)
+        state = held.init_state(1)
+        with torch.no_grad():
+            held(tokens[:, :10], arange_positions(1, 10), state)
+            steps += [held(tokens[:, t : t + 1], torch.tensor([[t]]), state)[0] for t in (10, 11)]
+    torch.testing.assert_close(steps[:2], steps[2:], rtol=1e-4, atol=1e-4)
 
 
 def test_the_default_is_kept_unless_another_is_clearly_faster(tuning, monkeypatch):
@@ -204,3 +220,60 @@ def test_the_default_is_kept_unless_another_is_clearly_faster(tuning, monkeypatc
     assert autotune.choose("a", close) == "default"
     assert autotune.choose("b", {**close, "fast": lambda: "fast"}) == "fast"
     assert json.loads(autotune.cache_file().read_text()) == {"a": "default", "b": "fast"}
+
+
+needs_native = pytest.mark.skipif(not kernels.available(), reason="no C compiler")
+
+
+@needs_native
+def test_w4a8_decode_close_to_weight_only_int4():
+    """int4 decode steps through the W4A8 kernel, eager and compiled: logits within 2x
+    the weight-only int4 error of float32 (plus a little), the greedy token kept.
+    (Compiled and eager are not compared bit-near: rounding activations to 255 levels
+    turns a float32 difference of one ulp, e.g. the fused recurrent step's order of
+    additions, into a step of a level now and then.)"""
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2, attention_window=16)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    models = {}
+    for name, path in (("float", None), ("int4", "dense"), ("w4a8", "w4a8"), ("compiled", "w4a8")):
+        model = random_model(cfg, noise=0.02)
+        if path:
+            model = quantize_model(model, bits=4, group_size=64)
+            _force(model, path, Int4Linear)
+        models[name] = model.compile_step() if name == "compiled" else model
+    steps = {}
+    with torch.inference_mode():
+        for name, model in models.items():
+            state = model.init_state(2)
+            model(prompt[:, :5], arange_positions(2, 5), state)
+            steps[name] = model(prompt[:, 5:], torch.full((2, 1), 5), state, logits="last")[0]
+    int4_err = (steps["int4"] - steps["float"]).abs().max().item()
+    for name in ("w4a8", "compiled"):
+        err = (steps[name] - steps["float"]).abs().max().item()
+        assert err <= 2 * int4_err + 1e-3, (name, err, int4_err)
+        assert torch.equal(steps[name].argmax(-1), steps["int4"].argmax(-1))
+
+
+@needs_native
+def test_int4_layers_time_the_w4a8_kernel_for_few_rows_only(tuning, monkeypatch):
+    """Tuning an int4 layer offers "w4a8" up to 16 rows, never past (it has no product
+    for many rows); "w4a8" computes kernels.int4_matmul plus the bias."""
+    offered = []
+
+    def choose(key, candidates):
+        offered.append((key, set(candidates)))
+        return "kernel"
+
+    monkeypatch.setattr(autotune, "choose", choose)
+    lin = torch.nn.Linear(128, 32)
+    layer = Int4Linear.from_linear(lin, 64)
+    layer.tune()
+    for key, paths in offered:
+        rows = int(key.split("|")[-1])
+        assert ("w4a8" in paths) == (rows <= 16) and "dense" in paths
+    layer.paths = {b: "w4a8" for b in autotune.ROW_BUCKETS}
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        y = layer(x)
+    ref = kernels.int4_matmul(x, layer.qweight, layer.scale, layer.minimum) + layer.bias
+    assert torch.equal(y, ref)

@@ -11,7 +11,16 @@ import torch
 from helpers import arange_positions, assert_compiled_decode_matches, random_model, tiny_config
 from rgemma import kernels, layers
 from rgemma.layers import Linear
-from rgemma.quantize import Int4Linear, Int8Linear, dequantize_int4, quantize_int8, quantize_model
+from rgemma.quantize import (
+    Int4Linear,
+    Int8Linear,
+    dequantize_int4,
+    pack_nibbles,
+    quantize_int4,
+    quantize_int8,
+    quantize_model,
+)
+from rgemma.state import RecurrentLayerState
 
 needs_native = pytest.mark.skipif(
     not kernels.available(), reason="no C compiler for rgemma's kernel"
@@ -179,6 +188,18 @@ def test_int4_dequantized_in_place_equals_reference():
     )
 
 
+def test_reused_buffers_serve_inference_mode_and_no_grad_alike():
+    """A buffer first made under inference_mode is written again under no_grad (a
+    generation, then a perplexity run in the same process): the same values, no error."""
+    lin = Linear(128, 24)
+    lin.weight.data.normal_()
+    m = Int4Linear.from_linear(lin, 64)
+    with torch.inference_mode():
+        first = m.dequantized(torch.float32).clone()
+    with torch.no_grad():
+        assert torch.equal(m.dequantized(torch.float32), first)
+
+
 def test_quantized_model_keeps_the_rest_in_float32():
     """What is not quantized (RG-LRU, conv, norms, biases) is float32 after
     quantize_model, even from a bf16 model, and the model computes in float32."""
@@ -220,3 +241,121 @@ def test_compiled_bf16_held_decode_equals_eager(monkeypatch):
         eager(prompt[:, :1], arange_positions(2, 1), eager.init_state(2))
     assert len(calls) >= 1 + 2 * len(cfg.block_types)  # the table, each MLP's up and gate
     assert_compiled_decode_matches(eager, compiled, prompt, steps=3, rtol=1e-4)
+
+
+def _random_recurrent_block(L: int, H: int, dtype: torch.dtype) -> layers.RecurrentBlock:
+    block = layers.RecurrentBlock(width=16, lru_width=L, num_heads=H, conv1d_width=4)
+    g = torch.Generator().manual_seed(L + H)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+    return block.to(dtype)
+
+
+def _fused_step(block: layers.RecurrentBlock, ux, uy, state, chunk) -> torch.Tensor:
+    conv, lru = block.conv_1d, block.rg_lru
+    return kernels.recurrent_step(
+        ux, uy, conv.weight, conv.bias, (lru.input_gate_weight, lru.input_gate_bias),
+        (lru.recurrent_gate_weight, lru.recurrent_gate_bias), lru.recurrent_param,
+        state.conv, state.h, chunk.reset[:, 0], chunk.is_real[:, 0],
+    )  # fmt: skip
+
+
+def _layers_step(block: layers.RecurrentBlock, ux, uy, state, chunk) -> torch.Tensor:
+    u = block.conv_1d.step(ux[:, None], state.conv, chunk)
+    return (block.rg_lru.step(u, state.h, chunk) * layers.gelu(uy[:, None]))[:, 0]
+
+
+@needs_native
+@pytest.mark.parametrize("L,H", [(40, 2), (96, 3), (256, 2)])
+@pytest.mark.parametrize("B", [1, 3, 6])
+@pytest.mark.parametrize("params,tail", [("float32", "float32"), ("bfloat16", "float32"),
+                                         ("bfloat16", "bfloat16")])  # fmt: skip
+def test_recurrent_step_kernel_matches_float64_layers(L, H, B, params, tail):
+    """kernels.recurrent_step (conv, RG-LRU and gelu gate fused) against the layers' own
+    steps in float64 (same parameter values), over three steps from a random state: a
+    document starting in row 0 at step 1, padding in the last row at step 0; head
+    widths that are and are not multiples of the vector length, row counts around the
+    tile. Output and h within float32 error; the tail exactly the inputs it keeps
+    (rounded to its dtype); a padded row's state untouched."""
+    block = _random_recurrent_block(L, H, getattr(torch, params))
+    ref_block = _random_recurrent_block(L, H, getattr(torch, params)).double()
+    g = torch.Generator().manual_seed(B)
+    state = RecurrentLayerState(
+        conv=torch.randn(B, 3, L, generator=g).to(getattr(torch, tail)),
+        h=torch.randn(B, L, generator=g),
+    )
+    ref_state = RecurrentLayerState(conv=state.conv.double(), h=state.h.double())
+    positions = torch.arange(5, 8)[None].repeat(B, 1)
+    positions[0, 1:] = torch.arange(2)  # a document starts
+    positions[-1, 0] = -1  # padding: the state must not move
+    zeros = torch.zeros(B, dtype=torch.long)
+    for t in range(3):
+        ux, uy = torch.randn(B, L, generator=g), torch.randn(B, L, generator=g)
+        chunk = layers.Chunk.for_step(positions[:, t : t + 1], zeros, zeros)
+        h_before, tail_before = state.h.clone(), state.conv.clone()
+        with torch.no_grad():
+            z = _fused_step(block, ux, uy, state, chunk)
+            ref = _layers_step(ref_block, ux.double(), uy.double(), ref_state, chunk)
+        assert z.dtype == torch.float32 and z.shape == (B, L)
+        assert (z.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+        assert (state.h.double() - ref_state.h).abs().max().item() <= 1e-5
+        kept = torch.where(chunk.reset[..., None], 0, tail_before[:, 1:])
+        expected = torch.cat([kept, ux[:, None].to(state.conv.dtype)], dim=1)
+        real = chunk.is_real[:, 0]
+        assert torch.equal(state.conv[real], expected[real])
+        assert torch.equal(state.conv[~real], tail_before[~real])
+        assert torch.equal(state.h[~real], h_before[~real])
+        assert (~real).any() == (t == 0)
+        ref_state.conv = state.conv.double()  # the reference's tail, stored in the same dtype
+
+
+@needs_native
+def test_recurrent_block_decode_goes_through_the_fused_step(monkeypatch):
+    """A float32 decode step without autograd calls the fused kernel, with the same
+    result as the layers' own steps; with autograd, or switched off, it does not."""
+    block = _random_recurrent_block(64, 2, torch.float32)
+    calls = []
+    native = kernels.recurrent_step
+    monkeypatch.setattr(kernels, "recurrent_step", lambda *a: calls.append(1) or native(*a))
+    x = torch.randn(2, 1, 16)
+    chunk = layers.Chunk.for_step(torch.tensor([[0], [3]]), torch.zeros(2, dtype=torch.long),
+                                  torch.zeros(2, dtype=torch.long))  # fmt: skip
+    outs = []
+    for fused in (True, False):
+        monkeypatch.setattr(layers, "FUSED_RECURRENT_STEP", fused)
+        state = RecurrentLayerState(conv=torch.ones(2, 3, 64), h=torch.ones(2, 64))
+        with torch.no_grad():
+            outs.append(block.step(x, state, chunk))
+    assert calls == [1]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    block.step(x, RecurrentLayerState(conv=torch.ones(2, 3, 64), h=torch.ones(2, 64)), chunk)
+    assert calls == [1]  # autograd on: the layers' steps
+
+
+def _int4_operands(M, K, N, G, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g)
+    x[0, :G] = 0  # an all-zero group (sx = 1, not 0 / 0)
+    q, scale, minimum = quantize_int4(torch.randn(N, K, generator=g), G)
+    return x, q, scale, minimum
+
+
+@needs_native
+@pytest.mark.parametrize("M", [1, 2, 5, 16])
+@pytest.mark.parametrize("K,N,G", [(128, 4, 64), (256, 7, 128), (2560, 48, 128), (96, 5, 32),
+                                   (40, 9, 8)])  # fmt: skip
+def test_int4_kernel_matches_its_reference(M, K, N, G):
+    """kernels.int4_matmul against its definition in float64 (int4_matmul_reference: the
+    same per-group int8 activations): within float32 rounding of the group sums; and
+    against x @ W.T with the float x, within the activations' rounding, sx / 2 each."""
+    x, q, scale, minimum = _int4_operands(M, K, N, G, seed=M + K)
+    y = kernels.int4_matmul(x, pack_nibbles(q), scale, minimum)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    w = dequantize_int4(q, scale, minimum, torch.float64)
+    magnitude = x.abs().double() @ w.abs().T
+    ref = kernels.int4_matmul_reference(x, q, scale, minimum)
+    assert ((y.double() - ref).abs() <= (K // G + G + 16) * 2**-23 * magnitude + 1e-30).all()
+    _, sx = kernels.quantize_groups_int8(x, G)
+    rounding = (sx.double().repeat_interleave(G, dim=1) / 2) @ w.abs().T  # [M, N]
+    assert ((y.double() - x.double() @ w.T).abs() <= rounding * 1.001 + 1e-4 * magnitude).all()

@@ -1,5 +1,8 @@
-/* The products of a decode step (few rows) with weights stored narrower than the
- * float32 activations, on the CPU: int8 (weight-only quantized) and bfloat16.
+/* The work of a decode step (few rows) on the CPU with weights stored narrower
+ * than the float32 activations: the products with int8 (weight-only quantized)
+ * and bfloat16 weights, below; the product with int4 weights (W4A8) and the
+ * recurrent block's step between its products, in their own sections further
+ * down, each with its math.
  *
  * Built by rgemma/kernels.py with the machine's C compiler (-O3 -march=native
  * -fopenmp) and called through ctypes. Activations stay float32; the weights
@@ -20,8 +23,9 @@
  * each weight vector once it is widened.
  *
  * The vector code is written with GCC vector extensions (one source for
- * AVX-512, AVX2 and NEON); only the int8 -> float widening uses x86
- * intrinsics, which GCC does not derive from __builtin_convertvector.
+ * AVX-512, AVX2 and NEON); the int8 -> float widening and the int4 byte dot
+ * products use x86 intrinsics (GCC derives neither from vector extensions),
+ * with plain C loops elsewhere.
  */
 #include <stdint.h>
 #include <string.h>
@@ -42,7 +46,7 @@
 typedef float vfloat __attribute__((vector_size(VL * 4)));
 typedef int8_t vint8 __attribute__((vector_size(VL)));
 
-enum kind { INT8, BF16 };  /* the weights' type; a constant wherever a tile is inlined */
+enum kind { INT8, BF16, FLOAT32 };  /* a weight's type; a constant wherever a tile is inlined */
 
 /* VL int8 weights -> VL floats */
 static inline vfloat widen_int8(const int8_t *p)
@@ -189,4 +193,403 @@ void rgemma_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w,
         rows(BF16, NR, x, M, K, w, NULL, y, N, b * NR);
     for (int64_t n = full * NR; n < N; n++)
         rows(BF16, 1, x, M, K, w, NULL, y, N, n);
+}
+
+/* ------------------------------------------------- the recurrent block's step
+ *
+ * One decode step of a recurrent block between its three products, fused:
+ * from ux = linear_x(x) and uy = linear_y(x) [B, L] to the input of
+ * linear_out, z [B, L], updating the conv tail and h in place. Per row b and
+ * channel l (head hd = l / bw, i over the head's bw channels), in the order of
+ * the reference (rgemma.layers: Conv1D.step, RGLRU.step, RecurrentBlock.step):
+ *
+ *   ext    = [reset ? 0 : tail[b], ux[b]]                      (K inputs)
+ *   c      = sum_k ext[k, l] * cw[l, k] + cb[l]                (conv)
+ *   gx     = sigmoid(bx[hd, j] + sum_i c[hd*bw + i] * wx[hd, i, j])
+ *   ga     = sigmoid(ba[hd, j] + sum_i c[hd*bw + i] * wa[hd, i, j])
+ *   log_a  = -8 * ga * softplus(rp[l])
+ *   a      = reset ? 0 : exp(log_a)
+ *   mult   = reset ? 1 : sqrt(1 - exp(2 log_a))
+ *   h'     = a * h + c * gx * mult;  h = real ? h' : h;  tail = real ? ext[1:] : tail
+ *   z      = h' * gelu_tanh(uy)
+ *
+ * Parameters are FLOAT32 or BF16 (param_kind), the tail FLOAT32 or BF16
+ * (tail_kind; stored rounded to nearest even, as a tensor copy rounds), the
+ * rest float32. Heads are independent (the gates are block-diagonal), so
+ * threads split the heads.
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#define CT 2            /* gate output vectors per tile */
+
+static inline float param_at(int kind, const void *p, int64_t i)
+{
+    return kind == BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static inline vfloat param_vec(int kind, const void *p, int64_t i)
+{
+    return kind == BF16 ? widen_bf16((const uint16_t *)p + i) : load_floats((const float *)p + i);
+}
+
+static inline uint16_t float_to_bf16(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u)          /* NaN stays NaN */
+        return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);              /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+static inline float softplusf(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+static inline float gelu_tanhf(float x)
+{
+    const float k = 0.7978845608028654f;          /* sqrt(2 / pi) */
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+/* conv for channels [l0, l1) of every row into c [B, L]; then the tails */
+static void conv_channels(int64_t B, int64_t L, int K, const float *ux, const void *cw,
+                          const void *cb, int param_kind, void *tail, int tail_kind,
+                          const uint8_t *reset, const uint8_t *real, float *c,
+                          int64_t l0, int64_t l1)
+{
+    for (int64_t b = 0; b < B; b++) {
+        float *tf = (float *)tail + b * (K - 1) * L;
+        uint16_t *th = (uint16_t *)tail + b * (K - 1) * L;
+        for (int64_t l = l0; l < l1; l++) {
+            float s = 0.0f;
+            for (int k = 0; k < K - 1; k++) {
+                float t = reset[b] ? 0.0f
+                          : tail_kind == BF16 ? bf16_to_float(th[k * L + l]) : tf[k * L + l];
+                s += t * param_at(param_kind, cw, l * K + k);
+            }
+            s += ux[b * L + l] * param_at(param_kind, cw, l * K + K - 1);
+            c[b * L + l] = s + param_at(param_kind, cb, l);
+        }
+        if (!real[b])
+            continue;
+        for (int k = 0; k < K - 1; k++)                /* tail = ext[1:] */
+            for (int64_t l = l0; l < l1; l++) {
+                float v = k + 1 < K - 1 ? (reset[b] ? 0.0f
+                                           : tail_kind == BF16 ? bf16_to_float(th[(k + 1) * L + l])
+                                                               : tf[(k + 1) * L + l])
+                                        : ux[b * L + l];
+                if (tail_kind == BF16)
+                    th[k * L + l] = float_to_bf16(v);
+                else
+                    tf[k * L + l] = v;
+            }
+    }
+}
+
+/* the recurrence for row b, channel l, from the two gate pre-activations */
+static inline void lru_update(int64_t b, int64_t l, int64_t L, float gx_pre, float ga_pre,
+                              const float *c, const float *uy, const float *softplus_rp,
+                              const uint8_t *reset, const uint8_t *real, float *h, float *z)
+{
+    float gx = sigmoidf(gx_pre), ga = sigmoidf(ga_pre);
+    float log_a = -8.0f * ga * softplus_rp[l];
+    float a = reset[b] ? 0.0f : expf(log_a);
+    float mult = reset[b] ? 1.0f : sqrtf(1.0f - expf(2.0f * log_a));
+    float h_new = c[b * L + l] * gx * mult + a * h[b * L + l];
+    if (real[b])
+        h[b * L + l] = h_new;
+    z[b * L + l] = h_new * gelu_tanhf(uy[b * L + l]);
+}
+
+/* gate tile: rows m0 .. m0 + mr, vectors j0 .. j0 + ct of head hd's outputs */
+static inline __attribute__((always_inline)) void gate_tile(
+    int mr, int ct, int64_t m0, int64_t hd, int64_t j0, int64_t bw, int64_t L,
+    const float *c, const void *wx, const void *bx, const void *wa, const void *ba,
+    int param_kind, const float *uy, const float *softplus_rp,
+    const uint8_t *reset, const uint8_t *real, float *h, float *z)
+{
+    vfloat ax[MR][CT], aa[MR][CT];
+    for (int j = 0; j < ct; j++) {
+        vfloat bxv = param_vec(param_kind, bx, hd * bw + j0 + j * VL);
+        vfloat bav = param_vec(param_kind, ba, hd * bw + j0 + j * VL);
+        for (int m = 0; m < mr; m++)
+            ax[m][j] = bxv, aa[m][j] = bav;
+    }
+    const int64_t base = hd * bw * bw + j0;
+    for (int64_t i = 0; i < bw; i++) {
+        vfloat wxv[CT], wav[CT];
+        for (int j = 0; j < ct; j++) {
+            wxv[j] = param_vec(param_kind, wx, base + i * bw + j * VL);
+            wav[j] = param_vec(param_kind, wa, base + i * bw + j * VL);
+        }
+        for (int m = 0; m < mr; m++) {
+            float ci = c[(m0 + m) * L + hd * bw + i];
+            for (int j = 0; j < ct; j++) {
+                ax[m][j] += ci * wxv[j];
+                aa[m][j] += ci * wav[j];
+            }
+        }
+    }
+    for (int m = 0; m < mr; m++)
+        for (int j = 0; j < ct; j++)
+            for (int v = 0; v < VL; v++)
+                lru_update(m0 + m, hd * bw + j0 + j * VL + v, L, ax[m][j][v], aa[m][j][v],
+                           c, uy, softplus_rp, reset, real, h, z);
+}
+
+/* one gate output column j of head hd, row b, without vectors (bw not a multiple of VL) */
+static void gate_column(int64_t b, int64_t hd, int64_t j, int64_t bw, int64_t L, const float *c,
+                        const void *wx, const void *bx, const void *wa, const void *ba,
+                        int param_kind, const float *uy, const float *softplus_rp,
+                        const uint8_t *reset, const uint8_t *real, float *h, float *z)
+{
+    float sx = param_at(param_kind, bx, hd * bw + j), sa = param_at(param_kind, ba, hd * bw + j);
+    for (int64_t i = 0; i < bw; i++) {
+        float ci = c[b * L + hd * bw + i];
+        sx += ci * param_at(param_kind, wx, (hd * bw + i) * bw + j);
+        sa += ci * param_at(param_kind, wa, (hd * bw + i) * bw + j);
+    }
+    lru_update(b, hd * bw + j, L, sx, sa, c, uy, softplus_rp, reset, real, h, z);
+}
+
+/* all rows, gate columns [j0, j0 + ct * VL) of head hd */
+static void gate_columns(int ct, int64_t B, int64_t hd, int64_t j0, int64_t bw, int64_t L,
+                         const float *c, const void *wx, const void *bx, const void *wa,
+                         const void *ba, int param_kind, const float *uy,
+                         const float *softplus_rp, const uint8_t *reset, const uint8_t *real,
+                         float *h, float *z)
+{
+#define GATE_TILE(R, C, M0) gate_tile(R, C, M0, hd, j0, bw, L, c, wx, bx, wa, ba, param_kind, \
+                                      uy, softplus_rp, reset, real, h, z)
+    for (int64_t m0 = 0; m0 < B; m0 += MR) {
+        int64_t mr = B - m0 < MR ? B - m0 : MR;
+        if (ct < CT) {                       /* a last single vector of columns */
+            for (int64_t m = 0; m < mr; m++)
+                GATE_TILE(1, 1, m0 + m);
+            continue;
+        }
+        switch (mr) {
+        case 1: GATE_TILE(1, CT, m0); break;
+#if MR >= 4
+        case 2: GATE_TILE(2, CT, m0); break;
+        case 3: GATE_TILE(3, CT, m0); break;
+#endif
+        default: GATE_TILE(MR, CT, m0); break;
+        }
+    }
+#undef GATE_TILE
+}
+
+/* ux, uy, z [B, L]; tail [B, K-1, L]; h [B, L]; cw [L, K]; cb, rp [L];
+ * wx, wa [H, bw, bw]; bx, ba [H, bw]; reset, real [B] (0 / 1). */
+void rgemma_recurrent_step(int64_t B, int64_t L, int64_t H, int K, const float *ux,
+                           const float *uy, const void *cw, const void *cb, const void *wx,
+                           const void *bx, const void *wa, const void *ba, const void *rp,
+                           int param_kind, void *tail, int tail_kind, float *h,
+                           const uint8_t *reset, const uint8_t *real, float *z, int threads)
+{
+    const int64_t bw = L / H, full = bw / VL;
+    float *c = malloc(sizeof(float) * B * L);
+    float *softplus_rp = malloc(sizeof(float) * L);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t hd = 0; hd < H; hd++) {
+        const int64_t l0 = hd * bw, l1 = l0 + bw;
+        for (int64_t l = l0; l < l1; l++)
+            softplus_rp[l] = softplusf(param_at(param_kind, rp, l));
+        conv_channels(B, L, K, ux, cw, cb, param_kind, tail, tail_kind, reset, real, c, l0, l1);
+        int64_t v = 0;
+        for (; v + CT <= full; v += CT)
+            gate_columns(CT, B, hd, v * VL, bw, L, c, wx, bx, wa, ba, param_kind, uy,
+                         softplus_rp, reset, real, h, z);
+        for (; v < full; v++)
+            gate_columns(1, B, hd, v * VL, bw, L, c, wx, bx, wa, ba, param_kind, uy,
+                         softplus_rp, reset, real, h, z);
+        for (int64_t j = full * VL; j < bw; j++)
+            for (int64_t b = 0; b < B; b++)
+                gate_column(b, hd, j, bw, L, c, wx, bx, wa, ba, param_kind, uy, softplus_rp,
+                            reset, real, h, z);
+    }
+    free(c);
+    free(softplus_rp);
+}
+
+/* ------------------------------------------------------- int4 weights (W4A8)
+ *
+ *   y[m, n] = sum_g ( scale[n, g] * sx[m, g] * sum_{k in g} xq[m, k] * q[n, k]
+ *                     + minimum[n, g] * sum_{k in g} x[m, k] )
+ *
+ * The weights are int4 groups of G columns, W = q * scale + minimum with q in
+ * 0..15, two per byte (even column in the low nibble: rgemma.quantize's
+ * pack_nibbles). The activations are quantized per row and group to int8,
+ * sx = max |x| / 127, xq = round(x / sx) (half to even), so the inner sums are
+ * exact int32 products of bytes: AVX-512 VNNI or AVX-VNNI (vpdpbusd), else
+ * AVX2's vpmaddubsw (no saturation: 15 * 127 * 2 < 2^15). The minimum's term
+ * uses the float32 sums of x. The only error beyond float32 rounding is that of
+ * xq, |dx| <= sx / 2 per element (the reference: rgemma.kernels.
+ * int4_matmul_reference).
+ */
+#if defined(__AVX2__)
+#define CHUNK 32        /* weight bytes (64 weights) per vector step */
+
+/* CHUNK packed bytes -> their even-column and odd-column nibbles, one per byte */
+static inline void unpack_chunk(const uint8_t *w, __m256i *even, __m256i *odd)
+{
+    const __m256i low = _mm256_set1_epi8(0x0f);
+    __m256i packed = _mm256_loadu_si256((const __m256i *)w);
+    *even = _mm256_and_si256(packed, low);
+    *odd = _mm256_and_si256(_mm256_srli_epi16(packed, 4), low);
+}
+
+/* acc (8 x int32) += the byte products of the nibbles with xe (even) and xo (odd) */
+static inline __m256i dot_chunk(__m256i acc, __m256i even, __m256i odd, const int8_t *xe,
+                                const int8_t *xo)
+{
+    __m256i a = _mm256_loadu_si256((const __m256i *)xe), b = _mm256_loadu_si256((const __m256i *)xo);
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, even, a), odd, b);
+#elif defined(__AVXVNNI__)
+    return _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, even, a), odd, b);
+#else
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i s = _mm256_add_epi16(_mm256_maddubs_epi16(even, a), _mm256_maddubs_epi16(odd, b));
+    return _mm256_add_epi32(acc, _mm256_madd_epi16(s, ones));
+#endif
+}
+
+static inline float sum_lanes8(__m256 v)
+{
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#endif
+
+/* weight rows n0 .. n0 + nr against activation rows m0 .. m0 + mr, summed over the
+ * groups: each chunk of weights unpacked once for all mr rows, nr * mr independent
+ * accumulators (vpdpbusd's latency is several cycles); vectorized where a group's
+ * bytes are whole chunks. xq, sx, xsum: quantize_groups' output. */
+static inline __attribute__((always_inline)) void int4_tile(
+    int nr, int mr, const uint8_t *packed, int64_t n0, int64_t m0, const int8_t *xq,
+    const float *sx, const float *xsum, const float *scale, const float *minimum, int64_t K,
+    int64_t G, float *y, int64_t N)
+{
+    const int64_t ng = K / G, gb = G / 2, rb = K / 2;
+    float out[NR][MR] = {{0}};
+    for (int64_t g = 0; g < ng; g++)
+        for (int j = 0; j < nr; j++)
+            for (int i = 0; i < mr; i++)
+                out[j][i] += minimum[(n0 + j) * ng + g] * xsum[(m0 + i) * ng + g];
+#if defined(__AVX2__)
+    if (gb % CHUNK == 0) {
+        __m256 facc[NR][MR];
+        for (int j = 0; j < nr; j++)
+            for (int i = 0; i < mr; i++)
+                facc[j][i] = _mm256_setzero_ps();
+        for (int64_t g = 0; g < ng; g++) {
+            __m256i acc[NR][MR];
+            for (int j = 0; j < nr; j++)
+                for (int i = 0; i < mr; i++)
+                    acc[j][i] = _mm256_setzero_si256();
+            for (int64_t c = 0; c < gb; c += CHUNK)
+                for (int j = 0; j < nr; j++) {
+                    const uint8_t *w = packed + (n0 + j) * rb + g * gb + c;
+                    if (m0 == 0)                  /* the next block, while this one is used */
+                        __builtin_prefetch(w + NR * rb, 0, 3);
+                    __m256i even, odd;
+                    unpack_chunk(w, &even, &odd);
+                    for (int i = 0; i < mr; i++) {
+                        const int8_t *xe = xq + (m0 + i) * K + g * G + c;
+                        acc[j][i] = dot_chunk(acc[j][i], even, odd, xe, xe + gb);
+                    }
+                }
+            for (int j = 0; j < nr; j++)
+                for (int i = 0; i < mr; i++) {
+                    __m256 s = _mm256_set1_ps(scale[(n0 + j) * ng + g] * sx[(m0 + i) * ng + g]);
+                    facc[j][i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[j][i]), s, facc[j][i]);
+                }
+        }
+        for (int j = 0; j < nr; j++)
+            for (int i = 0; i < mr; i++)
+                y[(m0 + i) * N + n0 + j] = sum_lanes8(facc[j][i]) + out[j][i];
+        return;
+    }
+#endif
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mr; i++) {
+            float s = 0.0f;
+            for (int64_t g = 0; g < ng; g++) {
+                const uint8_t *w = packed + (n0 + j) * rb + g * gb;
+                const int8_t *xe = xq + (m0 + i) * K + g * G, *xo = xe + gb;
+                int32_t acc = 0;
+                for (int64_t k = 0; k < gb; k++)
+                    acc += (int32_t)(w[k] & 15) * xe[k] + (int32_t)(w[k] >> 4) * xo[k];
+                s += (float)acc * (scale[(n0 + j) * ng + g] * sx[(m0 + i) * ng + g]);
+            }
+            y[(m0 + i) * N + n0 + j] = s + out[j][i];
+        }
+}
+
+/* all activation rows against weight rows n0 .. n0 + nr */
+static inline __attribute__((always_inline)) void int4_rows(
+    int nr, const uint8_t *packed, int64_t n0, int64_t M, const int8_t *xq, const float *sx,
+    const float *xsum, const float *scale, const float *minimum, int64_t K, int64_t G,
+    float *y, int64_t N)
+{
+#define INT4_TILE(R) int4_tile(nr, R, packed, n0, m0, xq, sx, xsum, scale, minimum, K, G, y, N)
+    for (int64_t m0 = 0; m0 < M; m0 += MR) {
+        switch (M - m0 < MR ? M - m0 : MR) {
+        case 1: INT4_TILE(1); break;
+#if MR >= 4
+        case 2: INT4_TILE(2); break;
+        case 3: INT4_TILE(3); break;
+#endif
+        default: INT4_TILE(MR); break;
+        }
+    }
+#undef INT4_TILE
+}
+
+/* x [M, K] float32 -> per row and group: xq (even columns then odd columns), sx, xsum */
+static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t G, int8_t *xq,
+                            float *sx, float *xsum)
+{
+    const int64_t ng = K / G, gb = G / 2;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < ng; g++) {
+            const float *xg = x + m * K + g * G;
+            float amax = 0.0f, sum = 0.0f;
+            for (int64_t k = 0; k < G; k++) {
+                amax = fmaxf(amax, fabsf(xg[k]));
+                sum += xg[k];
+            }
+            float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+            int8_t *out = xq + m * K + g * G;
+            for (int64_t k = 0; k < G; k++) {
+                float r = nearbyintf(xg[k] / scale);
+                r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
+                out[(k & 1) * gb + k / 2] = (int8_t)r;
+            }
+            sx[m * ng + g] = scale;
+            xsum[m * ng + g] = sum;
+        }
+}
+
+/* y [M, N] = x [M, K] @ W.T, W [N, K] int4 groups: packed [N, K/2], scale, minimum [N, K/G] */
+void rgemma_int4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *packed, int64_t N,
+                        const float *scale, const float *minimum, int64_t G, float *y, int threads)
+{
+    const int64_t ng = K / G;
+    int8_t *xq = malloc(M * K);
+    float *sx = malloc(sizeof(float) * M * ng), *xsum = malloc(sizeof(float) * M * ng);
+    quantize_groups(x, M, K, G, xq, sx, xsum);
+    const int64_t full = N / NR;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t b = 0; b < full; b++)
+        int4_rows(NR, packed, b * NR, M, xq, sx, xsum, scale, minimum, K, G, y, N);
+    for (int64_t n = full * NR; n < N; n++)               /* N not a multiple of NR */
+        int4_rows(1, packed, n, M, xq, sx, xsum, scale, minimum, K, G, y, N);
+    free(xq);
+    free(sx);
+    free(xsum);
 }

@@ -1,9 +1,14 @@
-"""rgemma's own CPU kernels: the products of a decode step with narrow weights.
+"""rgemma's own CPU kernels: the work of a decode step with narrow weights.
 
     int8_matmul(x [M, K] float32, q [N, K] int8, scale [N] float32) -> [M, N] float32
         = (x @ q.T) * scale            (reference: ``int8_matmul_reference``)
     bf16_matmul(x [M, K] float32, w [N, K] bfloat16) -> [M, N] float32
         = x @ w.float().T              (reference: ``bf16_matmul_reference``)
+    int4_matmul(x [M, K] float32, packed [N, K/2] uint8, scale, minimum [N, K/G])
+        = x @ W.T, W = q * scale + minimum per group of G columns, with x rounded
+          to int8 per row and group (W4A8; reference: ``int4_matmul_reference``)
+    recurrent_step(...): a recurrent block's decode step between its products
+        (conv, RG-LRU, gelu gate) in one call (reference: the layers' own steps)
 
 A decode step reads every weight once and does little arithmetic on it, so its
 speed is the speed at which the weights stream in from memory. PyTorch's
@@ -14,7 +19,11 @@ prefetching the next block of weight rows while it multiplies this one. The
 bf16 product is the same loop over 2-byte weights: it reads what oneDNN's
 bf16 product reads, faster at a few rows, and keeps x in float32 where
 oneDNN rounds it to bf16 (and it does not depend on native bf16, which
-AVX2-only CPUs lack).
+AVX2-only CPUs lack). The int4 product multiplies the nibbles as bytes with
+int8 activations (byte dot products: VNNI, or AVX2's vpmaddubsw), since
+widening every nibble to a float costs more than reading it. Between the
+products, a recurrent layer's step is ~25 small PyTorch ops, each a dispatch
+and a pass over memory; ``recurrent_step`` is one call.
 
 The C source ships with the package and is compiled on first use with the
 machine's C compiler (``$CC``, else ``cc``; -O3 -march=native -fopenmp), into
@@ -24,9 +33,11 @@ machine. It shares PyTorch's OpenMP runtime (the same ``libgomp.so.1``) and
 its thread count. Without a compiler (or with ``RGEMMA_NATIVE=0``) the
 quantized layers fall back to PyTorch's kernel, with one warning.
 
-Under ``torch.compile`` the kernel is the custom op ``rgemma::int8_matmul``, an
-opaque call inside the compiled graph; in eager mode it is called directly
-(ctypes releases the GIL for the call).
+Under ``torch.compile`` the products are custom ops (``rgemma::int8_matmul``,
+``rgemma::bf16_matmul``, ``rgemma::int4_matmul``), opaque calls inside the
+compiled graph; in eager mode they are called directly (ctypes releases the GIL
+for the call). The recurrent step is eager only: a compiled step fuses the
+same elementwise work itself.
 """
 
 from __future__ import annotations
@@ -56,6 +67,33 @@ def int8_matmul_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor)
 def bf16_matmul_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """The definition: x @ w.T in float32."""
     return x.float() @ w.float().T
+
+
+def quantize_groups_int8(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 -> (xq int8 [M, K], sx float32 [M, K/group]): per row and group,
+    sx = max |x| / 127 (1 where all are 0), xq = round(x / sx) (half to even)."""
+    M, K = x.shape
+    xg = x.float().reshape(M, K // group, group)
+    amax = xg.abs().amax(dim=-1)
+    sx = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    xq = torch.round(xg / sx[..., None]).clamp(-127, 127).to(torch.int8)
+    return xq.reshape(M, K), sx
+
+
+def int4_matmul_reference(
+    x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+) -> torch.Tensor:
+    """The definition of ``int4_matmul``, in float64: x [M, K] against W = q * scale +
+    minimum (q uint8 [N, K] in 0..15, unpacked; scale, minimum [N, K/G]), x quantized
+    per group as ``quantize_groups_int8``, the minimum's term from x itself."""
+    M, K = x.shape
+    N, ng = scale.shape
+    G = K // ng
+    xq, sx = quantize_groups_int8(x, G)
+    dots = torch.einsum("mgk,ngk->mng", xq.double().reshape(M, ng, G),
+                        q.double().reshape(N, ng, G))  # fmt: skip
+    sums = x.double().reshape(M, ng, G).sum(-1)  # [M, ng]
+    return (dots * scale.double()[None] * sx.double()[:, None]).sum(-1) + sums @ minimum.double().T
 
 
 def cache_dir() -> Path:
@@ -130,6 +168,12 @@ def _load() -> ctypes.CDLL | None:
     lib.rgemma_int8_matmul.restype = None
     lib.rgemma_bf16_matmul.argtypes = [p, i64, i64, p, i64, p, ctypes.c_int]
     lib.rgemma_bf16_matmul.restype = None
+    lib.rgemma_int4_matmul.argtypes = [p, i64, i64, p, i64, p, p, i64, p, ctypes.c_int]
+    lib.rgemma_int4_matmul.restype = None
+    lib.rgemma_recurrent_step.argtypes = [i64, i64, i64, ctypes.c_int, p, p, p, p, p, p, p, p,
+                                          p, ctypes.c_int, p, ctypes.c_int, p, p, p, p,
+                                          ctypes.c_int]  # fmt: skip
+    lib.rgemma_recurrent_step.restype = None
     return lib
 
 
@@ -190,6 +234,44 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return _int8_matmul_native(x, q, scale)
 
 
+def _int4_matmul_native(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+) -> torch.Tensor:
+    M, K = x.shape
+    N, ng = scale.shape
+    x, packed = x.float().contiguous(), packed.contiguous()  # the C contract
+    scale, minimum = scale.float().contiguous(), minimum.float().contiguous()
+    y = torch.empty(M, N, dtype=torch.float32)
+    _lib.rgemma_int4_matmul(
+        x.data_ptr(), M, K, packed.data_ptr(), N, scale.data_ptr(), minimum.data_ptr(), K // ng,
+        y.data_ptr(), _threads(M, N, K // 4),
+    )  # fmt: skip
+    return y
+
+
+@torch.library.custom_op("rgemma::int4_matmul", mutates_args=())
+def _int4_matmul_op(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+) -> torch.Tensor:
+    return _int4_matmul_native(x, packed, scale, minimum)
+
+
+@_int4_matmul_op.register_fake
+def _(x, packed, scale, minimum):
+    return x.new_empty(x.shape[0], scale.shape[0], dtype=torch.float32)
+
+
+def int4_matmul(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+) -> torch.Tensor:
+    """x @ W.T with W int4 groups: x [M, K], packed uint8 [N, K/2] (two columns a byte,
+    ``quantize.pack_nibbles``), scale, minimum [N, K/G] (CPU) -> [M, N] float32, with x
+    quantized per group to int8 (``int4_matmul_reference``). Needs ``available()``."""
+    if torch.compiler.is_compiling():
+        return _int4_matmul_op(x, packed, scale, minimum)
+    return _int4_matmul_native(x, packed, scale, minimum)
+
+
 @torch.library.custom_op("rgemma::bf16_matmul", mutates_args=())
 def _bf16_matmul_op(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _bf16_matmul_native(x, w)
@@ -206,3 +288,65 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _bf16_matmul_op(x, w)
     return _bf16_matmul_native(x, w)
+
+
+_KIND = {torch.bfloat16: 1, torch.float32: 2}  # kernels.c's enum kind
+
+
+def recurrent_step_supports(x: torch.Tensor, params: list[torch.Tensor], tail, h) -> bool:
+    """Whether ``recurrent_step`` takes these: float32 activations and h, parameters
+    all float32 or all bf16, a float32 or bf16 tail, state tensors contiguous (they
+    are updated in place), on the CPU, with the kernel available."""
+    dtype = params[0].dtype
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and dtype in _KIND
+        and all(p.dtype == dtype for p in params)
+        and tail.dtype in _KIND
+        and h.dtype == torch.float32
+        and tail.is_contiguous()
+        and h.is_contiguous()
+        and available()
+    )
+
+
+def recurrent_step(
+    ux: torch.Tensor,
+    uy: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    input_gate: tuple[torch.Tensor, torch.Tensor],
+    recurrent_gate: tuple[torch.Tensor, torch.Tensor],
+    recurrent_param: torch.Tensor,
+    tail: torch.Tensor,
+    h: torch.Tensor,
+    reset: torch.Tensor,
+    real: torch.Tensor,
+) -> torch.Tensor:
+    """A recurrent block's decode step between its products (kernels.c states the math):
+    ux = linear_x(x), uy = linear_y(x) [B, L] float32 -> z [B, L] float32, the input of
+    linear_out; updates ``tail`` [B, K-1, L] and ``h`` [B, L] in place.
+
+    conv_weight [L, 1, K], conv_bias [L], gates (weight [H, bw, bw], bias [H, bw]),
+    recurrent_param [L]; reset, real [B] bool. Reference: ``Conv1D.step``,
+    ``RGLRU.step`` and the gelu gate of ``RecurrentBlock.step``. Needs
+    ``recurrent_step_supports``.
+    """
+    B, L = ux.shape
+    H, K = input_gate[0].shape[0], conv_weight.shape[-1]
+    ux, uy = ux.float().contiguous(), uy.float().contiguous()
+    params = [
+        t.contiguous()
+        for t in (conv_weight, conv_bias, *input_gate, *recurrent_gate, recurrent_param)
+    ]
+    cw, cb, wx, bx, wa, ba, rp = params
+    reset, real = reset.to(torch.bool).contiguous(), real.to(torch.bool).contiguous()
+    z = torch.empty(B, L, dtype=torch.float32)
+    _lib.rgemma_recurrent_step(
+        B, L, H, K, ux.data_ptr(), uy.data_ptr(),
+        cw.data_ptr(), cb.data_ptr(), wx.data_ptr(), bx.data_ptr(), wa.data_ptr(), ba.data_ptr(),
+        rp.data_ptr(), _KIND[cw.dtype], tail.data_ptr(), _KIND[tail.dtype], h.data_ptr(),
+        reset.data_ptr(), real.data_ptr(), z.data_ptr(), _threads(B, L, 2 * L // H),
+    )  # fmt: skip
+    return z

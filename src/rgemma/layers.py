@@ -25,6 +25,7 @@ from rgemma.state import RecurrentLayerState
 
 _MAX_SQRT_GRADIENT = 1000.0  # bound on d sqrt(x) / dx during training
 VOCAB_BLOCK = 16384  # logits of a table held in another dtype: rows per product
+FUSED_RECURRENT_STEP = True  # False: the layers' own steps, always (for comparisons)
 
 
 def normal_(p: torch.Tensor, variance: float, generator: torch.Generator | None = None) -> None:
@@ -167,7 +168,10 @@ def workspace_like(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor |
     key = (tuple(shape), dtype)
     buf = cache.get(key)
     if buf is None:
-        buf = cache[key] = torch.empty(shape, dtype=dtype)
+        # a normal tensor, even when made under inference_mode: an inference tensor
+        # could not be written later outside it (under no_grad)
+        with torch.inference_mode(False):
+            buf = cache[key] = torch.empty(shape, dtype=dtype)
     return buf
 
 
@@ -505,11 +509,32 @@ class RecurrentBlock(nn.Module):
         return self.linear_out(u * y)
 
     def step(self, x: torch.Tensor, state: RecurrentLayerState, chunk: Chunk) -> torch.Tensor:
-        """One token: x [B, 1, D] -> [B, 1, D] (same math, no scan, state in place)."""
-        y = gelu(self.linear_y(x))
-        u = self.conv_1d.step(self.linear_x(x), state.conv, chunk)
+        """One token: x [B, 1, D] -> [B, 1, D] (same math, no scan, state in place).
+
+        On the CPU in float32, everything between the three products is one call
+        of rgemma's kernel (``kernels.recurrent_step``), else the layers' own steps.
+        """
+        ux, uy = self.linear_x(x), self.linear_y(x)
+        if self._fuses_step(ux, state):
+            conv, lru = self.conv_1d, self.rg_lru
+            z = kernels.recurrent_step(
+                ux[:, 0], uy[:, 0], conv.weight, conv.bias,
+                (lru.input_gate_weight, lru.input_gate_bias),
+                (lru.recurrent_gate_weight, lru.recurrent_gate_bias),
+                lru.recurrent_param, state.conv, state.h, chunk.reset[:, 0], chunk.is_real[:, 0],
+            )  # fmt: skip
+            return self.linear_out(z[:, None])
+        u = self.conv_1d.step(ux, state.conv, chunk)
         u = self.rg_lru.step(u, state.h, chunk)
-        return self.linear_out(u * y)
+        return self.linear_out(u * gelu(uy))
+
+    def _fuses_step(self, u: torch.Tensor, state: RecurrentLayerState) -> bool:
+        """Whether ``step`` goes through ``kernels.recurrent_step`` (not while tracing or
+        differentiating: the kernel is opaque to both)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not FUSED_RECURRENT_STEP:
+            return False
+        params = [self.conv_1d.weight, self.conv_1d.bias, *self.rg_lru.parameters()]
+        return kernels.recurrent_step_supports(u, params, state.conv, state.h)
 
 
 def _store_conv_tail(state: RecurrentLayerState, tail: torch.Tensor, chunk: Chunk) -> None:

@@ -24,6 +24,10 @@ Products, three ways (a layer picks per number of rows, see below):
 * "w8a8" (int8 only): the activations quantized too, per row (token), and an
   int8 x int8 -> int32 product (``torch._int_mm``: VNNI / AMX through oneDNN):
   ``y = (xq @ q.T) * sx * scale``, the integer sums exact.
+* "w4a8" (int4 only, few rows): the activations quantized per row and group
+  to int8 and multiplied with the nibbles as bytes (``kernels.int4_matmul``:
+  exact integer sums per group, VNNI where the CPU has it); it reads the
+  weights once, as the "kernel" path does, with less arithmetic per byte.
 
 Which is fastest depends on the CPU and the shape, so it is measured per layer
 shape and row bucket when a model is quantized or loaded (``rgemma.autotune``,
@@ -44,6 +48,7 @@ from rgemma import autotune, kernels
 from rgemma.layers import VOCAB_BLOCK, Linear, converted, low_precision_matmul_dtype, workspace_like
 
 _DECODE_ROWS = 16  # at most this many rows: use the packed kernels
+_FEW_ROWS_PATHS = ("kernel", "w4a8")  # paths only for up to _DECODE_ROWS rows
 # Inside a compiled step a call to rgemma's kernel (a custom op) costs ~13 us
 # against ~6 us for PyTorch's; below ~1M weights that outweighs the faster
 # streaming, so small layers (the demo model's) keep PyTorch's kernel there.
@@ -205,7 +210,7 @@ class _QuantLinear(nn.Module):
             candidates = {
                 p: functools.partial(self._product_or_dense, p, x, rows)
                 for p in self.PATHS
-                if p != "kernel" or rows <= _DECODE_ROWS
+                if p not in _FEW_ROWS_PATHS or rows <= _DECODE_ROWS
             }
             key = f"{type(self).__name__}|{self.out_features}|{self.in_features}|{rows}"
             self.paths[rows] = autotune.choose(key, candidates)
@@ -299,6 +304,7 @@ class Int4Linear(_QuantLinear):
     """y = x @ W.T + b with W stored as int4 groups (q * scale + min)."""
 
     bits = 4
+    PATHS = ("kernel", "dense", "w4a8")
 
     def __init__(
         self, in_features: int, out_features: int, bias: bool, group_size: int, device=None
@@ -340,6 +346,11 @@ class Int4Linear(_QuantLinear):
         groups = w.view(N, -1, self.group_size)
         groups.mul_(self.scale.to(dtype)[..., None]).add_(self.minimum.to(dtype)[..., None])
         return w
+
+    def _product(self, path: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        if path == "w4a8" and rows <= _DECODE_ROWS and kernels.available():
+            return kernels.int4_matmul(x.reshape(rows, -1), self.qweight, self.scale, self.minimum)
+        return super()._product(path, x, rows)
 
     def _has_kernel(self) -> bool:
         return self.out_features % 16 == 0 and _has_op("_weight_int4pack_mm_for_cpu")
