@@ -359,3 +359,76 @@ def test_int4_kernel_matches_its_reference(M, K, N, G):
     _, sx = kernels.quantize_groups_int8(x, G)
     rounding = (sx.double().repeat_interleave(G, dim=1) / 2) @ w.abs().T  # [M, N]
     assert ((y.double() - x.double() @ w.T).abs() <= rounding * 1.001 + 1e-4 * magnitude).all()
+
+
+@needs_native
+@pytest.mark.parametrize("D", [40, 256, 2560])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_kernel_matches_float64(D, dtype):
+    """kernels.rms_norm against RMSNorm's formula in float64: within float32 rounding
+    (a sum of D squares, a square root, three products)."""
+    g = torch.Generator().manual_seed(D)
+    x = torch.randn(3, 1, D, generator=g) * 3
+    w = (torch.randn(D, generator=g) * 0.5).to(dtype)
+    y = kernels.rms_norm(x, w, 1e-6)
+    xd = x.double()
+    ref = xd * torch.rsqrt(xd.square().mean(-1, keepdim=True) + 1e-6) * (w.double() + 1)
+    assert y.shape == x.shape and y.dtype == torch.float32
+    assert ((y.double() - ref).abs() <= (D + 8) * 2**-23 * ref.abs() + 1e-7).all()
+
+
+@needs_native
+def test_decode_rows_normalise_through_the_kernel(monkeypatch):
+    """RMSNorm of a few float32 rows without autograd is the native call, equal to the
+    PyTorch formula within float32 rounding; many rows or autograd keep PyTorch's."""
+    calls = []
+    native = kernels.rms_norm
+    monkeypatch.setattr(kernels, "rms_norm", lambda *a: calls.append(a[0].shape) or native(*a))
+    norm = layers.RMSNorm(64)
+    norm.weight.data.normal_()
+    x = torch.randn(2, 1, 64)
+    with torch.no_grad():
+        y = norm(x)
+        norm(torch.randn(1, layers.NATIVE_NORM_ROWS + 1, 64))
+    ref = norm(x)  # autograd on: the formula
+    assert calls == [(2, 1, 64)]
+    torch.testing.assert_close(y, ref.detach(), rtol=1e-6, atol=1e-6)
+
+
+@needs_native
+@pytest.mark.parametrize("ring", ["float32", "bfloat16"])
+def test_attention_step_kernel_matches_float64_decode(ring, monkeypatch):
+    """Decoding through kernels.attention_step (float32) against the same model decoding
+    in float64 through PyTorch's ops: 20 steps with window 6, so the ring fills, wraps
+    and is read in part (R < W) at first; a document starts in row 0 at step 9, row 2 is
+    padding for its first 3 steps. Logits within float32 error, rings equal up to their
+    dtype's rounding (each step starts both from the state the kernel stored); the
+    kernel was called for every attention layer and step."""
+    cfg = tiny_config(width=48, mlp_width=96, num_heads=3, attention_window=6)
+    model = random_model(cfg, noise=0.05)
+    ref_model = random_model(cfg, noise=0.05).double()
+    calls = []
+    native = kernels.attention_step
+    monkeypatch.setattr(kernels, "attention_step", lambda *a: calls.append(1) or native(*a))
+    B, T = 3, 20
+    tokens = torch.randint(0, cfg.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    positions = arange_positions(B, T)
+    positions[0, 9:] = torch.arange(T - 9)
+    positions[2, :3] = -1
+    positions[2, 3:] = torch.arange(T - 3)
+    state = model.init_state(B, dtype=getattr(torch, ring))
+    ref_state = ref_model.init_state(B, dtype=torch.float64)
+    with torch.no_grad():
+        for t in range(T):
+            step = (tokens[:, t : t + 1], positions[:, t : t + 1])
+            out, _ = model(*step, state, logits="last")
+            ref, _ = ref_model(*step, ref_state, logits="last")
+            assert (out.double() - ref).abs().max().item() <= 1e-4 * ref.abs().max().item(), t
+            for mine, theirs in zip(state.layers, ref_state.layers):
+                for name, a in mine.tensors().items():
+                    b = theirs.tensors()[name]
+                    if name in ("k", "v"):
+                        torch.testing.assert_close(a.double(), b.to(a.dtype).double(),
+                                                   rtol=2**-7, atol=1e-6)  # fmt: skip
+                    b.copy_(a.double())  # both go on from the same stored state
+    assert len(calls) == T * cfg.block_types.count("attention")

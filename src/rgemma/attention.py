@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from rgemma import kernels
 from rgemma.layers import Chunk, Linear
 from rgemma.state import AttentionLayerState
 
 _MASKED = -2.3819763e38  # the official code's "minus infinity" for masked logits
+NATIVE_STEP = True  # False: the decode step in PyTorch ops, always (for comparisons)
 
 
 def apply_rope(x: torch.Tensor, positions: torch.Tensor, base: float) -> torch.Tensor:
@@ -106,6 +108,13 @@ class LocalAttentionBlock(nn.Module):
         q = self.q_proj(x).view(B, 1, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(B, 1, 1, self.head_dim)
         v = self.v_proj(x)  # [B, 1, Dh]
+        if self._native_step(q, state):  # the same math in one call of rgemma's kernel
+            out = kernels.attention_step(
+                q[:, 0], k[:, 0, 0], v[:, 0], chunk.positions[:, 0], self.rope_base,
+                state.k, state.v, ring_index, chunk.stream_index[:, 0], chunk.doc_start[:, 0],
+                chunk.is_real[:, 0], self.window,
+            )  # fmt: skip
+            return self.o_proj(out.reshape(B, 1, -1))
         q = apply_rope(q, chunk.positions, self.rope_base)[:, 0]  # [B, H, Dh]
         k = apply_rope(k, chunk.positions, self.rope_base)[:, 0]  # [B, 1, Dh]
         R = ring_index.shape[1]
@@ -121,6 +130,12 @@ class LocalAttentionBlock(nn.Module):
         out = torch.baddbmm(probs[..., -1:] * v, probs[..., :-1], ring_v)  # [B, H, Dh]
         self._write_ring(state, k, v, chunk)
         return self.o_proj(out.reshape(B, 1, -1))
+
+    def _native_step(self, q: torch.Tensor, state: AttentionLayerState) -> bool:
+        """Whether ``step`` goes through ``kernels.attention_step`` (eager, no autograd)."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not NATIVE_STEP:
+            return False
+        return kernels.attention_step_supports(q, state.k, state.v)
 
     def _attend(self, q, keys, values, key_index, q_index, q_doc) -> torch.Tensor:
         """q [B,Q,H,Dh], keys/values [B,S,Dh], key_index [B,S], q_index/q_doc [B,Q]

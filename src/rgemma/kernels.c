@@ -593,3 +593,153 @@ void rgemma_int4_matmul(const float *x, int64_t M, int64_t K, const uint8_t *pac
     free(sx);
     free(xsum);
 }
+
+/* ------------------------------------------------------------------ RMSNorm
+ *
+ *   y[m] = x[m] * rsqrt(mean_d x[m, d]^2 + eps) * (1 + w)      (rgemma.layers.RMSNorm)
+ *
+ * for the few rows of a decode step, in one thread; w FLOAT32 or BF16.
+ */
+void rgemma_rms_norm(const float *x, int64_t M, int64_t D, const void *w, int kind, float eps,
+                     float *y)
+{
+    for (int64_t m = 0; m < M; m++) {
+        const float *xm = x + m * D;
+        vfloat acc = {0};
+        int64_t d = 0;
+        for (; d + VL <= D; d += VL) {
+            vfloat v = load_floats(xm + d);
+            acc += v * v;
+        }
+        float sum = sum_lanes(acc);
+        for (; d < D; d++)
+            sum += xm[d] * xm[d];
+        float r = 1.0f / sqrtf(sum / (float)D + eps);
+        for (d = 0; d < D; d++)
+            y[m * D + d] = xm[d] * r * (param_at(kind, w, d) + 1.0f);
+    }
+}
+
+/* ------------------------------------------------------- local attention's step
+ *
+ * One query token per row against the first R ring slots and itself, as
+ * rgemma.attention.LocalAttentionBlock.step computes it:
+ *
+ *   q, k   = rope(q, pos), rope(k, pos)      (first half of each head rotated,
+ *            split-half pairs, f_j = base^(-2j / (Dh/2)))
+ *   logit  = q . key / sqrt(Dh)  for each ring slot r and for k itself; a slot
+ *            is visible when its index i >= 0, i >= doc and stream - i <= W
+ *   out    = softmax(logits) . [ring values, v]
+ *   ring[num_tokens % W] = (k, v)   for real rows
+ *
+ * q [B, H, Dh], k, v [B, Dh], out [B, H, Dh] float32; the ring k/v [B, W, Dh]
+ * FLOAT32 or BF16 (ring_kind); ring_index [B, R] stream index per slot (-1 empty).
+ */
+#define MASKED (-2.3819763e38f)  /* the official code's "minus infinity" */
+
+/* cos and sin of pos * f_j, j < Dh / 4, into cs[0 .. half) and cs[half .. 2 half) */
+static void rope_angles(float *cs, int64_t Dh, float pos, float base)
+{
+    const int64_t rot = Dh / 2, half = rot / 2;
+    for (int64_t j = 0; j < half; j++) {
+        float angle = pos * (1.0f / powf(base, (float)(2 * j) / (float)rot));
+        cs[j] = cosf(angle);
+        cs[half + j] = sinf(angle);
+    }
+}
+
+static void rope(float *x, int64_t Dh, const float *cs)
+{
+    const int64_t half = Dh / 4;
+    for (int64_t j = 0; j < half; j++) {
+        float r1 = x[j], r2 = x[half + j], c = cs[j], s = cs[half + j];
+        x[j] = r1 * c - r2 * s;
+        x[half + j] = r2 * c + r1 * s;
+    }
+}
+
+static inline float ring_at(int kind, const void *ring, int64_t i)
+{
+    return kind == BF16 ? bf16_to_float(((const uint16_t *)ring)[i]) : ((const float *)ring)[i];
+}
+
+static inline float dot_ring(const float *q, const void *ring, int kind, int64_t off, int64_t Dh)
+{
+    vfloat acc = {0};
+    int64_t d = 0;
+    for (; d + VL <= Dh; d += VL)
+        acc += load_floats(q + d) * param_vec(kind, ring, off + d);
+    float s = sum_lanes(acc);
+    for (; d < Dh; d++)
+        s += q[d] * ring_at(kind, ring, off + d);
+    return s;
+}
+
+void rgemma_attention_step(int64_t B, int64_t H, int64_t Dh, int64_t W, int64_t R,
+                           const float *q_in, const float *k_in, const float *v,
+                           const int64_t *pos, float base, void *ring_k, void *ring_v,
+                           int ring_kind, const int64_t *ring_index, const int64_t *stream,
+                           const int64_t *doc, const uint8_t *real, float *out, int threads)
+{
+    const int64_t half = Dh / 4;
+    float *q = malloc(sizeof(float) * B * H * Dh), *k = malloc(sizeof(float) * B * Dh);
+    float *cs = malloc(sizeof(float) * B * 2 * (half > 0 ? half : 1));
+    memcpy(q, q_in, sizeof(float) * B * H * Dh);
+    memcpy(k, k_in, sizeof(float) * B * Dh);
+    for (int64_t b = 0; b < B; b++) {
+        rope_angles(cs + b * 2 * half, Dh, (float)pos[b], base);
+        rope(k + b * Dh, Dh, cs + b * 2 * half);
+    }
+    const float scale = 1.0f / sqrtf((float)Dh);
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t bh = 0; bh < B * H; bh++) {
+        const int64_t b = bh / H;
+        float *qh = q + bh * Dh, *o = out + bh * Dh;
+        rope(qh, Dh, cs + b * 2 * half);
+        float *logits = malloc(sizeof(float) * (R + 1));
+        float top = MASKED;
+        for (int64_t r = 0; r < R; r++) {
+            int64_t i = ring_index[b * R + r];
+            int visible = i >= 0 && i >= doc[b] && stream[b] - i <= W;
+            logits[r] = visible ? dot_ring(qh, ring_k, ring_kind, (b * W + r) * Dh, Dh) * scale
+                                : MASKED;
+            top = logits[r] > top ? logits[r] : top;
+        }
+        float self = 0.0f;
+        for (int64_t d = 0; d < Dh; d++)
+            self += qh[d] * k[b * Dh + d];
+        logits[R] = self * scale;
+        top = logits[R] > top ? logits[R] : top;
+        float total = 0.0f;
+        for (int64_t r = 0; r <= R; r++)
+            total += logits[r] = expf(logits[r] - top);
+        for (int64_t d = 0; d < Dh; d++)
+            o[d] = logits[R] / total * v[b * Dh + d];
+        for (int64_t r = 0; r < R; r++) {
+            float p = logits[r] / total;
+            if (p == 0.0f)
+                continue;
+            for (int64_t d = 0; d < Dh; d++)
+                o[d] += p * ring_at(ring_kind, ring_v, (b * W + r) * Dh + d);
+        }
+        free(logits);
+    }
+    for (int64_t b = 0; b < B; b++) {   /* after every head has read the ring */
+        if (!real[b])
+            continue;
+        int64_t slot = stream[b] % W;
+        for (int64_t d = 0; d < Dh; d++) {
+            int64_t i = (b * W + slot) * Dh + d;
+            if (ring_kind == BF16) {
+                ((uint16_t *)ring_k)[i] = float_to_bf16(k[b * Dh + d]);
+                ((uint16_t *)ring_v)[i] = float_to_bf16(v[b * Dh + d]);
+            } else {
+                ((float *)ring_k)[i] = k[b * Dh + d];
+                ((float *)ring_v)[i] = v[b * Dh + d];
+            }
+        }
+    }
+    free(cs);
+    free(q);
+    free(k);
+}

@@ -9,6 +9,11 @@
           to int8 per row and group (W4A8; reference: ``int4_matmul_reference``)
     recurrent_step(...): a recurrent block's decode step between its products
         (conv, RG-LRU, gelu gate) in one call (reference: the layers' own steps)
+    rms_norm(x [M, D] float32, w [D], eps) -> [M, D] float32, for a few rows
+        (reference: ``layers.RMSNorm``)
+    attention_step(...): local attention's decode step after its projections:
+        RoPE, the ring's logits, softmax, values, the ring write (reference:
+        ``LocalAttentionBlock.step``'s own code)
 
 A decode step reads every weight once and does little arithmetic on it, so its
 speed is the speed at which the weights stream in from memory. PyTorch's
@@ -174,6 +179,12 @@ def _load() -> ctypes.CDLL | None:
                                           p, ctypes.c_int, p, ctypes.c_int, p, p, p, p,
                                           ctypes.c_int]  # fmt: skip
     lib.rgemma_recurrent_step.restype = None
+    lib.rgemma_rms_norm.argtypes = [p, i64, i64, p, ctypes.c_int, ctypes.c_float, p]
+    lib.rgemma_rms_norm.restype = None
+    lib.rgemma_attention_step.argtypes = [i64, i64, i64, i64, i64, p, p, p, p,
+                                          ctypes.c_float, p, p, ctypes.c_int, p, p, p, p, p,
+                                          ctypes.c_int]  # fmt: skip
+    lib.rgemma_attention_step.restype = None
     return lib
 
 
@@ -350,3 +361,63 @@ def recurrent_step(
         reset.data_ptr(), real.data_ptr(), z.data_ptr(), _threads(B, L, 2 * L // H),
     )  # fmt: skip
     return z
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x [..., D] float32 (CPU) -> x * rsqrt(mean(x^2) + eps) * (1 + weight), weight [D]
+    float32 or bf16; one thread, for the few rows of a decode step. Needs ``available()``."""
+    D = x.shape[-1]
+    flat, w = x.reshape(-1, D).contiguous(), weight.contiguous()
+    y = torch.empty_like(flat)
+    _lib.rgemma_rms_norm(flat.data_ptr(), flat.shape[0], D, w.data_ptr(), _KIND[w.dtype], eps,
+                         y.data_ptr())  # fmt: skip
+    return y.view(x.shape)
+
+
+def attention_step_supports(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor) -> bool:
+    """Whether ``attention_step`` takes these: float32 queries on the CPU, a float32 or
+    bf16 ring, contiguous (it is written in place), the kernel available."""
+    return (
+        q.dtype == torch.float32
+        and q.device.type == "cpu"
+        and ring_k.dtype in _KIND
+        and ring_v.dtype == ring_k.dtype
+        and ring_k.is_contiguous()
+        and ring_v.is_contiguous()
+        and available()
+    )
+
+
+def attention_step(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    rope_base: float,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_index: torch.Tensor,
+    stream: torch.Tensor,
+    doc: torch.Tensor,
+    real: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    """Local attention's decode step after the projections (kernels.c states the math):
+    q [B, H, Dh], k, v [B, Dh] float32 before RoPE; positions, stream (each row's stream
+    index), doc (its document's start) [B] int64; real [B] bool; ring_k, ring_v
+    [B, W, Dh], of which the first R = ring_index.shape[1] slots are read; ring_index
+    [B, R]. -> [B, H, Dh] float32; writes (k, v) into slot stream % W of real rows."""
+    B, H, Dh = q.shape
+    R = ring_index.shape[1]
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
+    ints = [t.to(torch.int64).contiguous() for t in (positions, ring_index, stream, doc)]
+    positions, ring_index, stream, doc = ints
+    real = real.to(torch.bool).contiguous()
+    out = torch.empty(B, H, Dh, dtype=torch.float32)
+    _lib.rgemma_attention_step(
+        B, H, Dh, window, R, q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(),
+        rope_base, ring_k.data_ptr(), ring_v.data_ptr(), _KIND[ring_k.dtype],
+        ring_index.data_ptr(), stream.data_ptr(), doc.data_ptr(), real.data_ptr(),
+        out.data_ptr(), _threads(B * H, R + 1, 2 * Dh),
+    )  # fmt: skip
+    return out
