@@ -35,6 +35,17 @@ def test_compare_smoke(tmp_path):
     assert "rgemma/transformers" in proc.stdout
 
 
+def test_decode_step_smoke(tmp_path):
+    """Both settings of the native step kernels decode, for every system and batch."""
+    proc = run_smoke("decode_step", tmp_path)
+    rows = json.loads((tmp_path / "decode_step.json").read_text())["results"]
+    assert {(r["system"], r["batch"]) for r in rows} == {
+        (s, b) for s in ("bf16", "int8", "int4") for b in (1, 2)
+    }
+    assert all(r["off_tok_s"] > 0 and r["on_tok_s"] > 0 for r in rows)
+    assert "| int4 | 2 |" in proc.stdout
+
+
 def test_memory_growth_smoke(tmp_path):
     proc = run_smoke("memory_growth", tmp_path)
     data = json.loads((tmp_path / "memory_growth.json").read_text())

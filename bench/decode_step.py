@@ -1,0 +1,107 @@
+"""The eager CPU decode step with rgemma's native step kernels on and off, interleaved.
+
+    python bench/decode_step.py --shape 2b --systems bf16 int8 int4 --batches 1 16
+    python bench/decode_step.py --smoke                               # seconds, for CI
+
+"On" is the default: a recurrent block's conv / RG-LRU / gelu gate, local
+attention's step after its projections and RMSNorm each one native call
+(``kernels.recurrent_step``, ``kernels.attention_step``, ``kernels.rms_norm``).
+"Off" runs the same steps as PyTorch ops (the products are the same either
+way). Each round times both, per system and batch, after a 16-token prompt;
+the table gives the best median step of the rounds, the on/off ratio, and the
+fraction of the memory bound (B x read bandwidth / weight bytes) reached.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPES, random_rgemma  # noqa: E402
+from compare import quantized_copy, read_bandwidth, weight_bytes  # noqa: E402
+from rgemma import attention, layers  # noqa: E402
+
+PROMPT = 16
+
+
+def set_native(on: bool) -> None:
+    layers.FUSED_RECURRENT_STEP = on
+    layers.NATIVE_NORM_ROWS = 16 if on else 0
+    attention.NATIVE_STEP = on
+
+
+def median_step(model, batch: int, steps: int) -> float:
+    """Median seconds of a decode step after a PROMPT-token prompt."""
+    state = model.init_state(batch)
+    token = torch.zeros(batch, 1, dtype=torch.long)
+    with torch.inference_mode():
+        prompt = torch.zeros(batch, PROMPT, dtype=torch.long)
+        model(prompt, torch.arange(PROMPT).expand(batch, PROMPT), state, logits="none")
+        position = torch.full((batch, 1), PROMPT)
+        times = []
+        for i in range(steps + 2):
+            t0 = time.perf_counter()
+            model(token, position, state, logits="last")
+            if i >= 2:  # two warm-up steps
+                times.append(time.perf_counter() - t0)
+            position += 1
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="demo")
+    p.add_argument("--systems", nargs="+", default=["bf16", "int8", "int4"],
+                   choices=["bf16", "int8", "int4"])  # fmt: skip
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--steps", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", default="bench/results/decode_step", help="writes OUT.json")
+    p.add_argument("--smoke", action="store_true", help="tiny shape, a few steps (CI)")
+    args = p.parse_args()
+    if args.smoke:
+        args.shape, args.batches, args.steps, args.rounds = "tiny", [1, 2], 2, 1
+    torch.set_num_threads(args.threads)
+    base = random_rgemma(SHAPES[args.shape](), torch.bfloat16).set_compute_dtype(torch.float32)
+    models = {s: base if s == "bf16" else quantized_copy(base, int(s[3:])) for s in args.systems}
+    best: dict[tuple[str, int, bool], float] = {}
+    bandwidth = 0.0
+    for r in range(args.rounds):
+        bandwidth = max(bandwidth, read_bandwidth())
+        for name, model in models.items():
+            for batch in args.batches:
+                for on in (False, True):
+                    set_native(on)
+                    t = median_step(model, batch, args.steps)
+                    key = (name, batch, on)
+                    best[key] = min(best.get(key, t), t)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
+    set_native(True)
+    print(f"\n{args.shape} shape, {args.threads} threads; x.sum() read {bandwidth / 1e9:.1f} GB/s")
+    print("| system | batch | native off (tok/s) | native on (tok/s) | on / off | on: bound |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name, model in models.items():
+        for batch in args.batches:
+            off, on = best[(name, batch, False)], best[(name, batch, True)]
+            bound = weight_bytes(model) / bandwidth / on  # (batch / on) / (batch * bw / bytes)
+            rows.append(dict(system=name, batch=batch, off_tok_s=batch / off,
+                             on_tok_s=batch / on, bound_fraction=bound))  # fmt: skip
+            print(f"| {name} | {batch} | {batch / off:.2f} | {batch / on:.2f} | "
+                  f"{off / on:.2f}x | {bound:.0%} |")  # fmt: skip
+    meta = dict(shape=args.shape, threads=args.threads, read_bandwidth_gbs=bandwidth / 1e9)
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "results": rows}, f, indent=1)
+    print(f"wrote {args.out}.json")
+
+
+if __name__ == "__main__":
+    main()
