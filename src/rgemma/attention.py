@@ -132,10 +132,8 @@ class LocalAttentionBlock(nn.Module):
         return self.o_proj(out.reshape(B, 1, -1))
 
     def _native_step(self, q: torch.Tensor, state: AttentionLayerState) -> bool:
-        """Whether ``step`` goes through ``kernels.attention_step`` (eager, no autograd)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not NATIVE_STEP:
-            return False
-        return kernels.attention_step_supports(q, state.k, state.v)
+        """Whether ``step`` goes through ``kernels.attention_step``."""
+        return NATIVE_STEP and kernels.attention_step_supports(q, state.k, state.v)
 
     def _attend(self, q, keys, values, key_index, q_index, q_doc) -> torch.Tensor:
         """q [B,Q,H,Dh], keys/values [B,S,Dh], key_index [B,S], q_index/q_doc [B,Q]

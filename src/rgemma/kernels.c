@@ -89,21 +89,27 @@ static inline float bf16_to_float(uint16_t h)
     return f;
 }
 
-static inline vfloat widen(enum kind kind, const void *w, int64_t i)
-{
-    return kind == INT8 ? widen_int8((const int8_t *)w + i) : widen_bf16((const uint16_t *)w + i);
-}
-
-static inline float weight_at(enum kind kind, const void *w, int64_t i)
-{
-    return kind == INT8 ? (float)((const int8_t *)w)[i] : bf16_to_float(((const uint16_t *)w)[i]);
-}
-
 static inline vfloat load_floats(const float *p)
 {
     vfloat v;
     memcpy(&v, p, sizeof v);
     return v;
+}
+
+/* VL values of p from index i, as floats */
+static inline vfloat widen(enum kind kind, const void *p, int64_t i)
+{
+    return kind == INT8 ? widen_int8((const int8_t *)p + i)
+           : kind == BF16 ? widen_bf16((const uint16_t *)p + i)
+                          : load_floats((const float *)p + i);
+}
+
+/* value i of p, as a float */
+static inline float value_at(enum kind kind, const void *p, int64_t i)
+{
+    return kind == INT8 ? (float)((const int8_t *)p)[i]
+           : kind == BF16 ? bf16_to_float(((const uint16_t *)p)[i])
+                          : ((const float *)p)[i];
 }
 
 static inline float sum_lanes(vfloat v)
@@ -147,7 +153,7 @@ static inline __attribute__((always_inline)) void tile(
         for (int j = 0; j < nr; j++) {
             float s = sum_lanes(acc[i][j]);
             for (int64_t t = k; t < K; t++)                 /* K not a multiple of VL */
-                s += x[(m0 + i) * K + t] * weight_at(kind, w, (n0 + j) * K + t);
+                s += x[(m0 + i) * K + t] * value_at(kind, w, (n0 + j) * K + t);
             y[(m0 + i) * N + n0 + j] = kind == INT8 ? s * scale[n0 + j] : s;
         }
     }
@@ -223,16 +229,6 @@ void rgemma_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w,
 
 #define CT 2            /* gate output vectors per tile */
 
-static inline float param_at(int kind, const void *p, int64_t i)
-{
-    return kind == BF16 ? bf16_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-static inline vfloat param_vec(int kind, const void *p, int64_t i)
-{
-    return kind == BF16 ? widen_bf16((const uint16_t *)p + i) : load_floats((const float *)p + i);
-}
-
 static inline uint16_t float_to_bf16(float f)
 {
     uint32_t u;
@@ -241,6 +237,15 @@ static inline uint16_t float_to_bf16(float f)
         return (uint16_t)((u >> 16) | 0x40);
     u += 0x7fffu + ((u >> 16) & 1u);              /* round to nearest even */
     return (uint16_t)(u >> 16);
+}
+
+/* p[i] = v, in p's kind (BF16 or FLOAT32) */
+static inline void store_at(enum kind kind, void *p, int64_t i, float v)
+{
+    if (kind == BF16)
+        ((uint16_t *)p)[i] = float_to_bf16(v);
+    else
+        ((float *)p)[i] = v;
 }
 
 static inline float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
@@ -258,30 +263,24 @@ static void conv_channels(int64_t B, int64_t L, int K, const float *ux, const vo
                           int64_t l0, int64_t l1)
 {
     for (int64_t b = 0; b < B; b++) {
-        float *tf = (float *)tail + b * (K - 1) * L;
-        uint16_t *th = (uint16_t *)tail + b * (K - 1) * L;
+        void *tb = (char *)tail + b * (K - 1) * L * (tail_kind == BF16 ? 2 : 4);
         for (int64_t l = l0; l < l1; l++) {
             float s = 0.0f;
             for (int k = 0; k < K - 1; k++) {
-                float t = reset[b] ? 0.0f
-                          : tail_kind == BF16 ? bf16_to_float(th[k * L + l]) : tf[k * L + l];
-                s += t * param_at(param_kind, cw, l * K + k);
+                float t = reset[b] ? 0.0f : value_at(tail_kind, tb, k * L + l);
+                s += t * value_at(param_kind, cw, l * K + k);
             }
-            s += ux[b * L + l] * param_at(param_kind, cw, l * K + K - 1);
-            c[b * L + l] = s + param_at(param_kind, cb, l);
+            s += ux[b * L + l] * value_at(param_kind, cw, l * K + K - 1);
+            c[b * L + l] = s + value_at(param_kind, cb, l);
         }
         if (!real[b])
             continue;
         for (int k = 0; k < K - 1; k++)                /* tail = ext[1:] */
             for (int64_t l = l0; l < l1; l++) {
-                float v = k + 1 < K - 1 ? (reset[b] ? 0.0f
-                                           : tail_kind == BF16 ? bf16_to_float(th[(k + 1) * L + l])
-                                                               : tf[(k + 1) * L + l])
-                                        : ux[b * L + l];
-                if (tail_kind == BF16)
-                    th[k * L + l] = float_to_bf16(v);
-                else
-                    tf[k * L + l] = v;
+                float v = k + 1 == K - 1 ? ux[b * L + l]
+                          : reset[b]     ? 0.0f
+                                         : value_at(tail_kind, tb, (k + 1) * L + l);
+                store_at(tail_kind, tb, k * L + l, v);
             }
     }
 }
@@ -310,8 +309,8 @@ static inline __attribute__((always_inline)) void gate_tile(
 {
     vfloat ax[MR][CT], aa[MR][CT];
     for (int j = 0; j < ct; j++) {
-        vfloat bxv = param_vec(param_kind, bx, hd * bw + j0 + j * VL);
-        vfloat bav = param_vec(param_kind, ba, hd * bw + j0 + j * VL);
+        vfloat bxv = widen(param_kind, bx, hd * bw + j0 + j * VL);
+        vfloat bav = widen(param_kind, ba, hd * bw + j0 + j * VL);
         for (int m = 0; m < mr; m++)
             ax[m][j] = bxv, aa[m][j] = bav;
     }
@@ -319,8 +318,8 @@ static inline __attribute__((always_inline)) void gate_tile(
     for (int64_t i = 0; i < bw; i++) {
         vfloat wxv[CT], wav[CT];
         for (int j = 0; j < ct; j++) {
-            wxv[j] = param_vec(param_kind, wx, base + i * bw + j * VL);
-            wav[j] = param_vec(param_kind, wa, base + i * bw + j * VL);
+            wxv[j] = widen(param_kind, wx, base + i * bw + j * VL);
+            wav[j] = widen(param_kind, wa, base + i * bw + j * VL);
         }
         for (int m = 0; m < mr; m++) {
             float ci = c[(m0 + m) * L + hd * bw + i];
@@ -343,11 +342,11 @@ static void gate_column(int64_t b, int64_t hd, int64_t j, int64_t bw, int64_t L,
                         int param_kind, const float *uy, const float *softplus_rp,
                         const uint8_t *reset, const uint8_t *real, float *h, float *z)
 {
-    float sx = param_at(param_kind, bx, hd * bw + j), sa = param_at(param_kind, ba, hd * bw + j);
+    float sx = value_at(param_kind, bx, hd * bw + j), sa = value_at(param_kind, ba, hd * bw + j);
     for (int64_t i = 0; i < bw; i++) {
         float ci = c[b * L + hd * bw + i];
-        sx += ci * param_at(param_kind, wx, (hd * bw + i) * bw + j);
-        sa += ci * param_at(param_kind, wa, (hd * bw + i) * bw + j);
+        sx += ci * value_at(param_kind, wx, (hd * bw + i) * bw + j);
+        sa += ci * value_at(param_kind, wa, (hd * bw + i) * bw + j);
     }
     lru_update(b, hd * bw + j, L, sx, sa, c, uy, softplus_rp, reset, real, h, z);
 }
@@ -395,7 +394,7 @@ void rgemma_recurrent_step(int64_t B, int64_t L, int64_t H, int K, const float *
     for (int64_t hd = 0; hd < H; hd++) {
         const int64_t l0 = hd * bw, l1 = l0 + bw;
         for (int64_t l = l0; l < l1; l++)
-            softplus_rp[l] = softplusf(param_at(param_kind, rp, l));
+            softplus_rp[l] = softplusf(value_at(param_kind, rp, l));
         conv_channels(B, L, K, ux, cw, cb, param_kind, tail, tail_kind, reset, real, c, l0, l1);
         int64_t v = 0;
         for (; v + CT <= full; v += CT)
@@ -616,7 +615,7 @@ void rgemma_rms_norm(const float *x, int64_t M, int64_t D, const void *w, int ki
             sum += xm[d] * xm[d];
         float r = 1.0f / sqrtf(sum / (float)D + eps);
         for (d = 0; d < D; d++)
-            y[m * D + d] = xm[d] * r * (param_at(kind, w, d) + 1.0f);
+            y[m * D + d] = xm[d] * r * (value_at(kind, w, d) + 1.0f);
     }
 }
 
@@ -658,20 +657,15 @@ static void rope(float *x, int64_t Dh, const float *cs)
     }
 }
 
-static inline float ring_at(int kind, const void *ring, int64_t i)
-{
-    return kind == BF16 ? bf16_to_float(((const uint16_t *)ring)[i]) : ((const float *)ring)[i];
-}
-
 static inline float dot_ring(const float *q, const void *ring, int kind, int64_t off, int64_t Dh)
 {
     vfloat acc = {0};
     int64_t d = 0;
     for (; d + VL <= Dh; d += VL)
-        acc += load_floats(q + d) * param_vec(kind, ring, off + d);
+        acc += load_floats(q + d) * widen(kind, ring, off + d);
     float s = sum_lanes(acc);
     for (; d < Dh; d++)
-        s += q[d] * ring_at(kind, ring, off + d);
+        s += q[d] * value_at(kind, ring, off + d);
     return s;
 }
 
@@ -720,7 +714,7 @@ void rgemma_attention_step(int64_t B, int64_t H, int64_t Dh, int64_t W, int64_t 
             if (p == 0.0f)
                 continue;
             for (int64_t d = 0; d < Dh; d++)
-                o[d] += p * ring_at(ring_kind, ring_v, (b * W + r) * Dh + d);
+                o[d] += p * value_at(ring_kind, ring_v, (b * W + r) * Dh + d);
         }
         free(logits);
     }
@@ -729,14 +723,8 @@ void rgemma_attention_step(int64_t B, int64_t H, int64_t Dh, int64_t W, int64_t 
             continue;
         int64_t slot = stream[b] % W;
         for (int64_t d = 0; d < Dh; d++) {
-            int64_t i = (b * W + slot) * Dh + d;
-            if (ring_kind == BF16) {
-                ((uint16_t *)ring_k)[i] = float_to_bf16(k[b * Dh + d]);
-                ((uint16_t *)ring_v)[i] = float_to_bf16(v[b * Dh + d]);
-            } else {
-                ((float *)ring_k)[i] = k[b * Dh + d];
-                ((float *)ring_v)[i] = v[b * Dh + d];
-            }
+            store_at(ring_kind, ring_k, (b * W + slot) * Dh + d, k[b * Dh + d]);
+            store_at(ring_kind, ring_v, (b * W + slot) * Dh + d, v[b * Dh + d]);
         }
     }
     free(cs);

@@ -304,21 +304,32 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 _KIND = {torch.bfloat16: 1, torch.float32: 2}  # kernels.c's enum kind
 
 
-def recurrent_step_supports(x: torch.Tensor, params: list[torch.Tensor], tail, h) -> bool:
-    """Whether ``recurrent_step`` takes these: float32 activations and h, parameters
-    all float32 or all bf16, a float32 or bf16 tail, state tensors contiguous (they
-    are updated in place), on the CPU, with the kernel available."""
-    dtype = params[0].dtype
+def step_kernels_take(x: torch.Tensor) -> bool:
+    """Whether the decode-step kernels (recurrent_step, attention_step, rms_norm) may
+    run on activations x: float32 on the CPU, eager and without autograd (they are
+    opaque to torch.compile and to backward), the kernels available."""
     return (
         x.dtype == torch.float32
         and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and available()
+    )
+
+
+def recurrent_step_supports(x: torch.Tensor, params: list[torch.Tensor], tail, h) -> bool:
+    """Whether ``recurrent_step`` takes these: ``step_kernels_take(x)``, float32 h,
+    parameters all float32 or all bf16, a float32 or bf16 tail, state tensors
+    contiguous (they are updated in place)."""
+    dtype = params[0].dtype
+    return (
+        step_kernels_take(x)
         and dtype in _KIND
         and all(p.dtype == dtype for p in params)
         and tail.dtype in _KIND
         and h.dtype == torch.float32
         and tail.is_contiguous()
         and h.is_contiguous()
-        and available()
     )
 
 
@@ -363,6 +374,11 @@ def recurrent_step(
     return z
 
 
+def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``rms_norm`` takes these: ``step_kernels_take(x)``, a float32 or bf16 weight."""
+    return step_kernels_take(x) and weight.dtype in _KIND
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] float32 (CPU) -> x * rsqrt(mean(x^2) + eps) * (1 + weight), weight [D]
     float32 or bf16; one thread, for the few rows of a decode step. Needs ``available()``."""
@@ -375,16 +391,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention_step_supports(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor) -> bool:
-    """Whether ``attention_step`` takes these: float32 queries on the CPU, a float32 or
-    bf16 ring, contiguous (it is written in place), the kernel available."""
+    """Whether ``attention_step`` takes these: ``step_kernels_take(q)``, a float32 or
+    bf16 ring, contiguous (it is written in place)."""
     return (
-        q.dtype == torch.float32
-        and q.device.type == "cpu"
+        step_kernels_take(q)
         and ring_k.dtype in _KIND
         and ring_v.dtype == ring_k.dtype
         and ring_k.is_contiguous()
         and ring_v.is_contiguous()
-        and available()
     )
 
 

@@ -299,14 +299,8 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(var + self.eps) * (self.weight.to(x.dtype) + 1)
 
     def _native(self, x: torch.Tensor) -> bool:
-        return (
-            x.dtype == torch.float32
-            and x.device.type == "cpu"
-            and 0 < x.numel() <= NATIVE_NORM_ROWS * x.shape[-1]
-            and self.weight.dtype in (torch.float32, torch.bfloat16)
-            and not torch.is_grad_enabled()
-            and not torch.compiler.is_compiling()
-            and kernels.available()
+        return 0 < x.numel() <= NATIVE_NORM_ROWS * x.shape[-1] and kernels.rms_norm_supports(
+            x, self.weight
         )
 
 
@@ -543,12 +537,11 @@ class RecurrentBlock(nn.Module):
         return self.linear_out(u * gelu(uy))
 
     def _fuses_step(self, u: torch.Tensor, state: RecurrentLayerState) -> bool:
-        """Whether ``step`` goes through ``kernels.recurrent_step`` (not while tracing or
-        differentiating: the kernel is opaque to both)."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or not FUSED_RECURRENT_STEP:
-            return False
+        """Whether ``step`` goes through ``kernels.recurrent_step``."""
         params = [self.conv_1d.weight, self.conv_1d.bias, *self.rg_lru.parameters()]
-        return kernels.recurrent_step_supports(u, params, state.conv, state.h)
+        return FUSED_RECURRENT_STEP and kernels.recurrent_step_supports(
+            u, params, state.conv, state.h
+        )
 
 
 def _store_conv_tail(state: RecurrentLayerState, tail: torch.Tensor, chunk: Chunk) -> None:
