@@ -432,3 +432,32 @@ def test_attention_step_kernel_matches_float64_decode(ring, monkeypatch):
                                                    rtol=2**-7, atol=1e-6)  # fmt: skip
                     b.copy_(a.double())  # both go on from the same stored state
     assert len(calls) == T * cfg.block_types.count("attention")
+
+
+class _CountingLibrary:
+    """Stands in for the loaded kernel library, counting calls of one of its functions."""
+
+    def __init__(self, lib, name: str):
+        self.lib, self.name, self.calls = lib, name, 0
+
+    def __getattr__(self, attr):
+        self.calls += attr == self.name
+        return getattr(self.lib, attr)
+
+
+@needs_native
+def test_compiled_decode_steps_attention_through_the_kernel(monkeypatch):
+    """Inside a compiled decode step local attention is the custom op
+    rgemma::attention_step (which writes the rings in place, where PyTorch's ops would
+    copy them whole): over 9 steps with window 4 (the ring wraps twice), the compiled
+    step's logits are the eager step's, and each step of either model calls the native
+    attention kernel once per attention layer."""
+    cfg = tiny_config(attention_window=4)
+    eager = random_model(cfg, noise=0.02)
+    compiled = random_model(cfg, noise=0.02).compile_step()
+    counting = _CountingLibrary(kernels._lib, "rgemma_attention_step")
+    monkeypatch.setattr(kernels, "_lib", counting)
+    prompt = torch.randint(0, cfg.vocab_size, (2, 3), generator=torch.Generator().manual_seed(2))
+    steps = 9
+    assert_compiled_decode_matches(eager, compiled, prompt, steps=steps, rtol=1e-5)
+    assert counting.calls == 2 * steps * cfg.block_types.count("attention")

@@ -630,3 +630,19 @@ def test_bench_smoke(tmp_path):
     data = json.loads((tmp_path / "structured.json").read_text())
     assert {r["system"] for r in data["results"]} == {"schema", "plain"}
     assert all(r["median"] > 0 for r in data["results"])
+
+
+def test_cli_json_cut_by_max_tokens_says_so(capsys):
+    """--json output that reaches --max-tokens before the object closes is not valid
+    JSON: the CLI prints what it has and says why on stderr (as the server's
+    finish_reason "length" does); a complete object gets no warning."""
+    argv = ["generate", "data = {", "--json", "--seed", "0", "--threads", "1"]
+    assert main([*argv, "--max-tokens", "3"]) == 0
+    out, err = capsys.readouterr()
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+    assert "warning: the output reached --max-tokens 3 before the JSON was complete" in err
+    assert main([*argv, "--max-tokens", "200"]) == 0
+    out, err = capsys.readouterr()
+    check_json(out)
+    assert "warning" not in err

@@ -40,9 +40,10 @@ quantized layers fall back to PyTorch's kernel, with one warning.
 
 Under ``torch.compile`` the products are custom ops (``rgemma::int8_matmul``,
 ``rgemma::bf16_matmul``, ``rgemma::int4_matmul``), opaque calls inside the
-compiled graph; in eager mode they are called directly (ctypes releases the GIL
-for the call). The recurrent step is eager only: a compiled step fuses the
-same elementwise work itself.
+compiled graph, and so is the attention step (``rgemma::attention_step``, which
+writes the rings in place); in eager mode they are called directly (ctypes
+releases the GIL for the call). The recurrent step and RMSNorm are eager only: a
+compiled step fuses the same elementwise work itself.
 """
 
 from __future__ import annotations
@@ -304,15 +305,16 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 _KIND = {torch.bfloat16: 1, torch.float32: 2}  # kernels.c's enum kind
 
 
-def step_kernels_take(x: torch.Tensor) -> bool:
+def step_kernels_take(x: torch.Tensor, *, compiled: bool = False) -> bool:
     """Whether the decode-step kernels (recurrent_step, attention_step, rms_norm) may
-    run on activations x: float32 on the CPU, eager and without autograd (they are
-    opaque to torch.compile and to backward), the kernels available."""
+    run on activations x: float32 on the CPU, without autograd (they are opaque to
+    backward), the kernels available; eager only unless ``compiled`` (a kernel that
+    is also a custom op inside a compiled step)."""
     return (
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
-        and not torch.compiler.is_compiling()
+        and (compiled or not torch.compiler.is_compiling())
         and available()
     )
 
@@ -391,15 +393,75 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def attention_step_supports(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor) -> bool:
-    """Whether ``attention_step`` takes these: ``step_kernels_take(q)``, a float32 or
-    bf16 ring, contiguous (it is written in place)."""
+    """Whether ``attention_step`` takes these: ``step_kernels_take(q)``, eager or
+    compiled, a float32 or bf16 ring, contiguous (it is written in place)."""
     return (
-        step_kernels_take(q)
+        step_kernels_take(q, compiled=True)
         and ring_k.dtype in _KIND
         and ring_v.dtype == ring_k.dtype
         and ring_k.is_contiguous()
         and ring_v.is_contiguous()
     )
+
+
+def _attention_step_native(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    rope_base: float,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_index: torch.Tensor,
+    stream: torch.Tensor,
+    doc: torch.Tensor,
+    real: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    B, H, Dh = q.shape
+    R = ring_index.shape[1]
+    q, k, v = (t.float().contiguous() for t in (q, k, v))
+    ints = [t.to(torch.int64).contiguous() for t in (positions, ring_index, stream, doc)]
+    positions, ring_index, stream, doc = ints
+    real = real.to(torch.bool).contiguous()
+    out = torch.empty(B, H, Dh, dtype=torch.float32)
+    _lib.rgemma_attention_step(
+        B, H, Dh, window, R, q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(),
+        rope_base, ring_k.data_ptr(), ring_v.data_ptr(), _KIND[ring_k.dtype],
+        ring_index.data_ptr(), stream.data_ptr(), doc.data_ptr(), real.data_ptr(),
+        out.data_ptr(), _threads(B * H, R + 1, 2 * Dh),
+    )  # fmt: skip
+    return out
+
+
+# Inside a compiled step the ring write must stay in place. Written with PyTorch's
+# ops (``state.k[rows, slot] = ...``) it is functionalized into a new ring plus a
+# copy back, and the compiler may move the write before the ring's last read, so
+# every step copies every ring ([B, W, Dh], twice); as one op that mutates its
+# ring arguments, it is a call on the rings themselves.
+@torch.library.custom_op("rgemma::attention_step", mutates_args=("ring_k", "ring_v"))
+def _attention_step_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    rope_base: float,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    ring_index: torch.Tensor,
+    stream: torch.Tensor,
+    doc: torch.Tensor,
+    real: torch.Tensor,
+    window: int,
+) -> torch.Tensor:
+    return _attention_step_native(
+        q, k, v, positions, rope_base, ring_k, ring_v, ring_index, stream, doc, real, window
+    )
+
+
+@_attention_step_op.register_fake
+def _(q, k, v, positions, rope_base, ring_k, ring_v, ring_index, stream, doc, real, window):
+    return q.new_empty(q.shape, dtype=torch.float32)
 
 
 def attention_step(
@@ -421,17 +483,7 @@ def attention_step(
     index), doc (its document's start) [B] int64; real [B] bool; ring_k, ring_v
     [B, W, Dh], of which the first R = ring_index.shape[1] slots are read; ring_index
     [B, R]. -> [B, H, Dh] float32; writes (k, v) into slot stream % W of real rows."""
-    B, H, Dh = q.shape
-    R = ring_index.shape[1]
-    q, k, v = (t.float().contiguous() for t in (q, k, v))
-    ints = [t.to(torch.int64).contiguous() for t in (positions, ring_index, stream, doc)]
-    positions, ring_index, stream, doc = ints
-    real = real.to(torch.bool).contiguous()
-    out = torch.empty(B, H, Dh, dtype=torch.float32)
-    _lib.rgemma_attention_step(
-        B, H, Dh, window, R, q.data_ptr(), k.data_ptr(), v.data_ptr(), positions.data_ptr(),
-        rope_base, ring_k.data_ptr(), ring_v.data_ptr(), _KIND[ring_k.dtype],
-        ring_index.data_ptr(), stream.data_ptr(), doc.data_ptr(), real.data_ptr(),
-        out.data_ptr(), _threads(B * H, R + 1, 2 * Dh),
-    )  # fmt: skip
-    return out
+    args = (q, k, v, positions, rope_base, ring_k, ring_v, ring_index, stream, doc, real, window)
+    if torch.compiler.is_compiling():
+        return _attention_step_op(*args)
+    return _attention_step_native(*args)

@@ -183,6 +183,12 @@ def _generate(args) -> int:
         raise CLIError(str(e)) from None
     sys.stdout.write("\n")
     sys.stdout.flush()
+    if grammar is not None and completion.finish_reason == "length":
+        print(
+            f"rgemma generate: warning: the output reached --max-tokens {args.max_tokens} "
+            "before the JSON was complete, so it is not valid JSON; raise --max-tokens",
+            file=sys.stderr,
+        )
     if args.save_state:
         save_conversation(
             args.save_state,
