@@ -19,6 +19,7 @@ from rgemma.quantize import (
     quantize_int4,
     quantize_int8,
     quantize_model,
+    quantize_rows_int8,
 )
 from rgemma.state import RecurrentLayerState
 
@@ -461,3 +462,24 @@ def test_compiled_decode_steps_attention_through_the_kernel(monkeypatch):
     steps = 9
     assert_compiled_decode_matches(eager, compiled, prompt, steps=steps, rtol=1e-5)
     assert counting.calls == 2 * steps * cfg.block_types.count("attention")
+
+
+@needs_native
+@pytest.mark.parametrize("M,K,N", [(1, 7, 5), (3, 64, 17), (40, 1000, 13)])
+def test_w8a8_passes_equal_their_pytorch_definitions(M, K, N):
+    """The native passes around the int8 product are the same float32 operations as
+    quantize.quantize_rows_int8 and w8a8_linear's scaling, so their results are equal:
+    rows of mixed magnitudes, an all-zero row, values that round half to even."""
+    g = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=g) * torch.rand(M, 1, generator=g) * 10
+    x[0] = 0
+    x[0, :4] = torch.tensor([0.5, 1.5, -2.5, 127.0])  # sx = 1: x / sx are ties
+    if M > 1:
+        x[1] = 0
+    xq, sx = kernels.quantize_rows_int8(x)
+    ref_q, ref_sx = quantize_rows_int8(x)
+    assert torch.equal(xq, ref_q) and torch.equal(sx, ref_sx)
+    acc = torch.randint(-(2**24), 2**24, (M, N), generator=g, dtype=torch.int32)
+    scale = torch.rand(N, generator=g)
+    ref = acc.to(torch.float32).mul_(sx[:, None]).mul_(scale)
+    assert torch.equal(kernels.dequantize_rows(acc, sx, scale), ref)

@@ -731,3 +731,51 @@ void rgemma_attention_step(int64_t B, int64_t H, int64_t Dh, int64_t W, int64_t 
     free(q);
     free(k);
 }
+
+/* ------------------------------------------------------------------ W8A8 around _int_mm
+ *
+ * The passes before and after PyTorch's int8 x int8 -> int32 product (many rows:
+ * prefill, batches), each one pass over memory where PyTorch's ops make five:
+ *
+ *   quantize:   sx[m] = max(max_k |x[m, k]|, 1e-12) / 127,
+ *               xq[m, k] = clamp(round_half_even(x[m, k] / sx[m]), -127, 127)
+ *   dequantize: y[m, n] = (float(acc[m, n]) * sx[m]) * scale[n]
+ *
+ * (rgemma.quantize.quantize_rows_int8 and w8a8_linear's scaling: the same float32
+ * operations in the same order, so the results are equal, not close).
+ */
+void rgemma_quantize_rows_int8(const float *x, int64_t M, int64_t K, int8_t *xq, float *sx,
+                               int threads)
+{
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * K;
+        float amax = 1e-12f;
+        for (int64_t k = 0; k < K; k++) {
+            float a = fabsf(row[k]);
+            amax = a > amax ? a : amax;
+        }
+        const float s = amax / 127.0f;
+        int8_t *out = xq + m * K;
+        for (int64_t k = 0; k < K; k++) {
+            float r = nearbyintf(row[k] / s);
+            r = r > 127.0f ? 127.0f : r;
+            r = r < -127.0f ? -127.0f : r;
+            out[k] = (int8_t)r;
+        }
+        sx[m] = s;
+    }
+}
+
+void rgemma_dequantize_rows(const int32_t *acc, int64_t M, int64_t N, const float *sx,
+                            const float *scale, float *y, int threads)
+{
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t m = 0; m < M; m++) {
+        const int32_t *a = acc + m * N;
+        float *out = y + m * N;
+        const float s = sx[m];
+        for (int64_t n = 0; n < N; n++)
+            out[n] = ((float)a[n] * s) * scale[n];
+    }
+}

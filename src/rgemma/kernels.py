@@ -14,6 +14,9 @@
     attention_step(...): local attention's decode step after its projections:
         RoPE, the ring's logits, softmax, values, the ring write (reference:
         ``LocalAttentionBlock.step``'s own code)
+    quantize_rows_int8(x), dequantize_rows(acc, sx, scale): the passes before and
+        after PyTorch's int8 product in a W8A8 product of many rows, each one
+        pass (reference: ``quantize.quantize_rows_int8``, ``quantize.w8a8_linear``)
 
 A decode step reads every weight once and does little arithmetic on it, so its
 speed is the speed at which the weights stream in from memory. PyTorch's
@@ -186,6 +189,10 @@ def _load() -> ctypes.CDLL | None:
                                           ctypes.c_float, p, p, ctypes.c_int, p, p, p, p, p,
                                           ctypes.c_int]  # fmt: skip
     lib.rgemma_attention_step.restype = None
+    lib.rgemma_quantize_rows_int8.argtypes = [p, i64, i64, p, p, ctypes.c_int]
+    lib.rgemma_quantize_rows_int8.restype = None
+    lib.rgemma_dequantize_rows.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
+    lib.rgemma_dequantize_rows.restype = None
     return lib
 
 
@@ -302,14 +309,37 @@ def bf16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return _bf16_matmul_native(x, w)
 
 
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] float32 (CPU) -> (xq int8 [M, K], sx float32 [M]): what
+    ``quantize.quantize_rows_int8`` returns (equal), in one pass. Needs ``available()``."""
+    M, K = x.shape
+    x = x.float().contiguous()
+    xq = torch.empty(M, K, dtype=torch.int8)
+    sx = torch.empty(M, dtype=torch.float32)
+    _lib.rgemma_quantize_rows_int8(x.data_ptr(), M, K, xq.data_ptr(), sx.data_ptr(),
+                                   _threads(M, K, 8))  # fmt: skip
+    return xq, sx
+
+
+def dequantize_rows(acc: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """acc [M, N] int32, sx [M], scale [N] float32 (CPU) -> (acc * sx[:, None]) * scale
+    [M, N] float32, in one pass (equal to those float32 operations). Needs ``available()``."""
+    M, N = acc.shape
+    acc, sx, scale = acc.contiguous(), sx.float().contiguous(), scale.float().contiguous()
+    y = torch.empty(M, N, dtype=torch.float32)
+    _lib.rgemma_dequantize_rows(acc.data_ptr(), M, N, sx.data_ptr(), scale.data_ptr(),
+                                y.data_ptr(), _threads(M, N, 8))  # fmt: skip
+    return y
+
+
 _KIND = {torch.bfloat16: 1, torch.float32: 2}  # kernels.c's enum kind
 
 
 def step_kernels_take(x: torch.Tensor, *, compiled: bool = False) -> bool:
-    """Whether the decode-step kernels (recurrent_step, attention_step, rms_norm) may
-    run on activations x: float32 on the CPU, without autograd (they are opaque to
-    backward), the kernels available; eager only unless ``compiled`` (a kernel that
-    is also a custom op inside a compiled step)."""
+    """Whether the kernels that work on activations (recurrent_step, attention_step,
+    rms_norm, the W8A8 passes) may run on x: float32 on the CPU, without autograd
+    (they are opaque to backward), the kernels available; eager only unless
+    ``compiled`` (a kernel that is also a custom op inside a compiled step)."""
     return (
         x.dtype == torch.float32
         and x.device.type == "cpu"
