@@ -24,6 +24,7 @@ of an installed third-party package).
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import sys
 
@@ -55,12 +56,10 @@ def quantized_copy(base: Griffin, bits: int) -> Griffin:
     return quantize_model(model, bits=bits, group_size=128 if base.config.width % 128 == 0 else 64)
 
 
-def _shared_copy(base: Griffin) -> Griffin:
-    """Another Griffin object on the same weight tensors."""
-    with torch.device("meta"):
-        model = Griffin(base.config, dtype=base.dtype)
-    model.load_state_dict(base.state_dict(), assign=True)
-    return model.set_compute_dtype(base.compute_dtype).eval()
+def _compiled_twin(model: Griffin) -> Griffin:
+    """The same model (the same modules, weights and tuned paths) with a compiled decode
+    step: a shallow copy, so the eager and compiled systems hold the weights once."""
+    return copy.copy(model).compile_step()
 
 
 # ----------------------------------------------------------------- drivers
@@ -214,15 +213,13 @@ def build_systems(args, cfg):
     for bits in args.quantize:
         systems[f"rgemma-int{bits}"] = (drive_rgemma, quantized_copy(base, bits))
     if args.compile:
-        compiled = _shared_copy(base).compile_step()
+        compiled = _compiled_twin(base)
         if device == "cuda":
             compiled.capture_step()  # and replayed as CUDA graphs
         systems["rgemma-compiled"] = (drive_rgemma, compiled)
         for bits in args.quantize:
-            systems[f"rgemma-int{bits}-compiled"] = (
-                drive_rgemma,
-                quantized_copy(base, bits).compile_step(),
-            )
+            eager = systems[f"rgemma-int{bits}"][1]
+            systems[f"rgemma-int{bits}-compiled"] = (drive_rgemma, _compiled_twin(eager))
     if "transformers" in args.peers:
         systems["transformers"] = (drive_transformers, transformers_from(base, dtype))
     if "official" in args.peers:
