@@ -704,9 +704,9 @@ void rgemma_attention_step(int64_t B, int64_t H, int64_t Dh, int64_t W, int64_t 
             self += qh[d] * k[b * Dh + d];
         logits[R] = self * scale;
         top = logits[R] > top ? logits[R] : top;
-        float total = 0.0f;
+        float total = 0.0f;   /* exp(MASKED - top) is 0: masked slots skip expf */
         for (int64_t r = 0; r <= R; r++)
-            total += logits[r] = expf(logits[r] - top);
+            total += logits[r] = logits[r] > MASKED ? expf(logits[r] - top) : 0.0f;
         for (int64_t d = 0; d < Dh; d++)
             o[d] = logits[R] / total * v[b * Dh + d];
         for (int64_t r = 0; r < R; r++) {
