@@ -469,24 +469,9 @@ def _attention_step_native(
 # copy back, and the compiler may move the write before the ring's last read, so
 # every step copies every ring ([B, W, Dh], twice); as one op that mutates its
 # ring arguments, it is a call on the rings themselves.
-@torch.library.custom_op("rgemma::attention_step", mutates_args=("ring_k", "ring_v"))
-def _attention_step_op(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    positions: torch.Tensor,
-    rope_base: float,
-    ring_k: torch.Tensor,
-    ring_v: torch.Tensor,
-    ring_index: torch.Tensor,
-    stream: torch.Tensor,
-    doc: torch.Tensor,
-    real: torch.Tensor,
-    window: int,
-) -> torch.Tensor:
-    return _attention_step_native(
-        q, k, v, positions, rope_base, ring_k, ring_v, ring_index, stream, doc, real, window
-    )
+_attention_step_op = torch.library.custom_op(
+    "rgemma::attention_step", _attention_step_native, mutates_args=("ring_k", "ring_v")
+)
 
 
 @_attention_step_op.register_fake
