@@ -172,8 +172,17 @@ def test_without_native_kernel_int8_falls_back(how, tmp_path, monkeypatch):
     assert list(tmp_path.glob("*.so")) == [] and list(tmp_path.iterdir()) == []
 
 
-def test_int4_dequantized_in_place_equals_reference():
-    """The reused-buffer dequantization gives dequantize_int4's values bit for bit."""
+@pytest.mark.parametrize("native", [True, False])
+def test_int4_dequantized_in_place_equals_reference(native, monkeypatch):
+    """The reused-buffer dequantization gives dequantize_int4's values bit for bit, in
+    float32 and in bf16 (rounded after each operation), by the native one-pass kernel
+    (bf16, where it is built) and by PyTorch's ops in place."""
+    if native and not kernels.available():
+        pytest.skip("no C compiler for rgemma's kernel")
+    monkeypatch.setattr(kernels, "available", lambda: native)
+    calls = []
+    one_pass = kernels.dequantize_int4_bf16
+    monkeypatch.setattr(kernels, "dequantize_int4_bf16", lambda *a: calls.append(1) or one_pass(*a))
     lin = Linear(256, 40)
     lin.weight.data.normal_()
     m = Int4Linear.from_linear(lin, 64)
@@ -187,6 +196,7 @@ def test_int4_dequantized_in_place_equals_reference():
     assert torch.equal(
         fast_bf16, dequantize_int4(unpack_nibbles(m.qweight), m.scale, m.minimum, torch.bfloat16)
     )
+    assert len(calls) == native
 
 
 def test_reused_buffers_serve_inference_mode_and_no_grad_alike():

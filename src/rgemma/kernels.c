@@ -779,3 +779,32 @@ void rgemma_dequantize_rows(const int32_t *acc, int64_t M, int64_t N, const floa
             out[n] = ((float)a[n] * s) * scale[n];
     }
 }
+
+/* ------------------------------------------------------------------ int4 weights in bf16
+ *
+ *   w[n, k] = bf16(bf16(q[n, k] * bf16(scale[n, g])) + bf16(minimum[n, g])),  g = k / G
+ *
+ * in one pass, for a product of many rows in bf16: PyTorch's bf16 arithmetic
+ * rounds after each operation, so this equals rgemma.quantize.dequantize_int4 in
+ * bfloat16 (the reference), where its ops make four passes over [N, K].
+ * packed [N, K/2]: column 2j in byte j's low nibble, 2j + 1 in its high one.
+ */
+void rgemma_dequantize_int4_bf16(const uint8_t *packed, int64_t N, int64_t K, const float *scale,
+                                 const float *minimum, int64_t G, uint16_t *w, int threads)
+{
+    const int64_t ng = K / G;
+    #pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t g = 0; g < ng; g++) {
+            const float s = bf16_to_float(float_to_bf16(scale[n * ng + g]));
+            const float m = bf16_to_float(float_to_bf16(minimum[n * ng + g]));
+            const uint8_t *p = packed + n * (K / 2) + g * (G / 2);
+            uint16_t *out = w + n * K + g * G;
+            for (int64_t j = 0; j < G / 2; j++) {
+                float lo = bf16_to_float(float_to_bf16((float)(p[j] & 0xF) * s));
+                float hi = bf16_to_float(float_to_bf16((float)(p[j] >> 4) * s));
+                out[2 * j] = float_to_bf16(lo + m);
+                out[2 * j + 1] = float_to_bf16(hi + m);
+            }
+        }
+}

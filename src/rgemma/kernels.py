@@ -17,6 +17,8 @@
     quantize_rows_int8(x), dequantize_rows(acc, sx, scale): the passes before and
         after PyTorch's int8 product in a W8A8 product of many rows, each one
         pass (reference: ``quantize.quantize_rows_int8``, ``quantize.w8a8_linear``)
+    dequantize_int4_bf16(packed, scale, minimum, out): int4 weights in bf16 for a
+        product of many rows, one pass (reference: ``quantize.dequantize_int4``)
 
 A decode step reads every weight once and does little arithmetic on it, so its
 speed is the speed at which the weights stream in from memory. PyTorch's
@@ -193,6 +195,8 @@ def _load() -> ctypes.CDLL | None:
     lib.rgemma_quantize_rows_int8.restype = None
     lib.rgemma_dequantize_rows.argtypes = [p, i64, i64, p, p, p, ctypes.c_int]
     lib.rgemma_dequantize_rows.restype = None
+    lib.rgemma_dequantize_int4_bf16.argtypes = [p, i64, i64, p, p, i64, p, ctypes.c_int]
+    lib.rgemma_dequantize_int4_bf16.restype = None
     return lib
 
 
@@ -330,6 +334,22 @@ def dequantize_rows(acc: torch.Tensor, sx: torch.Tensor, scale: torch.Tensor) ->
     _lib.rgemma_dequantize_rows(acc.data_ptr(), M, N, sx.data_ptr(), scale.data_ptr(),
                                 y.data_ptr(), _threads(M, N, 8))  # fmt: skip
     return y
+
+
+def dequantize_int4_bf16(
+    packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """int4 groups -> W [N, K] in bfloat16, written into ``out``, in one pass: equal to
+    ``quantize.dequantize_int4(unpack_nibbles(packed), scale, minimum, torch.bfloat16)``.
+    packed uint8 [N, K/2], scale, minimum [N, K/G] (CPU). Needs ``available()``."""
+    N, ng = scale.shape
+    K = packed.shape[1] * 2
+    packed = packed.contiguous()
+    scale, minimum = scale.float().contiguous(), minimum.float().contiguous()
+    _lib.rgemma_dequantize_int4_bf16(packed.data_ptr(), N, K, scale.data_ptr(),
+                                     minimum.data_ptr(), K // ng, out.data_ptr(),
+                                     _threads(N, K, 4))  # fmt: skip
+    return out
 
 
 _KIND = {torch.bfloat16: 1, torch.float32: 2}  # kernels.c's enum kind
