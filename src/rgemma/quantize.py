@@ -341,11 +341,11 @@ class Int4Linear(_QuantLinear):
         N, K = self.out_features, self.in_features
         on_cpu = self.qweight.device.type == "cpu"
         w = workspace_like((N, K), dtype) if on_cpu else None
-        nibbles = workspace_like((N, K // 2), torch.uint8) if on_cpu else None
-        if w is None or nibbles is None:
+        if w is None:
             return dequantize_int4(unpack_nibbles(self.qweight), self.scale, self.minimum, dtype)
         if dtype == torch.bfloat16 and kernels.available() and not torch.compiler.is_compiling():
             return kernels.dequantize_int4_bf16(self.qweight, self.scale, self.minimum, w)
+        nibbles = workspace_like((N, K // 2), torch.uint8)  # each nibble plane, in turn
         pairs = w.view(N, K // 2, 2)  # even column: low nibble
         pairs[..., 0].copy_(torch.bitwise_and(self.qweight, 0xF, out=nibbles))
         pairs[..., 1].copy_(torch.bitwise_right_shift(self.qweight, 4, out=nibbles))
