@@ -7,6 +7,7 @@ The server runs in a thread over the tiny random model of conftest's ``tiny``.
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import json
 import os
 import re
@@ -192,6 +193,31 @@ def test_health_answers_while_a_huge_prompt_is_tokenized(engine, tiny, path):
     assert [sent for sent, _ in answers if start <= sent <= end], (start, end, answers)
     latencies = [latency for _, latency in answers]
     assert max(latencies) < 0.3, latencies  # measured: <= 0.05 s (before: 1.1 s)
+
+
+def test_full_collections_skip_what_existed_when_the_server_started(engine, tiny):
+    """A full garbage collection holds the GIL while it walks the heap: with a large heap
+    in the process, a running server (nested or not) makes it walk only newer objects,
+    and the process's collector is as before once the last server stopped."""
+    heap = [[i] for i in range(1_000_000)]  # tracked objects, as a large process has
+
+    def full_collection_s() -> float:
+        t0 = time.perf_counter()
+        gc.collect()
+        return time.perf_counter() - t0
+
+    frozen_before = gc.get_freeze_count()
+    alone = min(full_collection_s() for _ in range(2))
+    app = create_app(engine, tiny[1], server_config())
+    with ServerThread(app) as u:
+        with ServerThread(create_app(engine, tiny[1], server_config())):
+            assert gc.get_freeze_count() >= len(heap)
+        assert gc.get_freeze_count() >= len(heap)  # the inner server's end kept the freeze
+        serving = min(full_collection_s() for _ in range(2))
+        assert httpx.get(u + "/health").status_code == 200
+    assert gc.get_freeze_count() == frozen_before
+    assert serving < alone / 5, (serving, alone)
+    del heap
 
 
 def test_over_long_prompts_are_refused_by_bytes_without_tokenizing(engine, tiny):

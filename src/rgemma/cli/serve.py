@@ -165,7 +165,7 @@ def _serve(args) -> int:
 
     from rgemma.inference.engine import Engine, EngineConfig
     from rgemma.inference.state_store import StateStore
-    from rgemma.serving.app import ServerConfig, create_app
+    from rgemma.serving.app import ServerConfig, create_app, long_lived_objects_frozen
 
     model, tokenizer, path = _load(args)
     model_sampling_defaults(tokenizer)  # refuse out-of-range defaults now, not per request
@@ -214,7 +214,8 @@ def _serve(args) -> int:
                 timeout_graceful_shutdown=5,
             )
         )
-        server.run(sockets=[sock])
+        with long_lived_objects_frozen(collect_first=True):
+            server.run(sockets=[sock])
     finally:
         sock.close()
         engine.stop()
