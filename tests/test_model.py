@@ -355,6 +355,31 @@ def test_bf16_held_weights_multiplied_in_bf16_everywhere(monkeypatch):
     assert 0 < error <= 2e-2 * ref.abs().max().item()
 
 
+@pytest.mark.parametrize("low_precision_rows", [4, sys.maxsize])
+def test_rg_lru_gates_held_in_bf16(monkeypatch, low_precision_rows):
+    """RG-LRU's block-diagonal gates with weights held in bf16: few rows (decode, the
+    math of kernels.recurrent_step) are the float32 product on the rounded weights;
+    many rows are too, unless the native-bf16 policy multiplies them in bf16, which
+    stays within bf16 rounding of it."""
+    monkeypatch.setattr(layers, "LOW_PRECISION_ROWS", low_precision_rows)
+    torch.manual_seed(0)
+    lru = layers.RGLRU(64, 4)
+    lru.reset_parameters()
+    held = lru.to(torch.bfloat16)
+    w, b = held.input_gate_weight, held.input_gate_bias
+    for rows in (1, 4, 37):
+        x = torch.randn(1, rows, 64)
+        with torch.no_grad():
+            got = held._block_diag(x, w, b)
+        xh = x.reshape(rows, 4, 16)
+        exact = torch.einsum("thi,hij->thj", xh, w.float()) + b.float()  # [T, H, 16]
+        error = (got.reshape(rows, 4, 16) - exact).abs().max().item()
+        if rows > layers.KERNEL_BF16_ROWS and low_precision_rows == sys.maxsize:
+            assert 1e-4 < error <= 2e-2 * exact.abs().max().item(), (rows, error)
+        else:
+            assert error <= 1e-5, (rows, error)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_matches_cpu():
     cfg = tiny_config(attention_window=8)

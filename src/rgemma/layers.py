@@ -197,9 +197,14 @@ def mixed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
         y = kernels.bf16_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
         return y if b is None else y + b.to(x.dtype)
     if w.dtype == torch.bfloat16 and low_precision_matmul_dtype(x, rows) == torch.bfloat16:
-        y = F.linear(x.to(w.dtype), w).to(x.dtype)
-        return y if b is None else y + b.to(x.dtype)
+        return _widened_plus_bias(F.linear(x.to(w.dtype), w), x.dtype, b)
     return F.linear(x, converted(w, x.dtype), None if b is None else b.to(x.dtype))
+
+
+def _widened_plus_bias(y: torch.Tensor, dtype: torch.dtype, b: torch.Tensor | None) -> torch.Tensor:
+    """y.to(dtype) + b.to(dtype) in one pass: the addition promotes y, as the
+    conversion would (the same values, without writing and re-reading y widened)."""
+    return y.to(dtype) if b is None else torch.add(y, b.to(dtype))
 
 
 # Up to this many float32 rows against bf16 weights of at least this many elements,
@@ -408,6 +413,16 @@ class Conv1D(nn.Module):
         return out + self.bias.to(u.dtype)
 
 
+def _gates_in_bf16(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
+    """Whether RG-LRU's gate products of ``rows`` rows of x run in bf16 (w held in bf16)."""
+    return (
+        w.dtype == torch.bfloat16
+        and x.dtype != w.dtype
+        and rows > KERNEL_BF16_ROWS
+        and low_precision_matmul_dtype(x, rows) == torch.bfloat16
+    )
+
+
 class RGLRU(nn.Module):
     """Real-Gated Linear Recurrent Unit. [B, T, L] -> [B, T, L].
 
@@ -446,10 +461,19 @@ class RGLRU(nn.Module):
             self.recurrent_param.copy_(torch.log(torch.expm1(neg_log_a)))
 
     def _block_diag(self, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """[B, T, H*bw] -> [B, T, H*bw]: y_h = x_h @ w_h + b_h per head h."""
+        """[B, T, H*bw] -> [B, T, H*bw]: y_h = x_h @ w_h + b_h per head h.
+
+        Weights held in bf16 meet many rows in bf16 where ``low_precision_matmul_dtype``
+        says so (a CPU with native bf16), as in ``mixed_linear``; few rows (decode)
+        multiply in x's dtype, the math of ``kernels.recurrent_step``.
+        """
         B, T, _ = x.shape
         xh = x.reshape(B * T, self.num_heads, -1).transpose(0, 1)  # [H, B*T, bw]
-        y = torch.baddbmm(b[:, None, :].to(x.dtype), xh, w.to(x.dtype))  # [H, B*T, bw]
+        bias = b[:, None, :]
+        if _gates_in_bf16(x, w, B * T):
+            y = _widened_plus_bias(torch.bmm(xh.to(w.dtype), w), x.dtype, bias)
+        else:
+            y = torch.baddbmm(bias.to(x.dtype), xh, w.to(x.dtype))  # [H, B*T, bw]
         return y.transpose(0, 1).reshape(B, T, -1)
 
     def coefficients(self, x: torch.Tensor, chunk: Chunk) -> tuple[torch.Tensor, torch.Tensor]:
