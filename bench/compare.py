@@ -150,6 +150,28 @@ def bound_table(results: list[Result], systems: dict, bandwidth: float) -> str:
     return "\n".join(lines)
 
 
+def product_floor(base: Griffin, prefill: list[int]) -> str:
+    """Per prefill length T: the time of the model's linear products alone, each
+    [T, in] x [in, out] in the weights' dtype (what any system holding these weights
+    multiplies in that dtype; RG-LRU's small block products and attention left out),
+    and the tok/s that time alone allows."""
+    import torch.nn.functional as F
+
+    from rgemma.layers import Linear
+
+    weights = [m.weight for m in base.modules() if isinstance(m, Linear)]
+    lines = [f"prefill floor: the {len(weights)} linear products alone, {weights[0].dtype}:"]
+    with torch.inference_mode():
+        for T in prefill:
+            inputs = {w.shape[1]: torch.randn(T, w.shape[1]).to(w.dtype) for w in weights}
+            seconds = min(
+                timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
+                for _ in range(2)
+            )
+            lines.append(f"  T={T}: {seconds:.2f} s, at most {T / seconds:.1f} tok/s")
+    return "\n".join(lines)
+
+
 def w8a8_quality(base: Griffin, int8: Griffin) -> str:
     """The int8 model with every product forced to W8A8, against the float model."""
     forced = {}
@@ -312,6 +334,8 @@ def main() -> None:
     print(table(results))
     if args.device == "cpu":
         print(bound_table(results, systems, bandwidth))
+        if args.prefill and systems["rgemma"][1].embed_tokens.weight.dtype == torch.bfloat16:
+            print(product_floor(systems["rgemma"][1], args.prefill))
         if "rgemma-int8" in systems and not args.smoke:
             print(w8a8_quality(systems["rgemma"][1], systems["rgemma-int8"][1]))
     meta = {
