@@ -19,6 +19,11 @@ With int8 in the run, a W8A8 quality line follows: the int8 model with every
 product forced to W8A8 against the unquantized one (max logit error on the
 bench's random weights; held-out perplexity of the demo model on Python files
 of an installed third-party package).
+
+Prefill is bound by the products: with ``--floor`` each round also times the
+model's linear products alone, in the weights' dtype, at each prefill length
+(column "linear products alone"), the prefill speed that no system holding these
+weights and multiplying in their dtype can pass.
 """
 
 from __future__ import annotations
@@ -150,26 +155,27 @@ def bound_table(results: list[Result], systems: dict, bandwidth: float) -> str:
     return "\n".join(lines)
 
 
-def product_floor(base: Griffin, prefill: list[int]) -> str:
-    """Per prefill length T: the time of the model's linear products alone, each
-    [T, in] x [in, out] in the weights' dtype (what any system holding these weights
-    multiplies in that dtype; RG-LRU's small block products and attention left out),
-    and the tok/s that time alone allows."""
+FLOOR = "linear products alone"
+
+
+def product_seconds(base: Griffin, T: int) -> float:
+    """Seconds the model's linear products take alone for a prefill of T tokens, each
+    [T, in] x [in, out] in the weights' dtype: what any system holding these weights and
+    multiplying in their dtype spends at least (RG-LRU's small block products and
+    attention left out)."""
     import torch.nn.functional as F
 
     from rgemma.layers import Linear
 
     weights = [m.weight for m in base.modules() if isinstance(m, Linear)]
-    lines = [f"prefill floor: the {len(weights)} linear products alone, {weights[0].dtype}:"]
+    inputs = {w.shape[1]: torch.randn(T, w.shape[1]).to(w.dtype) for w in weights}
+    def products():
+        for w in weights:
+            F.linear(inputs[w.shape[1]], w)  # each result freed at once, as in a forward
+
     with torch.inference_mode():
-        for T in prefill:
-            inputs = {w.shape[1]: torch.randn(T, w.shape[1]).to(w.dtype) for w in weights}
-            seconds = min(
-                timed(lambda: [F.linear(inputs[w.shape[1]], w) for w in weights])
-                for _ in range(2)
-            )
-            lines.append(f"  T={T}: {seconds:.2f} s, at most {T / seconds:.1f} tok/s")
-    return "\n".join(lines)
+        products()  # warm-up: first calls (oneDNN primitives, first-touched pages)
+        return timed(products)
 
 
 def w8a8_quality(base: Griffin, int8: Griffin) -> str:
@@ -299,6 +305,13 @@ def main() -> None:
         help="cuda: every system on the GPU, rgemma multiplying in --dtype",
     )
     p.add_argument("--out", default="bench/results/compare")
+    p.add_argument(
+        "--floor",
+        action="store_true",
+        help=f"also time, each round, the model's linear products alone at each prefill "
+        f"length (column '{FLOOR}'): the prefill speed no system multiplying in the "
+        "weights' dtype can pass",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few tokens (CI)")
     args = p.parse_args()
     if args.smoke:
@@ -329,13 +342,14 @@ def main() -> None:
                         B * args.new_tokens / dec
                     )
             print(f"round {r + 1}/{args.rounds}: {name} done", flush=True)
+        for T in args.prefill if args.floor else ():
+            seconds = product_seconds(systems["rgemma"][1], T)
+            samples.setdefault((FLOOR, f"prefill T={T}", "tok/s"), []).append(T / seconds)
 
     results = [Result(s, m, u, v) for (s, m, u), v in samples.items()]
     print(table(results))
     if args.device == "cpu":
         print(bound_table(results, systems, bandwidth))
-        if args.prefill and systems["rgemma"][1].embed_tokens.weight.dtype == torch.bfloat16:
-            print(product_floor(systems["rgemma"][1], args.prefill))
         if "rgemma-int8" in systems and not args.smoke:
             print(w8a8_quality(systems["rgemma"][1], systems["rgemma-int8"][1]))
     meta = {
