@@ -169,6 +169,7 @@ def product_seconds(base: Griffin, T: int) -> float:
 
     weights = [m.weight for m in base.modules() if isinstance(m, Linear)]
     inputs = {w.shape[1]: torch.randn(T, w.shape[1]).to(w.dtype) for w in weights}
+
     def products():
         for w in weights:
             F.linear(inputs[w.shape[1]], w)  # each result freed at once, as in a forward
