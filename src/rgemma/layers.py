@@ -197,14 +197,19 @@ def mixed_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None
         y = kernels.bf16_matmul(x.reshape(rows, -1), w).reshape(*x.shape[:-1], -1)
         return y if b is None else y + b.to(x.dtype)
     if w.dtype == torch.bfloat16 and low_precision_matmul_dtype(x, rows) == torch.bfloat16:
-        return _widened_plus_bias(F.linear(x.to(w.dtype), w), x.dtype, b)
+        return widened_plus_bias(F.linear(x.to(w.dtype), w), x.dtype, b)
     return F.linear(x, converted(w, x.dtype), None if b is None else b.to(x.dtype))
 
 
-def _widened_plus_bias(y: torch.Tensor, dtype: torch.dtype, b: torch.Tensor | None) -> torch.Tensor:
-    """y.to(dtype) + b.to(dtype) in one pass: the addition promotes y, as the
-    conversion would (the same values, without writing and re-reading y widened)."""
-    return y.to(dtype) if b is None else torch.add(y, b.to(dtype))
+def widened_plus_bias(y: torch.Tensor, dtype: torch.dtype, b: torch.Tensor | None) -> torch.Tensor:
+    """y.to(dtype) + b.to(dtype). Where dtype is the wider (y bf16, dtype float32), in one
+    pass: the addition promotes y, as the conversion would (the same values, without
+    writing and re-reading y widened)."""
+    if b is None:
+        return y.to(dtype)
+    if torch.promote_types(y.dtype, dtype) != dtype:  # narrowing: convert first
+        y = y.to(dtype)
+    return torch.add(y, b.to(dtype))
 
 
 # Up to this many float32 rows against bf16 weights of at least this many elements,
@@ -471,7 +476,7 @@ class RGLRU(nn.Module):
         xh = x.reshape(B * T, self.num_heads, -1).transpose(0, 1)  # [H, B*T, bw]
         bias = b[:, None, :]
         if _gates_in_bf16(x, w, B * T):
-            y = _widened_plus_bias(torch.bmm(xh.to(w.dtype), w), x.dtype, bias)
+            y = widened_plus_bias(torch.bmm(xh.to(w.dtype), w), x.dtype, bias)
         else:
             y = torch.baddbmm(bias.to(x.dtype), xh, w.to(x.dtype))  # [H, B*T, bw]
         return y.transpose(0, 1).reshape(B, T, -1)

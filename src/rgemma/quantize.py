@@ -45,7 +45,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from rgemma import autotune, kernels
-from rgemma.layers import VOCAB_BLOCK, Linear, converted, low_precision_matmul_dtype, workspace_like
+from rgemma.layers import (
+    VOCAB_BLOCK,
+    Linear,
+    converted,
+    low_precision_matmul_dtype,
+    widened_plus_bias,
+    workspace_like,
+)
 
 _DECODE_ROWS = 16  # at most this many rows: use the packed kernels
 _FEW_ROWS_PATHS = ("kernel", "w4a8")  # paths only for up to _DECODE_ROWS rows
@@ -190,8 +197,7 @@ class _QuantLinear(nn.Module):
             y = self._product(self.path(rows), x, rows)
         if y is None:
             y = self._many_rows(x, low_precision_matmul_dtype(x, rows))
-        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
-        return y if self.bias is None else y + self.bias.to(x.dtype)
+        return widened_plus_bias(y.reshape(*x.shape[:-1], -1), x.dtype, self.bias)
 
     def path(self, rows: int) -> str:
         """The product for ``rows`` rows: the tuned one, else "kernel" up to 16 rows."""
