@@ -3,6 +3,7 @@ reference, their build cache, and the fallback when they cannot be built."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -319,6 +320,44 @@ def test_recurrent_step_kernel_matches_float64_layers(L, H, B, params, tail):
         assert torch.equal(state.h[~real], h_before[~real])
         assert (~real).any() == (t == 0)
         ref_state.conv = state.conv.double()  # the reference's tail, stored in the same dtype
+
+
+@needs_native
+@pytest.mark.parametrize("params", ["float32", "bfloat16"])
+def test_recurrent_step_kernel_at_saturating_inputs(params):
+    """The kernel's own exponential (sigmoid, the decay a = exp(log_a), gelu's tanh)
+    where it saturates or clamps: input gate pre-activations of +-60, log_a from
+    about -0.02 down to -8 * 20 (a below float32's normal range), |uy| up to 100
+    (gelu's tail both ways). Against the layers' steps in float64, within float32
+    error. (log_a stays away from 0, where sqrt(1 - exp(2 log_a)) cancels in any
+    float32 evaluation, the reference's included.)"""
+    L, H, B = 256, 2, 2
+    block = _random_recurrent_block(L, H, torch.float32)
+    with torch.no_grad():
+        lru = block.rg_lru
+        lru.recurrent_param.copy_(torch.linspace(-2, 20, L))
+        lru.input_gate_bias.copy_(torch.linspace(-60, 60, L).reshape(lru.input_gate_bias.shape))
+        lru.recurrent_gate_bias.copy_(
+            torch.linspace(60, -4, L).reshape(lru.recurrent_gate_bias.shape)
+        )
+    block = block.to(getattr(torch, params))
+    ref_block = copy.deepcopy(block).double()
+    g = torch.Generator().manual_seed(7)
+    state = RecurrentLayerState(
+        conv=torch.randn(B, 3, L, generator=g), h=torch.randn(B, L, generator=g)
+    )
+    ref_state = RecurrentLayerState(conv=state.conv.double(), h=state.h.double())
+    zeros = torch.zeros(B, dtype=torch.long)
+    chunk = layers.Chunk.for_step(torch.full((B, 1), 5), zeros, zeros)
+    ux = torch.randn(B, L, generator=g)
+    uy = torch.linspace(-100, 100, B * L).reshape(B, L)
+    with torch.no_grad():
+        z = _fused_step(block, ux, uy, state, chunk)
+        ref = _layers_step(ref_block, ux.double(), uy.double(), ref_state, chunk)
+    assert torch.isfinite(z).all()
+    assert (z.double() - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    h_error = (state.h.double() - ref_state.h).abs().max().item()
+    assert h_error <= 1e-5 * ref_state.h.abs().max().item()
 
 
 @needs_native

@@ -227,7 +227,12 @@ void rgemma_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w,
 #include <math.h>
 #include <stdlib.h>
 
-#define CT 2            /* gate output vectors per tile */
+#if VL == 16             /* gate output vectors a tile of one row holds (32 registers) */
+#define WIDE 8
+#else
+#define WIDE 4
+#endif
+#define CT WIDE         /* the most gate output vectors of any tile */
 
 static inline uint16_t float_to_bf16(float f)
 {
@@ -300,6 +305,79 @@ static inline void lru_update(int64_t b, int64_t l, int64_t L, float gx_pre, flo
     z[b * L + l] = h_new * gelu_tanhf(uy[b * L + l]);
 }
 
+/* lru_update for VL channels l .. l + VL of row b at once. The exponential is
+ * computed here (libm's has no vector form in C): exp(x) = 2^n * exp(r), n =
+ * round(x / ln 2), r = x - n ln 2 (ln 2 in two parts, so r is exact to float32),
+ * |r| <= ln 2 / 2, exp(r) by its Taylor series to r^7 / 7! (the next term is
+ * below 6e-9 relative: under a float32 rounding); x is clamped to [-87, 88],
+ * where 2^n is a normal float (exp(-87) ~ 1.6e-38 stands for anything
+ * smaller). sigmoid(x) = 1 / (1 + exp(-x)); gelu_tanh(x) = x * sigmoid(2 k (x +
+ * 0.044715 x^3)), the same function as 0.5 x (1 + tanh(k (...))). */
+typedef int32_t vint32 __attribute__((vector_size(VL * 4)));
+
+static inline vfloat splat(float v) { return v - (vfloat){0}; }
+
+static inline vfloat select_lanes(vint32 mask, vfloat a, vfloat b)   /* mask ? a : b */
+{
+    return (vfloat)(((vint32)a & mask) | ((vint32)b & ~mask));
+}
+
+static inline vfloat exp_lanes(vfloat x)
+{
+    x = select_lanes(x < splat(-87.0f), splat(-87.0f), x);
+    x = select_lanes(x > splat(88.0f), splat(88.0f), x);
+    const vfloat round_magic = splat(12582912.0f);          /* 1.5 * 2^23 */
+    vfloat n = (x * splat(1.44269504088896341f) + round_magic) - round_magic;
+    vfloat r = (x - n * splat(0.693145751953125f)) - n * splat(1.428606765330187e-06f);
+    vfloat e = splat(1.0f / 5040.0f);
+    e = e * r + splat(1.0f / 720.0f);
+    e = e * r + splat(1.0f / 120.0f);
+    e = e * r + splat(1.0f / 24.0f);
+    e = e * r + splat(1.0f / 6.0f);
+    e = e * r + splat(0.5f);
+    e = e * r + splat(1.0f);
+    e = e * r + splat(1.0f);
+    vint32 two_n = (__builtin_convertvector(n, vint32) + 127) << 23;
+    return e * (vfloat)two_n;
+}
+
+static inline vfloat sigmoid_lanes(vfloat x) { return splat(1.0f) / (splat(1.0f) + exp_lanes(-x)); }
+
+static inline vfloat sqrt_lanes(vfloat x)
+{
+#if defined(__AVX512F__)
+    return (vfloat)_mm512_sqrt_ps((__m512)x);
+#elif defined(__AVX__)
+    return (vfloat)_mm256_sqrt_ps((__m256)x);
+#else
+    for (int i = 0; i < VL; i++)
+        x[i] = sqrtf(x[i]);
+    return x;
+#endif
+}
+
+static inline void lru_update_lanes(int64_t b, int64_t l, int64_t L, vfloat gx_pre,
+                                    vfloat ga_pre, const float *c, const float *uy,
+                                    const float *softplus_rp, const uint8_t *reset,
+                                    const uint8_t *real, float *h, float *z)
+{
+    const float k = 0.7978845608028654f;               /* sqrt(2 / pi) */
+    vfloat gx = sigmoid_lanes(gx_pre), ga = sigmoid_lanes(ga_pre);
+    vfloat log_a = splat(-8.0f) * ga * load_floats(softplus_rp + l);
+    vfloat a = splat(0.0f), mult = splat(1.0f);
+    if (!reset[b]) {
+        a = exp_lanes(log_a);
+        mult = sqrt_lanes(splat(1.0f) - exp_lanes(splat(2.0f) * log_a));
+    }
+    vfloat h_new = load_floats(c + b * L + l) * gx * mult + a * load_floats(h + b * L + l);
+    if (real[b])
+        memcpy(h + b * L + l, &h_new, sizeof h_new);
+    vfloat u = load_floats(uy + b * L + l);
+    vfloat gelu = u * sigmoid_lanes(splat(2.0f * k) * (u + splat(0.044715f) * u * u * u));
+    vfloat out = h_new * gelu;
+    memcpy(z + b * L + l, &out, sizeof out);
+}
+
 /* gate tile: rows m0 .. m0 + mr, vectors j0 .. j0 + ct of head hd's outputs */
 static inline __attribute__((always_inline)) void gate_tile(
     int mr, int ct, int64_t m0, int64_t hd, int64_t j0, int64_t bw, int64_t L,
@@ -331,9 +409,8 @@ static inline __attribute__((always_inline)) void gate_tile(
     }
     for (int m = 0; m < mr; m++)
         for (int j = 0; j < ct; j++)
-            for (int v = 0; v < VL; v++)
-                lru_update(m0 + m, hd * bw + j0 + j * VL + v, L, ax[m][j][v], aa[m][j][v],
-                           c, uy, softplus_rp, reset, real, h, z);
+            lru_update_lanes(m0 + m, hd * bw + j0 + j * VL, L, ax[m][j], aa[m][j], c, uy,
+                             softplus_rp, reset, real, h, z);
 }
 
 /* one gate output column j of head hd, row b, without vectors (bw not a multiple of VL) */
@@ -351,32 +428,66 @@ static void gate_column(int64_t b, int64_t hd, int64_t j, int64_t bw, int64_t L,
     lru_update(b, hd * bw + j, L, sx, sa, c, uy, softplus_rp, reset, real, h, z);
 }
 
-/* all rows, gate columns [j0, j0 + ct * VL) of head hd */
-static void gate_columns(int ct, int64_t B, int64_t hd, int64_t j0, int64_t bw, int64_t L,
-                         const float *c, const void *wx, const void *bx, const void *wa,
-                         const void *ba, int param_kind, const float *uy,
-                         const float *softplus_rp, const uint8_t *reset, const uint8_t *real,
-                         float *h, float *z)
+/* rows m0 .. m0 + mr, every gate column of head hd: the widest tiles the
+ * registers hold (mr * ct accumulators per gate; one row reads WIDE vectors of
+ * each weight row, contiguous), then single vectors, then single columns.
+ * kind: param_kind, a constant where this is inlined. */
+static inline __attribute__((always_inline)) void gate_rows(
+    enum kind kind, int mr, int64_t m0, int64_t hd, int64_t bw, int64_t L, const float *c,
+    const void *wx, const void *bx, const void *wa, const void *ba, const float *uy,
+    const float *softplus_rp, const uint8_t *reset, const uint8_t *real, float *h, float *z)
 {
-#define GATE_TILE(R, C, M0) gate_tile(R, C, M0, hd, j0, bw, L, c, wx, bx, wa, ba, param_kind, \
+#define GATE_TILE(R, C, M0) gate_tile(R, C, M0, hd, v * VL, bw, L, c, wx, bx, wa, ba, kind, \
                                       uy, softplus_rp, reset, real, h, z)
-    for (int64_t m0 = 0; m0 < B; m0 += MR) {
-        int64_t mr = B - m0 < MR ? B - m0 : MR;
-        if (ct < CT) {                       /* a last single vector of columns */
-            for (int64_t m = 0; m < mr; m++)
-                GATE_TILE(1, 1, m0 + m);
-            continue;
-        }
-        switch (mr) {
-        case 1: GATE_TILE(1, CT, m0); break;
+    const int64_t full = bw / VL;
+    int64_t v = 0;
+    switch (mr) {
+    case 1: for (; v + WIDE <= full; v += WIDE) GATE_TILE(1, WIDE, m0); break;
 #if MR >= 4
-        case 2: GATE_TILE(2, CT, m0); break;
-        case 3: GATE_TILE(3, CT, m0); break;
+    case 2: for (; v + WIDE / 2 <= full; v += WIDE / 2) GATE_TILE(2, WIDE / 2, m0); break;
+    case 3: for (; v + 2 <= full; v += 2) GATE_TILE(3, 2, m0); break;
 #endif
-        default: GATE_TILE(MR, CT, m0); break;
+    default: for (; v + 2 <= full; v += 2) GATE_TILE(MR, 2, m0); break;
+    }
+    for (; v < full; v++)
+        for (int m = 0; m < mr; m++)
+            GATE_TILE(1, 1, m0 + m);
+#undef GATE_TILE
+    for (int64_t j = full * VL; j < bw; j++)
+        for (int m = 0; m < mr; m++)
+            gate_column(m0 + m, hd, j, bw, L, c, wx, bx, wa, ba, kind, uy, softplus_rp, reset,
+                        real, h, z);
+}
+
+/* every row and gate column of head hd */
+static void gate_head(enum kind kind, int64_t B, int64_t hd, int64_t bw, int64_t L,
+                      const float *c, const void *wx, const void *bx, const void *wa,
+                      const void *ba, const float *uy, const float *softplus_rp,
+                      const uint8_t *reset, const uint8_t *real, float *h, float *z)
+{
+#define GATE_ROWS(KIND, R) gate_rows(KIND, R, m0, hd, bw, L, c, wx, bx, wa, ba, uy, \
+                                     softplus_rp, reset, real, h, z)
+#if MR >= 4
+#define GATE_ROWS_2_3(KIND) case 2: GATE_ROWS(KIND, 2); break; case 3: GATE_ROWS(KIND, 3); break;
+#else
+#define GATE_ROWS_2_3(KIND)
+#endif
+#define GATE_ROWS_OF(KIND)                          \
+    switch (B - m0 < MR ? B - m0 : MR) {            \
+    case 1: GATE_ROWS(KIND, 1); break;              \
+    GATE_ROWS_2_3(KIND)                             \
+    default: GATE_ROWS(KIND, MR); break;            \
+    }
+    for (int64_t m0 = 0; m0 < B; m0 += MR) {
+        if (kind == BF16) {
+            GATE_ROWS_OF(BF16)
+        } else {
+            GATE_ROWS_OF(FLOAT32)
         }
     }
-#undef GATE_TILE
+#undef GATE_ROWS_OF
+#undef GATE_ROWS_2_3
+#undef GATE_ROWS
 }
 
 /* ux, uy, z [B, L]; tail [B, K-1, L]; h [B, L]; cw [L, K]; cb, rp [L];
@@ -387,7 +498,7 @@ void rgemma_recurrent_step(int64_t B, int64_t L, int64_t H, int K, const float *
                            int param_kind, void *tail, int tail_kind, float *h,
                            const uint8_t *reset, const uint8_t *real, float *z, int threads)
 {
-    const int64_t bw = L / H, full = bw / VL;
+    const int64_t bw = L / H;
     float *c = malloc(sizeof(float) * B * L);
     float *softplus_rp = malloc(sizeof(float) * L);
     #pragma omp parallel for schedule(static) num_threads(threads)
@@ -396,17 +507,7 @@ void rgemma_recurrent_step(int64_t B, int64_t L, int64_t H, int K, const float *
         for (int64_t l = l0; l < l1; l++)
             softplus_rp[l] = softplusf(value_at(param_kind, rp, l));
         conv_channels(B, L, K, ux, cw, cb, param_kind, tail, tail_kind, reset, real, c, l0, l1);
-        int64_t v = 0;
-        for (; v + CT <= full; v += CT)
-            gate_columns(CT, B, hd, v * VL, bw, L, c, wx, bx, wa, ba, param_kind, uy,
-                         softplus_rp, reset, real, h, z);
-        for (; v < full; v++)
-            gate_columns(1, B, hd, v * VL, bw, L, c, wx, bx, wa, ba, param_kind, uy,
-                         softplus_rp, reset, real, h, z);
-        for (int64_t j = full * VL; j < bw; j++)
-            for (int64_t b = 0; b < B; b++)
-                gate_column(b, hd, j, bw, L, c, wx, bx, wa, ba, param_kind, uy, softplus_rp,
-                            reset, real, h, z);
+        gate_head(param_kind, B, hd, bw, L, c, wx, bx, wa, ba, uy, softplus_rp, reset, real, h, z);
     }
     free(c);
     free(softplus_rp);
@@ -464,6 +565,55 @@ static inline float sum_lanes8(__m256 v)
 }
 #endif
 
+#if defined(__AVX512VNNI__)
+/* int4_tile's sums for groups of whole 64-byte chunks and at most 2 activation
+ * rows, a chunk per 512-bit step: the even-column nibbles are the low bits
+ * (p & 0x0f), the odd ones are taken in place, times 16 (p & 0xf0), into their
+ * own accumulators, whose lanes are sums of multiples of 16 and so divide by 16
+ * exactly (an arithmetic shift): the same integer sums, one shift fewer per
+ * chunk. out: the minimum's terms, from int4_tile. */
+static inline __attribute__((always_inline)) void int4_tile_wide(
+    int nr, int mr, const uint8_t *packed, int64_t n0, int64_t m0, const int8_t *xq,
+    const float *sx, const float *scale, int64_t K, int64_t G, float out[NR][MR], float *y,
+    int64_t N)
+{
+    const int64_t ng = K / G, gb = G / 2, rb = K / 2;
+    const __m512i low = _mm512_set1_epi8(0x0f);
+    __m512 facc[NR][2];
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mr; i++)
+            facc[j][i] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g++) {
+        __m512i even_acc[NR][2], odd_acc[NR][2];
+        for (int j = 0; j < nr; j++)
+            for (int i = 0; i < mr; i++)
+                even_acc[j][i] = odd_acc[j][i] = _mm512_setzero_si512();
+        for (int64_t c = 0; c < gb; c += 64)
+            for (int j = 0; j < nr; j++) {
+                const uint8_t *w = packed + (n0 + j) * rb + g * gb + c;
+                if (m0 == 0)                      /* the next block, while this one is used */
+                    __builtin_prefetch(w + NR * rb, 0, 3);
+                __m512i p = _mm512_loadu_si512(w);
+                __m512i even = _mm512_and_si512(p, low), odd16 = _mm512_andnot_si512(low, p);
+                for (int i = 0; i < mr; i++) {
+                    const int8_t *xe = xq + (m0 + i) * K + g * G + c;
+                    even_acc[j][i] = _mm512_dpbusd_epi32(even_acc[j][i], even, _mm512_loadu_si512(xe));
+                    odd_acc[j][i] = _mm512_dpbusd_epi32(odd_acc[j][i], odd16, _mm512_loadu_si512(xe + gb));
+                }
+            }
+        for (int j = 0; j < nr; j++)
+            for (int i = 0; i < mr; i++) {
+                __m512i sum = _mm512_add_epi32(even_acc[j][i], _mm512_srai_epi32(odd_acc[j][i], 4));
+                __m512 s = _mm512_set1_ps(scale[(n0 + j) * ng + g] * sx[(m0 + i) * ng + g]);
+                facc[j][i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sum), s, facc[j][i]);
+            }
+    }
+    for (int j = 0; j < nr; j++)
+        for (int i = 0; i < mr; i++)
+            y[(m0 + i) * N + n0 + j] = _mm512_reduce_add_ps(facc[j][i]) + out[j][i];
+}
+#endif
+
 /* weight rows n0 .. n0 + nr against activation rows m0 .. m0 + mr, summed over the
  * groups: each chunk of weights unpacked once for all mr rows, nr * mr independent
  * accumulators (vpdpbusd's latency is several cycles); vectorized where a group's
@@ -479,6 +629,12 @@ static inline __attribute__((always_inline)) void int4_tile(
         for (int j = 0; j < nr; j++)
             for (int i = 0; i < mr; i++)
                 out[j][i] += minimum[(n0 + j) * ng + g] * xsum[(m0 + i) * ng + g];
+#if defined(__AVX512VNNI__)
+    if (gb % 64 == 0 && mr <= 2) {
+        int4_tile_wide(nr, mr, packed, n0, m0, xq, sx, scale, K, G, out, y, N);
+        return;
+    }
+#endif
 #if defined(__AVX2__)
     if (gb % CHUNK == 0) {
         __m256 facc[NR][MR];
@@ -549,6 +705,43 @@ static inline __attribute__((always_inline)) void int4_rows(
 #undef INT4_TILE
 }
 
+/* one group of G activations (G % 32 == 0) -> xq (even columns then odd
+ * columns), its scale and sum, sixteen lanes at a time: the division and the
+ * rounding are the scalar path's (IEEE division, nearest even), so xq and sx
+ * are identical to it; the sum adds in another order. */
+#if defined(__AVX512F__)
+static inline void quantize_group_vectors(const float *xg, int64_t G, int8_t *out, float *sx,
+                                          float *xsum)
+{
+    const int64_t gb = G / 2;
+    __m512 amax = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+    for (int64_t k = 0; k < G; k += 16) {
+        __m512 v = _mm512_loadu_ps(xg + k);
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(v));
+        sum = _mm512_add_ps(sum, v);
+    }
+    float m = _mm512_reduce_max_ps(amax);
+    float scale = m > 0.0f ? m / 127.0f : 1.0f;
+    const __m512 s = _mm512_set1_ps(scale), hi = _mm512_set1_ps(127.0f), lo = _mm512_set1_ps(-127.0f);
+    const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const __m512i odds = _mm512_add_epi32(evens, _mm512_set1_epi32(1));
+    for (int64_t k = 0; k < G; k += 32) {
+        __m512i a[2];
+        for (int h = 0; h < 2; h++) {
+            __m512 r = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(xg + k + 16 * h), s),
+                                            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            a[h] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+        }
+        _mm_storeu_si128((__m128i *)(out + k / 2),
+                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(a[0], evens, a[1])));
+        _mm_storeu_si128((__m128i *)(out + gb + k / 2),
+                         _mm512_cvtepi32_epi8(_mm512_permutex2var_epi32(a[0], odds, a[1])));
+    }
+    *sx = scale;
+    *xsum = _mm512_reduce_add_ps(sum);
+}
+#endif
+
 /* x [M, K] float32 -> per row and group: xq (even columns then odd columns), sx, xsum */
 static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t G, int8_t *xq,
                             float *sx, float *xsum)
@@ -557,13 +750,19 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t G, int
     for (int64_t m = 0; m < M; m++)
         for (int64_t g = 0; g < ng; g++) {
             const float *xg = x + m * K + g * G;
+            int8_t *out = xq + m * K + g * G;
+#if defined(__AVX512F__)
+            if (G % 32 == 0) {
+                quantize_group_vectors(xg, G, out, sx + m * ng + g, xsum + m * ng + g);
+                continue;
+            }
+#endif
             float amax = 0.0f, sum = 0.0f;
             for (int64_t k = 0; k < G; k++) {
                 amax = fmaxf(amax, fabsf(xg[k]));
                 sum += xg[k];
             }
             float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-            int8_t *out = xq + m * K + g * G;
             for (int64_t k = 0; k < G; k++) {
                 float r = nearbyintf(xg[k] / scale);
                 r = r > 127.0f ? 127.0f : r < -127.0f ? -127.0f : r;
