@@ -13,7 +13,7 @@ import torch
 
 from helpers import arange_positions, random_model, tiny_config
 from rgemma.inference.generate import generate
-from rgemma.scan import linear_scan, linear_scan_reference
+from rgemma.scan import linear_scan, linear_scan_reference, triton_available
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -70,7 +70,7 @@ def test_model_matches_cpu_with_padding_chunks_and_window_wrap():
 
 
 def test_scan_matches_reference_and_gradients():
-    """The chunked scan on CUDA: values and gradients of the sequential loop."""
+    """The scan on CUDA (Triton where installed): values and gradients of the loop."""
     torch.manual_seed(0)
     B, T, L = 2, 300, 48
     a = torch.rand(B, T, L, dtype=torch.float64) * 0.5 + 0.5
@@ -87,6 +87,29 @@ def test_scan_matches_reference_and_gradients():
     (yc * w.cpu()).sum().backward()
     for got, want in ((ag, ac), (xg, xc), (hg, hc)):
         assert torch.allclose(got.grad.cpu(), want.grad, atol=1e-8)
+
+
+@pytest.mark.skipif(not triton_available(), reason="needs triton")
+def test_triton_scan_at_a_prefill_shape(monkeypatch):
+    """On CUDA, linear_scan is the one-launch Triton kernel: at the 2B width and a
+    prompt past one tile, float32 values within a few ulps of a float64 loop."""
+    from rgemma import scan_triton
+
+    calls = []
+    monkeypatch.setattr(
+        scan_triton, "scan_forward", lambda *t, f=scan_triton.scan_forward: calls.append(1) or f(*t)
+    )
+    torch.manual_seed(0)
+    B, T, L = 2, 1000, 2560
+    a = (torch.rand(B, T, L, device="cuda") ** 0.1).float()
+    x = torch.randn(B, T, L, device="cuda")
+    h0 = torch.randn(B, L, device="cuda")
+    y, h = linear_scan(a, x, h0)
+    assert calls, "linear_scan did not use the Triton kernel"
+    y_ref, h_ref = linear_scan_reference(a.double(), x.double(), h0.double())
+    scale = y_ref.abs().max().item()
+    assert (y.double() - y_ref).abs().max().item() <= 1e-5 * scale
+    assert (h.double() - h_ref).abs().max().item() <= 1e-5 * scale
 
 
 def test_state_moves_between_devices_mid_stream():

@@ -1,6 +1,14 @@
-"""The chunked scan equals the reference loop, values and gradients."""
+"""The chunked scan and the Triton kernel equal the reference loop, values and
+gradients. The Triton kernel runs here under Triton's interpreter on the CPU
+(tests/test_cuda.py runs it compiled on a GPU)."""
 
 from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -44,3 +52,22 @@ def test_chunked_gradcheck_float64():
     a, x, h0 = _inputs(1, 13, 3, dtype=torch.float64)
     leaves = [t.clone().requires_grad_() for t in (a, x, h0)]
     assert torch.autograd.gradcheck(lambda *t: linear_scan_chunked(*t, chunk=4), leaves)
+
+
+# Run in a child process: TRITON_INTERPRET must be set before the kernel is defined.
+TRITON_CHECK = os.path.join(os.path.dirname(__file__), "triton_scan_check.py")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
+def test_triton_kernel_equals_reference_under_the_interpreter():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run(
+        [sys.executable, TRITON_CHECK], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for y_err, h_err, scale, dtype, shape in out["forward"]:
+        assert dtype == "torch.float32" and len(shape) == 3
+        # float32 re-association inside 64-step tiles: a few ulps of the largest h
+        assert y_err <= 1e-5 * scale and h_err <= 1e-5 * scale, (y_err, h_err, scale)
+    assert max(out["backward"]) <= 1e-10, out["backward"]

@@ -15,11 +15,17 @@ Two implementations of the same math, both in float32:
       G_t = dL/dh_t = dy_t + a_{t+1} G_{t+1},
       dx_t = G_t,  da_t = G_t h_{t-1},  dh0 = a_0 G_0.
 
-``linear_scan`` picks one: a single step for T == 1, the chunked scan otherwise.
+* ``linear_scan_triton`` (CUDA, where Triton is installed): the same scan as one
+  kernel launch (``scan_triton.py``), instead of the chunked scan's ~2 sqrt(T)
+  launches per layer, which leave a GPU idle while Python issues them.
+
+``linear_scan`` picks one: a single step for T == 1, the Triton kernel on CUDA
+where Triton is installed, the chunked scan otherwise.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -71,13 +77,16 @@ def _chunked_forward(
     return h.reshape(B, N * C, L)[:, :T], carry
 
 
-class _ChunkedScan(torch.autograd.Function):
+class _Scan(torch.autograd.Function):
+    """Any exact forward ``run(a, x, h0) -> (y, h_last)`` with the backward above,
+    which is ``run`` again on time-reversed inputs."""
+
     @staticmethod
-    def forward(ctx, a, x, h0, chunk):
-        y, h_last = _chunked_forward(a, x, h0, chunk)
+    def forward(ctx, a, x, h0, run):
+        y, h_last = run(a, x, h0)
         # h0 is usually the live state, which the caller overwrites in place next.
         ctx.save_for_backward(a, y, h0.clone())
-        ctx.chunk = chunk
+        ctx.run = run
         return y, h_last
 
     @staticmethod
@@ -88,7 +97,7 @@ class _ChunkedScan(torch.autograd.Function):
             dy[:, -1] += dh_last
         # G_t = dy_t + a_{t+1} G_{t+1}: a forward scan over reversed time.
         a_next = torch.cat([a[:, 1:], torch.zeros_like(a[:, :1])], dim=1)
-        g, _ = _chunked_forward(a_next.flip(1), dy.flip(1), torch.zeros_like(h0), ctx.chunk)
+        g, _ = ctx.run(a_next.flip(1), dy.flip(1), torch.zeros_like(h0))
         g = g.flip(1)
         h_prev = torch.cat([h0[:, None], y[:, :-1]], dim=1)
         return g * h_prev, g, a[:, 0] * g[:, 0], None
@@ -100,7 +109,30 @@ def linear_scan_chunked(
     """Same contract as ``linear_scan_reference``, in about 2 sqrt(T) Python steps."""
     if h0 is None:
         h0 = torch.zeros_like(x[:, 0])
-    return _ChunkedScan.apply(a, x, h0, chunk)
+    return _Scan.apply(a, x, h0, functools.partial(_chunked_forward, chunk=chunk))
+
+
+def linear_scan_triton(
+    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as ``linear_scan_reference``, in one Triton kernel launch (the
+    backward in another); a, x and h0 on a CUDA device, or on the CPU under Triton's
+    interpreter (``TRITON_INTERPRET=1``)."""
+    from rgemma import scan_triton
+
+    if h0 is None:
+        h0 = torch.zeros_like(x[:, 0])
+    return _Scan.apply(a, x, h0, scan_triton.scan_forward)
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton can be imported (it comes with PyTorch's CUDA builds)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def linear_scan(
@@ -110,4 +142,6 @@ def linear_scan(
     if x.shape[1] == 1:
         h = x[:, 0] if h0 is None else a[:, 0] * h0 + x[:, 0]
         return h[:, None], h
+    if x.is_cuda and triton_available():
+        return linear_scan_triton(a, x, h0)
     return linear_scan_chunked(a, x, h0)
