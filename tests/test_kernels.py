@@ -81,8 +81,9 @@ def test_bf16_kernel_matches_float64_reference(M, K, N):
 @needs_native
 def test_bf16_held_decode_rows_stream_through_the_kernel(monkeypatch):
     """A few float32 rows against a large bf16 weight (a decode step of a bf16-held
-    model) go through the kernel and equal the float32 reference; more rows, small
-    weights, or autograd keep PyTorch's product."""
+    model, batched too where the CPU lacks native bf16) go through the kernel and
+    equal the float32 reference; more rows, small weights, or autograd keep
+    PyTorch's product."""
     calls = []
     native = kernels.bf16_matmul
     monkeypatch.setattr(kernels, "bf16_matmul", lambda x, w: calls.append(x.shape) or native(x, w))
@@ -95,10 +96,14 @@ def test_bf16_held_decode_rows_stream_through_the_kernel(monkeypatch):
         assert calls == [(2, 1024)]
         ref = torch.nn.functional.linear(x.double(), lin.weight.double(), lin.bias.double())
         assert (y.double() - ref).abs().max().item() < 1e-4
+        most = torch.randn(layers.KERNEL_BF16_ROWS, 1024)  # the most rows it takes
+        y = lin(most)
+        ref = torch.nn.functional.linear(most.double(), lin.weight.double(), lin.bias.double())
+        assert (y.double() - ref).abs().max().item() < 1e-4
         lin(torch.randn(layers.KERNEL_BF16_ROWS + 1, 1024))  # more rows
         Linear(64, 64, dtype=torch.bfloat16)(torch.randn(1, 64))  # a small weight
     lin(x)  # autograd on
-    assert calls == [(2, 1024)]
+    assert calls == [(2, 1024), (layers.KERNEL_BF16_ROWS, 1024)]
 
 
 @needs_native

@@ -367,7 +367,7 @@ def test_rg_lru_gates_held_in_bf16(monkeypatch, low_precision_rows):
     lru.reset_parameters()
     held = lru.to(torch.bfloat16)
     w, b = held.input_gate_weight, held.input_gate_bias
-    for rows in (1, 4, 37):
+    for rows in (1, 4, 37, 100):
         x = torch.randn(1, rows, 64)
         with torch.no_grad():
             got = held._block_diag(x, w, b)

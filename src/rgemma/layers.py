@@ -213,11 +213,14 @@ def widened_plus_bias(y: torch.Tensor, dtype: torch.dtype, b: torch.Tensor | Non
 
 
 # Up to this many float32 rows against bf16 weights of at least this many elements,
-# the product is bound by reading the weights, and rgemma's kernel streams them
-# faster than oneDNN's bf16 product (which also rounds x to bf16); past 4 rows a
-# native bf16 product wins on arithmetic. Smaller weights: the call costs more
-# than the streaming gains.
-KERNEL_BF16_ROWS = 4
+# rgemma's kernel multiplies them. With native bf16 it streams the weights faster
+# than oneDNN's bf16 product (which also rounds x to bf16) up to 4 rows, past which
+# the native product wins on arithmetic. Without native bf16 the alternative is
+# converting the weights to float32 first (a pass that writes twice the bytes it
+# reads), and the kernel, which widens each weight once in registers for all the
+# rows, stays ahead through batched decode (measured up to 64 rows). Smaller
+# weights: the call costs more than the streaming gains.
+KERNEL_BF16_ROWS = 4 if NATIVE_BF16 else 64
 _KERNEL_BF16_MIN_WEIGHTS = 1 << 20
 
 

@@ -1,6 +1,6 @@
 """The linear recurrence of the RG-LRU: h_t = a_t * h_{t-1} + x_t.
 
-Two implementations of the same math, both in float32:
+Three implementations of the same math, in float32 (or float64):
 
 * ``linear_scan_reference``: the plain loop over time, the definition.
 * ``linear_scan_chunked``: a two-level scan. Time is cut into N chunks of C
