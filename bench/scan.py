@@ -10,12 +10,16 @@ python bench/scan.py [--device cpu|cuda] [--width 2560] [--lengths 1024 4096] [-
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
+import sys
 import time
 
 import torch
 
-from rgemma.scan import (
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from compare import read_bandwidth  # noqa: E402
+from rgemma.scan import (  # noqa: E402
     linear_scan_chunked,
     linear_scan_reference,
     linear_scan_triton,
@@ -62,10 +66,8 @@ def main() -> None:
         scans["triton"] = linear_scan_triton
     copy_rate = None
     if args.device == "cuda":
-        big = torch.empty(2**28, device="cuda")
-        copy_rate = 2 * big.numel() * 4 / timed(torch.clone, big, repeats=3)
+        copy_rate = read_bandwidth(1.0, "cuda")
         print(f"copy bandwidth {copy_rate / 1e12:.2f} TB/s (read + write)")
-        del big
     for T in args.lengths:
         shape = (args.batch, T, args.width)
         a = (torch.rand(shape, device=args.device) ** 0.05).float()

@@ -46,17 +46,13 @@ def _scan_kernel(
     h_last_ptr,
     T,
     L,
-    HAS_H0: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_L: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
     col_ok = cols < L
-    if HAS_H0:
-        h = tl.load(h0_ptr + row * L + cols, mask=col_ok, other=0.0)
-    else:
-        h = tl.zeros([BLOCK_L], dtype=y_ptr.dtype.element_ty)
+    h = tl.load(h0_ptr + row * L + cols, mask=col_ok, other=0.0)
     steps = tl.arange(0, BLOCK_T)
     base = row.to(tl.int64) * T * L
     for t0 in range(0, T, BLOCK_T):
@@ -74,26 +70,20 @@ def _scan_kernel(
 
 
 def scan_forward(
-    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor | None
+    a: torch.Tensor, x: torch.Tensor, h0: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """h_t = a_t h_{t-1} + x_t without autograd.
 
     Args:
       a, x: [B, T, L] float32 or float64, on the kernel's device.
-      h0: [B, L] state before the first step, or None for zeros.
+      h0: [B, L] state before the first step (T == 0 returns it as h_last).
     Returns:
       y: [B, T, L] every h_t; h_last: [B, L].
     """
     B, T, L = x.shape
-    a, x = a.contiguous(), x.contiguous()
+    a, x, h0 = a.contiguous(), x.contiguous(), h0.contiguous()
     y = torch.empty_like(x)
     h_last = torch.empty(B, L, dtype=x.dtype, device=x.device)
-    if T == 0:
-        h_last.copy_(h0 if h0 is not None else torch.zeros_like(h_last))
-        return y, h_last
-    h0c = h0.contiguous() if h0 is not None else h_last  # unread without HAS_H0
     grid = (B, triton.cdiv(L, BLOCK_L))
-    _scan_kernel[grid](
-        a, x, h0c, y, h_last, T, L, HAS_H0=h0 is not None, BLOCK_T=BLOCK_T, BLOCK_L=BLOCK_L
-    )
+    _scan_kernel[grid](a, x, h0, y, h_last, T, L, BLOCK_T=BLOCK_T, BLOCK_L=BLOCK_L)
     return y, h_last
