@@ -705,11 +705,12 @@ static inline __attribute__((always_inline)) void int4_rows(
 #undef INT4_TILE
 }
 
-/* one group of G activations (G % 32 == 0) -> xq (even columns then odd
- * columns), its scale and sum, sixteen lanes at a time: the division and the
+/* one group of G activations (G % QG == 0) -> xq (even columns then odd
+ * columns), its scale and sum, a vector at a time: the division and the
  * rounding are the scalar path's (IEEE division, nearest even), so xq and sx
  * are identical to it; the sum adds in another order. */
 #if defined(__AVX512F__)
+#define QG 32
 static inline void quantize_group_vectors(const float *xg, int64_t G, int8_t *out, float *sx,
                                           float *xsum)
 {
@@ -740,6 +741,50 @@ static inline void quantize_group_vectors(const float *xg, int64_t G, int8_t *ou
     *sx = scale;
     *xsum = _mm512_reduce_add_ps(sum);
 }
+#elif defined(__AVX2__)
+#define QG 16
+
+/* 8 int32 lanes, each in -127..127 -> their low bytes, in order, at p */
+static inline void store_low_bytes(int8_t *p, __m256i v)
+{
+    const __m256i pick = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, -1);  /* a lane's four low bytes to its first dword */
+    v = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(v, pick), _mm256_setr_epi32(0, 4, 0, 0, 0, 0, 0, 0));
+    _mm_storel_epi64((__m128i *)p, _mm256_castsi256_si128(v));
+}
+
+static inline void quantize_group_vectors(const float *xg, int64_t G, int8_t *out, float *sx,
+                                          float *xsum)
+{
+    const int64_t gb = G / 2;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    __m256 amax = _mm256_setzero_ps(), sum = _mm256_setzero_ps();
+    for (int64_t k = 0; k < G; k += 8) {
+        __m256 v = _mm256_loadu_ps(xg + k);
+        amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, v));
+        sum = _mm256_add_ps(sum, v);
+    }
+    __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+    m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+    float m = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    float scale = m > 0.0f ? m / 127.0f : 1.0f;
+    const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(127.0f), lo = _mm256_set1_ps(-127.0f);
+    const __m256i split = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);  /* evens | odds */
+    for (int64_t k = 0; k < G; k += 16) {
+        __m256i a[2];
+        for (int h = 0; h < 2; h++) {
+            __m256 r = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(xg + k + 8 * h), s),
+                                       _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            a[h] = _mm256_permutevar8x32_epi32(
+                _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(r, lo), hi)), split);
+        }
+        store_low_bytes(out + k / 2, _mm256_permute2x128_si256(a[0], a[1], 0x20));
+        store_low_bytes(out + gb + k / 2, _mm256_permute2x128_si256(a[0], a[1], 0x31));
+    }
+    *sx = scale;
+    *xsum = sum_lanes8(sum);
+}
 #endif
 
 /* x [M, K] float32 -> per row and group: xq (even columns then odd columns), sx, xsum */
@@ -751,8 +796,8 @@ static void quantize_groups(const float *x, int64_t M, int64_t K, int64_t G, int
         for (int64_t g = 0; g < ng; g++) {
             const float *xg = x + m * K + g * G;
             int8_t *out = xq + m * K + g * G;
-#if defined(__AVX512F__)
-            if (G % 32 == 0) {
+#if defined(QG)
+            if (G % QG == 0) {
                 quantize_group_vectors(xg, G, out, sx + m * ng + g, xsum + m * ng + g);
                 continue;
             }
