@@ -45,7 +45,7 @@ def _check_against_float64(y, x, q, scale):
 
 
 @needs_native
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 16])
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (33, 6), (256, 48), (1000, 13)])
 def test_int8_kernel_matches_float64_reference(M, K, N):
     """Every tile shape (rows not a multiple of the tile, K not a multiple of the
@@ -65,7 +65,7 @@ def _check_bf16_against_float64(y, x, w):
 
 
 @needs_native
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 16])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 6, 7, 16])
 @pytest.mark.parametrize("K,N", [(1, 1), (7, 5), (33, 6), (256, 48), (1000, 13)])
 def test_bf16_kernel_matches_float64_reference(M, K, N):
     """x stays float32: the only error is float32 summation (oneDNN's bf16 product

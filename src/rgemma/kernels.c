@@ -20,7 +20,10 @@
  * for the memory system: each thread streams a contiguous range of weight
  * rows, NR rows at a time (one block of NR * K bytes), and prefetches the
  * next block while it multiplies this one. Up to MR activation rows share
- * each weight vector once it is widened.
+ * each weight vector once it is widened. With 16 vector registers (AVX2),
+ * products of MANY rows or more take tiles of MR_MANY activation rows by
+ * NR_MANY weight rows instead: there, widening the weights costs as much as
+ * the multiply-adds, and taller tiles widen each weight fewer times.
  *
  * The vector code is written with GCC vector extensions (one source for
  * AVX-512, AVX2 and NEON); the int8 -> float widening and the int4 byte dot
@@ -37,11 +40,17 @@
 #if defined(__AVX512F__)
 #define VL 16           /* float lanes per vector */
 #define MR 4            /* activation rows per tile (4 x NR accumulators: 16 registers) */
+#define MR_MANY 4
+#define NR_MANY 4
 #else
 #define VL 8
 #define MR 2
+#define MR_MANY 4       /* 4 x 2 accumulators, 2 weight vectors, x: 11 of 16 registers */
+#define NR_MANY 2
 #endif
 #define NR 4            /* weight rows per tile */
+#define MANY 4          /* activation rows from which the int8 and bf16 products use MR_MANY x NR_MANY tiles */
+#define MR_MAX 4        /* the largest of MR and MR_MANY (accumulator arrays) */
 
 typedef float vfloat __attribute__((vector_size(VL * 4)));
 typedef int8_t vint8 __attribute__((vector_size(VL)));
@@ -130,7 +139,7 @@ static inline __attribute__((always_inline)) void tile(
 {
     const char *bytes = w;
     const int64_t size = kind == INT8 ? 1 : 2;  /* bytes per weight */
-    vfloat acc[MR][NR];
+    vfloat acc[MR_MAX][NR];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             acc[i][j] = (vfloat){0};
@@ -140,7 +149,7 @@ static inline __attribute__((always_inline)) void tile(
         if (m0 == 0)                         /* the next block, while this one is used */
             for (int j = 0; j < nr; j++)
                 for (int64_t b = 0; b < VL * size; b += 64)
-                    __builtin_prefetch(bytes + ((n0 + j + NR) * K + k) * size + b, 0, 3);
+                    __builtin_prefetch(bytes + ((n0 + j + nr) * K + k) * size + b, 0, 3);
         for (int j = 0; j < nr; j++)
             wv[j] = widen(kind, w, (n0 + j) * K + k);
         for (int i = 0; i < mr; i++) {
@@ -159,46 +168,56 @@ static inline __attribute__((always_inline)) void tile(
     }
 }
 
-/* All activation rows against weight rows n0 .. n0 + nr. */
+/* All activation rows, mt at a time (mt <= MR_MAX), against weight rows n0 .. n0 + nr. */
 static inline __attribute__((always_inline)) void rows(
-    enum kind kind, int nr, const float *x, int64_t M, int64_t K, const void *w,
+    enum kind kind, int mt, int nr, const float *x, int64_t M, int64_t K, const void *w,
     const float *scale, float *y, int64_t N, int64_t n0)
 {
-    for (int64_t m0 = 0; m0 < M; m0 += MR) {
-        int64_t mr = M - m0 < MR ? M - m0 : MR;
-        switch (mr) {
-        case 1: tile(kind, 1, nr, x, K, w, scale, y, N, m0, n0); break;
-#if MR >= 4
-        case 2: tile(kind, 2, nr, x, K, w, scale, y, N, m0, n0); break;
-        case 3: tile(kind, 3, nr, x, K, w, scale, y, N, m0, n0); break;
-#endif
-        default: tile(kind, MR, nr, x, K, w, scale, y, N, m0, n0); break;
-        }
+    for (int64_t m0 = 0; m0 < M; m0 += mt) {
+        int64_t mr = M - m0 < mt ? M - m0 : mt;
+        if (mr == mt)
+            tile(kind, mt, nr, x, K, w, scale, y, N, m0, n0);
+        else if (mr == 1)
+            tile(kind, 1, nr, x, K, w, scale, y, N, m0, n0);
+        else if (mr == 2)
+            tile(kind, 2, nr, x, K, w, scale, y, N, m0, n0);
+        else
+            tile(kind, 3, nr, x, K, w, scale, y, N, m0, n0);
     }
 }
+
+/* y [M, N] = x [M, K] @ w [N, K]^T (times scale [N] for int8), MT x NT tiles: threads
+ * split the blocks of NT weight rows; the rows past the last whole block, one at a time.
+ * A macro, not a function, so that the tile shape is a constant inside the
+ * parallel loop's body (which OpenMP moves into a function of its own). */
+#define PRODUCT(KIND, MT, NT, W, SCALE)                                              \
+    do {                                                                             \
+        int64_t full = N / (NT);                                                     \
+        _Pragma("omp parallel for schedule(static) num_threads(threads)")            \
+        for (int64_t b = 0; b < full; b++)                                           \
+            rows(KIND, MT, NT, x, M, K, W, SCALE, y, N, b * (NT));                   \
+        for (int64_t n = full * (NT); n < N; n++)                                    \
+            rows(KIND, MT, 1, x, M, K, W, SCALE, y, N, n);                           \
+    } while (0)
 
 /* y [M, N] = (x [M, K] @ q [N, K]^T) * scale [N]; all row-major, contiguous. */
 void rgemma_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *q, int64_t N,
                         const float *scale, float *y, int threads)
 {
-    int64_t full = N / NR;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < full; b++)
-        rows(INT8, NR, x, M, K, q, scale, y, N, b * NR);
-    for (int64_t n = full * NR; n < N; n++)               /* N not a multiple of NR */
-        rows(INT8, 1, x, M, K, q, scale, y, N, n);
+    if (M >= MANY)
+        PRODUCT(INT8, MR_MANY, NR_MANY, q, scale);
+    else
+        PRODUCT(INT8, MR, NR, q, scale);
 }
 
 /* y [M, N] = x [M, K] @ w [N, K]^T with w bfloat16 (as uint16); all row-major, contiguous. */
 void rgemma_bf16_matmul(const float *x, int64_t M, int64_t K, const uint16_t *w, int64_t N,
                         float *y, int threads)
 {
-    int64_t full = N / NR;
-    #pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t b = 0; b < full; b++)
-        rows(BF16, NR, x, M, K, w, NULL, y, N, b * NR);
-    for (int64_t n = full * NR; n < N; n++)
-        rows(BF16, 1, x, M, K, w, NULL, y, N, n);
+    if (M >= MANY)
+        PRODUCT(BF16, MR_MANY, NR_MANY, w, NULL);
+    else
+        PRODUCT(BF16, MR, NR, w, NULL);
 }
 
 /* ------------------------------------------------- the recurrent block's step
