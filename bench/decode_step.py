@@ -10,6 +10,10 @@ attention's step after its projections and RMSNorm each one native call
 way). Each round times both, per system and batch, after a 16-token prompt;
 the table gives the best median step of the rounds, the on/off ratio, and the
 fraction of the memory bound (B x read bandwidth / weight bytes) reached.
+
+A second table says where an "on" step's time goes: the native products (and
+the rate at which they read their weights), the native step kernels, and the
+rest (PyTorch's ops and Python), each call timed by a wrapper.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SHAPES, random_rgemma  # noqa: E402
 from compare import quantized_copy, read_bandwidth, weight_bytes  # noqa: E402
-from rgemma import attention, layers  # noqa: E402
+from rgemma import attention, kernels, layers  # noqa: E402
 
 PROMPT = 16
 
@@ -52,6 +56,50 @@ def median_step(model, batch: int, steps: int) -> float:
                 times.append(time.perf_counter() - t0)
             position += 1
     return sorted(times)[len(times) // 2]
+
+
+PRODUCTS = ("int8_matmul", "int4_matmul", "bf16_matmul")
+STEP_KERNELS = ("recurrent_step", "attention_step", "rms_norm")
+
+
+def step_parts(model, batch: int, steps: int) -> dict[str, float]:
+    """Seconds per decode step (after the prompt and two warm-up steps): in all, in the
+    native products, in the native step kernels; and the products' weight bytes."""
+    parts = dict(step=0.0, products=0.0, kernels=0.0, weight_bytes=0.0)
+    originals = {name: getattr(kernels, name) for name in PRODUCTS + STEP_KERNELS}
+
+    def timing(name):
+        def call(*args):
+            t0 = time.perf_counter()
+            out = originals[name](*args)
+            parts["products" if name in PRODUCTS else "kernels"] += time.perf_counter() - t0
+            if name in PRODUCTS:  # the weights: every tensor argument after x
+                parts["weight_bytes"] += sum(
+                    a.numel() * a.element_size() for a in args[1:] if isinstance(a, torch.Tensor)
+                )
+            return out
+
+        return call
+
+    state = model.init_state(batch)
+    token = torch.zeros(batch, 1, dtype=torch.long)
+    with torch.inference_mode():
+        prompt = torch.zeros(batch, PROMPT, dtype=torch.long)
+        model(prompt, torch.arange(PROMPT).expand(batch, PROMPT), state, logits="none")
+        position = torch.full((batch, 1), PROMPT)
+        for _ in range(2):
+            model(token, position, state, logits="last")
+        try:
+            for name in originals:
+                setattr(kernels, name, timing(name))
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                model(token, position, state, logits="last")
+            parts["step"] = time.perf_counter() - t0
+        finally:
+            for name, fn in originals.items():
+                setattr(kernels, name, fn)
+    return {k: v / steps for k, v in parts.items()}
 
 
 def main() -> None:
@@ -96,10 +144,23 @@ def main() -> None:
                              on_tok_s=batch / on, bound_fraction=bound))  # fmt: skip
             print(f"| {name} | {batch} | {batch / off:.2f} | {batch / on:.2f} | "
                   f"{off / on:.2f}x | {bound:.0%} |")  # fmt: skip
+    parts = []
+    print("\nWhere an \"on\" step's time goes (ms a step):")
+    print("| system | batch | step | native products | their weights read at | "
+          "native step kernels | the rest |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for name, model in models.items():
+        for batch in args.batches:
+            p = step_parts(model, batch, args.steps)
+            rest = p["step"] - p["products"] - p["kernels"]
+            parts.append(dict(system=name, batch=batch, **p))
+            print(f"| {name} | {batch} | {p['step'] * 1e3:.1f} | {p['products'] * 1e3:.1f} | "
+                  f"{p['weight_bytes'] / max(p['products'], 1e-9) / 1e9:.1f} GB/s | "
+                  f"{p['kernels'] * 1e3:.1f} | {rest * 1e3:.1f} |")  # fmt: skip
     meta = dict(shape=args.shape, threads=args.threads, read_bandwidth_gbs=bandwidth / 1e9)
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
+        json.dump({"meta": meta, "results": rows, "parts": parts}, f, indent=1)
     print(f"wrote {args.out}.json")
 
 

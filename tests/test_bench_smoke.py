@@ -7,6 +7,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -44,6 +46,10 @@ def test_decode_step_smoke(tmp_path):
     }
     assert all(r["off_tok_s"] > 0 and r["on_tok_s"] > 0 for r in rows)
     assert "| int4 | 2 |" in proc.stdout
+    parts = json.loads((tmp_path / "decode_step.json").read_text())["parts"]
+    # which products are native at the tiny shape is the autotuner's choice: only the sums
+    assert {(p["system"], p["batch"]) for p in parts} == {(r["system"], r["batch"]) for r in rows}
+    assert all(0 <= p["products"] + p["kernels"] < p["step"] for p in parts), parts
 
 
 def test_memory_growth_smoke(tmp_path):
@@ -60,3 +66,25 @@ def test_memory_growth_smoke(tmp_path):
     state = [r["state_bytes"] for r in results["rgemma"]]
     assert state[0] > 0 and len(set(state)) == 1  # a fixed-size state
     assert "last/first" in proc.stdout
+
+
+def test_kernel_builds_smoke(tmp_path):
+    """Two builds of the kernels (here the committed source and the tree's) both decode,
+    loaded side by side, every system and batch timed under each."""
+    if subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True).returncode:
+        pytest.skip("not a git checkout")
+    from rgemma import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench", "kernel_builds.py"), "--smoke", "--base",
+         "HEAD", "--systems", "int8", "int4", "--threads", "1", "--out",
+         str(tmp_path / "kernel_builds")],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads((tmp_path / "kernel_builds.json").read_text())["results"]
+    assert {(r["system"], r["batch"]) for r in rows} == {(s, b) for s in ("int8", "int4")
+                                                         for b in (1, 4)}  # fmt: skip
+    assert all(r["base_tok_s"] > 0 and r["tree_tok_s"] > 0 for r in rows)
