@@ -145,7 +145,7 @@ def main() -> None:
             print(f"| {name} | {batch} | {batch / off:.2f} | {batch / on:.2f} | "
                   f"{off / on:.2f}x | {bound:.0%} |")  # fmt: skip
     parts = []
-    print("\nWhere an \"on\" step's time goes (ms a step):")
+    print('\nWhere an "on" step\'s time goes (ms a step):')
     print("| system | batch | step | native products | their weights read at | "
           "native step kernels | the rest |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")

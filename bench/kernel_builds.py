@@ -100,7 +100,8 @@ def main() -> None:
     kernels._lib = builds["tree"]
     print(f"\n{args.shape} shape, {args.threads} threads, base = {args.base}; "
           f"x.sum() read {bandwidth / 1e9:.1f} GB/s; medians of {args.rounds} rounds")  # fmt: skip
-    print("| system | batch | base (tok/s) | tree (tok/s) | tree / base | base: bound | tree: bound |")
+    print("| system | batch | base (tok/s) | tree (tok/s) | tree / base | base: bound "
+          "| tree: bound |")  # fmt: skip
     print("|---|---|---|---|---|---|---|")
     rows = []
     for name, model in models.items():
@@ -108,7 +109,8 @@ def main() -> None:
         for batch in args.batches:
             b, t = (statistics.median(rates[(name, batch, k)]) for k in ("base", "tree"))
             rows.append(dict(system=name, batch=batch, base_tok_s=b, tree_tok_s=t,
-                             base_bound=b / batch * per_token, tree_bound=t / batch * per_token))  # fmt: skip
+                             base_bound=b / batch * per_token,
+                             tree_bound=t / batch * per_token))  # fmt: skip
             print(f"| {name} | {batch} | {b:.2f} | {t:.2f} | {t / b:.2f}x | "
                   f"{b / batch * per_token:.0%} | {t / batch * per_token:.0%} |")  # fmt: skip
     meta = dict(shape=args.shape, threads=args.threads, base=args.base,
