@@ -40,14 +40,19 @@ def set_native(on: bool) -> None:
     attention.NATIVE_STEP = on
 
 
-def median_step(model, batch: int, steps: int) -> float:
-    """Median seconds of a decode step after a PROMPT-token prompt."""
+def prompted(model, batch: int):
+    """(state after a PROMPT-token prompt, the next token [B, 1], its positions [B, 1])."""
     state = model.init_state(batch)
-    token = torch.zeros(batch, 1, dtype=torch.long)
     with torch.inference_mode():
         prompt = torch.zeros(batch, PROMPT, dtype=torch.long)
         model(prompt, torch.arange(PROMPT).expand(batch, PROMPT), state, logits="none")
-        position = torch.full((batch, 1), PROMPT)
+    return state, torch.zeros(batch, 1, dtype=torch.long), torch.full((batch, 1), PROMPT)
+
+
+def median_step(model, batch: int, steps: int) -> float:
+    """Median seconds of a decode step after a PROMPT-token prompt."""
+    state, token, position = prompted(model, batch)
+    with torch.inference_mode():
         times = []
         for i in range(steps + 2):
             t0 = time.perf_counter()
@@ -81,12 +86,8 @@ def step_parts(model, batch: int, steps: int) -> dict[str, float]:
 
         return call
 
-    state = model.init_state(batch)
-    token = torch.zeros(batch, 1, dtype=torch.long)
+    state, token, position = prompted(model, batch)
     with torch.inference_mode():
-        prompt = torch.zeros(batch, PROMPT, dtype=torch.long)
-        model(prompt, torch.arange(PROMPT).expand(batch, PROMPT), state, logits="none")
-        position = torch.full((batch, 1), PROMPT)
         for _ in range(2):
             model(token, position, state, logits="last")
         try:
