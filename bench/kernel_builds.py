@@ -16,7 +16,6 @@ the same functions with the same arguments (the tree's ``kernels.py`` calls both
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import statistics
@@ -34,8 +33,9 @@ from decode_step import median_step  # noqa: E402
 from rgemma import kernels  # noqa: E402
 
 
-def build_at(revision: str) -> Path:
-    """kernels.c at ``revision``, compiled as kernels.build compiles the tree's."""
+def load_at(revision: str):
+    """kernels.c at ``revision``, compiled as the tree's is (``kernels.build``) and loaded
+    with the tree's argument types (``kernels.load_library``)."""
     root = Path(kernels.SOURCE).resolve().parents[2]
     source = subprocess.run(
         ["git", "-C", str(root), "show", f"{revision}:src/rgemma/kernels.c"],
@@ -44,25 +44,14 @@ def build_at(revision: str) -> Path:
     )
     if source.returncode:
         sys.exit(f"cannot read kernels.c at {revision!r}: {source.stderr.decode().strip()}")
-    tree = kernels.SOURCE
     with tempfile.TemporaryDirectory() as d:
-        kernels.SOURCE = Path(d, "kernels.c")
-        kernels.SOURCE.write_bytes(source.stdout)
-        try:
-            return kernels.build()
-        finally:
-            kernels.SOURCE = tree
-
-
-def load_like_tree(path: Path) -> ctypes.CDLL:
-    """The library at ``path`` with the tree's ctypes signatures."""
-    lib = ctypes.CDLL(str(path))
-    for name, fn in vars(kernels._lib).items():
-        if name.startswith("rgemma_"):
-            if not hasattr(lib, name):
-                sys.exit(f"{path} lacks {name}: the two builds export different functions")
-            getattr(lib, name).argtypes, getattr(lib, name).restype = fn.argtypes, fn.restype
-    return lib
+        path = Path(d, "kernels.c")
+        path.write_bytes(source.stdout)
+        library = kernels.build(path)
+    try:
+        return kernels.load_library(library)
+    except AttributeError as e:
+        sys.exit(f"kernels.c at {revision!r} lacks a function the tree's kernels.py calls: {e}")
 
 
 def main() -> None:
@@ -82,7 +71,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if not kernels.available():
         sys.exit("rgemma's kernels are not available here (no C compiler, or RGEMMA_NATIVE=0)")
-    builds = {"base": load_like_tree(build_at(args.base)), "tree": kernels._lib}
+    builds = {"base": load_at(args.base), "tree": kernels._lib}
     base = random_rgemma(SHAPES[args.shape](), torch.bfloat16).set_compute_dtype(torch.float32)
     models = {s: base if s == "bf16" else quantized_copy(base, int(s[3:])) for s in args.systems}
     rates: dict[tuple[str, int, str], list[float]] = {}

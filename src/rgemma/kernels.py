@@ -127,15 +127,17 @@ def _compiler() -> str | None:
     return shutil.which(cc) or shutil.which("gcc")
 
 
-def build() -> Path:
-    """Compiles kernels.c into the cache (atomically) and returns the library's path.
+def build(source_path: Path | None = None) -> Path:
+    """Compiles kernels.c (or ``source_path``, another version of it) into the cache
+    (atomically) and returns the library's path.
 
     Raises RuntimeError, saying what failed, when no compiler works.
     """
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (set $CC, or install gcc)")
-    source = SOURCE.read_bytes()
+    source_path = source_path or SOURCE
+    source = source_path.read_bytes()
     errors = []
     for flags in _FLAG_SETS:
         key = hashlib.sha256(
@@ -147,7 +149,7 @@ def build() -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
         os.close(fd)
-        cmd = [cc, *flags, "-fPIC", "-shared", "-std=gnu11", str(SOURCE), "-o", tmp]
+        cmd = [cc, *flags, "-fPIC", "-shared", "-std=gnu11", str(source_path), "-o", tmp]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode == 0:
             os.replace(tmp, target)  # complete or absent, never half-written
@@ -165,7 +167,7 @@ def _load() -> ctypes.CDLL | None:
     if os.environ.get("RGEMMA_NATIVE", "1") == "0":
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
+        return load_library(build())
     except (RuntimeError, OSError) as e:
         warnings.warn(
             f"rgemma: {e}; int8 decode falls back to PyTorch's kernel (slower). "
@@ -174,6 +176,11 @@ def _load() -> ctypes.CDLL | None:
             stacklevel=4,
         )
         return None
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """The compiled kernels at ``path``, with the argument types of each function."""
+    lib = ctypes.CDLL(str(path))
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     lib.rgemma_int8_matmul.argtypes = [p, i64, i64, p, i64, p, p, ctypes.c_int]
     lib.rgemma_int8_matmul.restype = None
