@@ -1,11 +1,14 @@
 """Peak memory of ``rgemma.checkpoint.load`` on a random 2B-shaped checkpoint.
 
     python bench/load_memory.py [--dir DIR] [--dtype bfloat16] [--shard-size 2GB] [--keep]
+    python bench/load_memory.py --quantize 8         # ... quantized to int8 while loading
+    python bench/load_memory.py --smoke --quantize 4 # a tiny checkpoint, seconds (CI)
 
 1. Writes a random RecurrentGemma-2B-shaped Hugging Face checkpoint (bf16 by
    default, ~5.4 GB) into DIR (a temp dir by default), streaming: one shard's
    tensors at a time, so the writer never holds the model.
-2. In a fresh subprocess, loads it with ``rgemma.checkpoint.load(dtype=...)``
+2. In a fresh subprocess, loads it with ``rgemma.checkpoint.load(dtype=...,
+   quantize=...)``
    and reports the peak RSS (``resource.getrusage``), the peak anonymous RSS
    (sampled from /proc/self/status; file-backed mmap pages excluded) and the
    load time, against the weight bytes and the RSS after imports.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -28,9 +32,11 @@ from pathlib import Path
 
 import torch
 
-from rgemma import weights
-from rgemma.config import GriffinConfig
-from rgemma.io.checkpoint import INDEX_FILE, parse_size, plan_shards, shard_file_name
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SHAPES  # noqa: E402
+from rgemma import weights  # noqa: E402
+from rgemma.config import GriffinConfig  # noqa: E402
+from rgemma.io.checkpoint import INDEX_FILE, parse_size, plan_shards, shard_file_name  # noqa: E402
 
 
 def write_random_checkpoint(
@@ -82,10 +88,13 @@ MEASURE = textwrap.dedent("""
     base_rss, base_anon = rss_kb("VmRSS"), rss_kb("RssAnon")
     threading.Thread(target=sample, daemon=True).start()
     t0 = time.perf_counter()
-    model, _ = C.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]), progress=False)
+    quantize = int(sys.argv[3]) if sys.argv[3] != "none" else None
+    model, _ = C.load(sys.argv[1], dtype=getattr(torch, sys.argv[2]), quantize=quantize,
+                      progress=False)
     seconds = time.perf_counter() - t0
     done.set()
-    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
+    param_bytes = sum(t.numel() * t.element_size() for t in tensors)
     print(json.dumps(dict(
         seconds=seconds, param_bytes=param_bytes,
         base_rss_kb=base_rss, base_anon_kb=base_anon,
@@ -95,9 +104,9 @@ MEASURE = textwrap.dedent("""
 """)
 
 
-def measure(directory: Path, dtype: str) -> dict:
+def measure(directory: Path, dtype: str, quantize: int | None) -> dict:
     proc = subprocess.run(
-        [sys.executable, "-c", MEASURE, str(directory), dtype],
+        [sys.executable, "-c", MEASURE, str(directory), dtype, str(quantize or "none")],
         capture_output=True,
         text=True,
         check=True,
@@ -117,9 +126,12 @@ def main() -> None:
     parser.add_argument("--shard-size", default="2GB")
     parser.add_argument("--preset", default="recurrentgemma-2b")
     parser.add_argument("--keep", action="store_true", help="keep the checkpoint afterwards")
+    parser.add_argument("--quantize", type=int, choices=[8, 4], default=None,
+                        help="quantize the weights while loading (int8 or int4)")  # fmt: skip
+    parser.add_argument("--smoke", action="store_true", help="a tiny checkpoint (CI)")
     args = parser.parse_args()
 
-    config = GriffinConfig.from_preset(args.preset)
+    config = SHAPES["tiny"]() if args.smoke else GriffinConfig.from_preset(args.preset)
     directory = args.dir or Path(tempfile.mkdtemp(prefix="rgemma-bench-"))
     directory.mkdir(parents=True, exist_ok=True)
     try:
@@ -127,17 +139,19 @@ def main() -> None:
             print(f"reusing the checkpoint in {directory}")
             nbytes = sum(p.stat().st_size for p in directory.glob("*.safetensors"))
         else:
-            print(f"writing a random {args.preset} checkpoint ({args.dtype}) to {directory}")
+            name = "tiny" if args.smoke else args.preset
+            print(f"writing a random {name} checkpoint ({args.dtype}) to {directory}")
             nbytes = write_random_checkpoint(
                 directory, config, getattr(torch, args.dtype), parse_size(args.shard_size)
             )
-        r = measure(directory, args.dtype)
+        r = measure(directory, args.dtype, args.quantize)
     finally:
         if not args.keep:
             shutil.rmtree(directory, ignore_errors=True)
     gb = 1e9
     kb = 1024
-    print(f"weights:           {nbytes / gb:.2f} GB ({r['param_bytes'] / gb:.2f} GB of parameters)")
+    held = f"int{args.quantize}" if args.quantize else "parameters"
+    print(f"weights:           {nbytes / gb:.2f} GB ({r['param_bytes'] / gb:.2f} GB of {held})")
     print(f"RSS after imports: {r['base_rss_kb'] * kb / gb:.2f} GB")
     print(
         f"peak RSS:          {r['peak_rss_kb'] * kb / gb:.2f} GB "

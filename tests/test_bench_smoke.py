@@ -52,6 +52,16 @@ def test_decode_step_smoke(tmp_path):
     assert all(0 <= p["products"] + p["kernels"] < p["step"] for p in parts), parts
 
 
+def test_load_memory_smoke(tmp_path):
+    """A checkpoint written, then loaded (quantized to int4) in a fresh process, measured."""
+    script = os.path.join(ROOT, "bench", "load_memory.py")
+    argv = [sys.executable, script, "--smoke", "--quantize", "4", "--dir", str(tmp_path / "ckpt")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "GB of int4)" in proc.stdout and "load time:" in proc.stdout
+    assert not (tmp_path / "ckpt").exists()  # removed without --keep
+
+
 def test_memory_growth_smoke(tmp_path):
     proc = run_smoke("memory_growth", tmp_path)
     data = json.loads((tmp_path / "memory_growth.json").read_text())

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from helpers import arange_positions, assert_compiled_decode_matches, random_model, tiny_config
-from rgemma import autotune, layers
+from rgemma import autotune, layers, quantize
 from rgemma.layers import Linear
 from rgemma.quantize import (
     Int4Linear,
@@ -39,6 +39,27 @@ def test_int4_round_trip_error_bound_and_packing():
     assert (err <= scale[..., None] / 2 + 1e-5).all()
     with pytest.raises(QuantizationError, match="not divisible"):
         quantize_int4(torch.randn(4, 100), 64)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_layers_quantize_block_by_block_as_one_whole_quantization(bits, monkeypatch):
+    """set_weight quantizes a few rows at a time (no weight-sized temporaries); the buffers
+    hold what one quantization of the whole weight gives."""
+    g = torch.Generator().manual_seed(3)
+    lin = torch.nn.Linear(256, 40, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(40, 256, generator=g).to(torch.bfloat16))
+    monkeypatch.setattr(quantize, "_QUANTIZE_BLOCK_WEIGHTS", 3 * 256 + 5)  # 3 rows, 14 blocks
+    assert len(list(quantize.row_blocks(lin.weight))) == 14
+    if bits == 8:
+        layer = Int8Linear.from_linear(lin)
+        q, scale = quantize_int8(lin.weight)
+        assert torch.equal(layer.qweight, q) and torch.equal(layer.scale, scale)
+    else:
+        layer = Int4Linear.from_linear(lin, 64)
+        q, scale, lo = quantize_int4(lin.weight, 64)
+        assert torch.equal(layer.qweight, pack_nibbles(q))
+        assert torch.equal(layer.scale, scale) and torch.equal(layer.minimum, lo)
 
 
 @pytest.mark.parametrize("rows", [1, 3, 40])

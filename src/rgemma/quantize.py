@@ -143,6 +143,18 @@ def int8_linear(
     return F.linear(x.to(dtype), converted(q, dtype)) * scale.to(dtype)
 
 
+# Rows a layer quantizes at a time: each block's float32 temporaries stay small
+# (in cache, and never a fresh multi-MB allocation, whose pages the system must
+# zero and fault in; for a [256000, 2560] table those cost more than the math).
+_QUANTIZE_BLOCK_WEIGHTS = 1 << 18
+
+
+def row_blocks(w: torch.Tensor):
+    """Slices of W [N, K]'s rows, about _QUANTIZE_BLOCK_WEIGHTS weights each (at least one row)."""
+    rows = max(1, _QUANTIZE_BLOCK_WEIGHTS // max(1, w.shape[1]))
+    return (slice(i, i + rows) for i in range(0, w.shape[0], rows))
+
+
 def pack_nibbles(q: torch.Tensor) -> torch.Tensor:
     """uint8 [N, K] of values 0..15 -> uint8 [N, K/2] (even column in the low nibble)."""
     return (q[:, 0::2] | (q[:, 1::2] << 4)).contiguous()
@@ -275,10 +287,10 @@ class Int8Linear(_QuantLinear):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     def set_weight(self, w: torch.Tensor) -> None:
-        """Quantizes W [N, K] into the buffers."""
-        q, scale = quantize_int8(w)
-        self.qweight.copy_(q)
-        self.scale.copy_(scale)
+        """Quantizes W [N, K] into the buffers, ``row_blocks`` at a time (per row: the same
+        values as one ``quantize_int8`` of all of W)."""
+        for rows in row_blocks(w):
+            self.qweight[rows], self.scale[rows] = quantize_int8(w[rows])
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """q * scale [N, K] in ``dtype``."""
@@ -334,11 +346,11 @@ class Int4Linear(_QuantLinear):
         self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
 
     def set_weight(self, w: torch.Tensor) -> None:
-        """Quantizes W [N, K] into the buffers."""
-        q, scale, lo = quantize_int4(w, self.group_size)
-        self.qweight.copy_(pack_nibbles(q))
-        self.scale.copy_(scale)
-        self.minimum.copy_(lo)
+        """Quantizes W [N, K] into the buffers, ``row_blocks`` at a time (per row and group:
+        the same values as one ``quantize_int4`` of all of W)."""
+        for rows in row_blocks(w):
+            q, self.scale[rows], self.minimum[rows] = quantize_int4(w[rows], self.group_size)
+            self.qweight[rows] = pack_nibbles(q)
 
     def dequantized(self, dtype=torch.float32) -> torch.Tensor:
         """q * scale + min [N, K] in ``dtype``: ``dequantize_int4``, computed in place
@@ -474,8 +486,8 @@ def quantize_model(model, bits: int = 8, group_size: int = 128, *, embedding: bo
                     setattr(parent, attr, _quantized(module, bits, group_size))
         if embedding:
             emb = model.embed_tokens
-            lin = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False)
-            lin.weight = emb.weight
+            lin = nn.Linear(emb.weight.shape[1], emb.weight.shape[0], bias=False, device="meta")
+            lin.weight = emb.weight  # (built on meta: no table-sized init to throw away)
             model.embed_tokens = QuantEmbedding(_quantized(lin, bits, group_size))
     model.quantization = {
         "bits": bits,
