@@ -41,6 +41,23 @@ def test_int4_round_trip_error_bound_and_packing():
         quantize_int4(torch.randn(4, 100), 64)
 
 
+def test_quantize_cli_of_a_bf16_checkpoint_equals_quantizing_a_float32_copy(tmp_path):
+    """`rgemma quantize` holds a bf16 checkpoint as bf16 (half the memory of float32) and
+    writes what quantizing its exact float32 widening gives."""
+    from rgemma.cli import main
+    from rgemma.io import checkpoint
+
+    cfg = tiny_config(width=128, mlp_width=256, num_heads=2, vocab_size=128)
+    checkpoint.save_hf(random_model(cfg).to(torch.bfloat16), tmp_path / "src")
+    assert main(["quantize", str(tmp_path / "src"), str(tmp_path / "q4"), "--bits", "4"]) == 0
+    written, _ = checkpoint.load(tmp_path / "q4")
+    widened, _ = checkpoint.load(tmp_path / "src", dtype=torch.float32)
+    expected = quantize_model(widened, bits=4).state_dict()
+    got = written.state_dict()
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 def test_layers_quantize_block_by_block_as_one_whole_quantization(bits, monkeypatch):
     """set_weight quantizes a few rows at a time (no weight-sized temporaries); the buffers
