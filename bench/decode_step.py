@@ -63,6 +63,13 @@ def median_step(model, batch: int, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def step_models(shape: str, systems: list[str]) -> dict:
+    """{system: model} on the same random weights: "bf16" held in bf16, "int8" / "int4"
+    quantized copies; each computing in float32."""
+    base = random_rgemma(SHAPES[shape](), torch.bfloat16).set_compute_dtype(torch.float32)
+    return {s: base if s == "bf16" else quantized_copy(base, int(s[3:])) for s in systems}
+
+
 PRODUCTS = ("int8_matmul", "int4_matmul", "bf16_matmul")
 STEP_KERNELS = ("recurrent_step", "attention_step", "rms_norm")
 
@@ -118,8 +125,7 @@ def main() -> None:
     if args.smoke:
         args.shape, args.batches, args.steps, args.rounds = "tiny", [1, 2], 2, 1
     torch.set_num_threads(args.threads)
-    base = random_rgemma(SHAPES[args.shape](), torch.bfloat16).set_compute_dtype(torch.float32)
-    models = {s: base if s == "bf16" else quantized_copy(base, int(s[3:])) for s in args.systems}
+    models = step_models(args.shape, args.systems)
     best: dict[tuple[str, int, bool], float] = {}
     bandwidth = 0.0
     for r in range(args.rounds):

@@ -27,9 +27,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, random_rgemma  # noqa: E402
-from compare import quantized_copy, read_bandwidth, weight_bytes  # noqa: E402
-from decode_step import median_step  # noqa: E402
+from common import SHAPES  # noqa: E402
+from compare import read_bandwidth, weight_bytes  # noqa: E402
+from decode_step import median_step, step_models  # noqa: E402
 from rgemma import kernels  # noqa: E402
 
 
@@ -72,8 +72,7 @@ def main() -> None:
     if not kernels.available():
         sys.exit("rgemma's kernels are not available here (no C compiler, or RGEMMA_NATIVE=0)")
     builds = {"base": load_at(args.base), "tree": kernels._lib}
-    base = random_rgemma(SHAPES[args.shape](), torch.bfloat16).set_compute_dtype(torch.float32)
-    models = {s: base if s == "bf16" else quantized_copy(base, int(s[3:])) for s in args.systems}
+    models = step_models(args.shape, args.systems)
     rates: dict[tuple[str, int, str], list[float]] = {}
     bandwidth = 0.0
     for r in range(args.rounds):

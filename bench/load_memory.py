@@ -70,6 +70,7 @@ MEASURE = textwrap.dedent("""
     import json, resource, sys, threading, time
     import torch
     import rgemma.io.checkpoint as C
+    from rgemma.quantize import quantized_bytes
 
     def rss_kb(field):
         with open("/proc/self/status") as f:
@@ -93,8 +94,7 @@ MEASURE = textwrap.dedent("""
                       progress=False)
     seconds = time.perf_counter() - t0
     done.set()
-    tensors = list(model.parameters()) + [b for b in model.buffers() if b is not None]
-    param_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    param_bytes = quantized_bytes(model)
     print(json.dumps(dict(
         seconds=seconds, param_bytes=param_bytes,
         base_rss_kb=base_rss, base_anon_kb=base_anon,
