@@ -1,14 +1,17 @@
 """The eager CPU decode step with rgemma's native step kernels on and off, interleaved.
 
     python bench/decode_step.py --shape 2b --systems bf16 int8 int4 --batches 1 16
+    python bench/decode_step.py --shape 2b --systems int8 --batches 1 --off plan
     python bench/decode_step.py --smoke                               # seconds, for CI
 
 "On" is the default: a recurrent block's conv / RG-LRU / gelu gate, local
 attention's step after its projections and RMSNorm each one native call
-(``kernels.recurrent_step``, ``kernels.attention_step``, ``kernels.rms_norm``).
-"Off" runs the same steps as PyTorch ops (the products are the same either
-way). Each round times both, per system and batch, after a 16-token prompt;
-the table gives the best median step of the rounds, the on/off ratio, and the
+(``kernels.recurrent_step``, ``kernels.attention_step``, ``kernels.rms_norm``),
+and the step's native calls prepared once (``rgemma.step_plan``). "Off" runs
+the same steps as PyTorch ops through the modules (the products are the same
+either way); with ``--off plan``, through the modules with the native kernels.
+Each round times both, per system and batch, after a 16-token prompt; the
+table gives the best median step of the rounds, the on/off ratio, and the
 fraction of the memory bound (B x read bandwidth / weight bytes) reached.
 
 A second table says where an "on" step's time goes: the native products (and
@@ -29,12 +32,16 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SHAPES, random_rgemma  # noqa: E402
 from compare import quantized_copy, read_bandwidth, weight_bytes  # noqa: E402
-from rgemma import attention, kernels, layers  # noqa: E402
+from rgemma import attention, kernels, layers, step_plan  # noqa: E402
 
 PROMPT = 16
 
 
-def set_native(on: bool) -> None:
+def set_native(on: bool, off: str = "native") -> None:
+    """Everything on, or ``off``: "native" (the step kernels and the plan) or "plan" only."""
+    step_plan.ENABLED = on
+    if off == "plan":
+        on = True
     layers.FUSED_RECURRENT_STEP = on
     layers.NATIVE_NORM_ROWS = 16 if on else 0
     attention.NATIVE_STEP = on
@@ -74,40 +81,61 @@ PRODUCTS = ("int8_matmul", "int4_matmul", "bf16_matmul")
 STEP_KERNELS = ("recurrent_step", "attention_step", "rms_norm")
 
 
+class TimedLibrary:
+    """kernels' native library with every product and step kernel call timed (a step plan
+    binds these functions when it is built, so this is installed before)."""
+
+    def __init__(self, lib, parts: dict[str, float]):
+        self._lib, self._parts = lib, parts
+
+    def __getattr__(self, name: str):
+        fn = getattr(self._lib, name)
+        kind = next((k for k in ("products", "kernels") if name.removeprefix("rgemma_") in
+                     (PRODUCTS if k == "products" else STEP_KERNELS)), None)  # fmt: skip
+        if kind is None:
+            return fn
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            fn(*args)
+            self._parts[kind] += time.perf_counter() - t0
+
+        return timed
+
+
+def product_bytes(model) -> int:
+    """Bytes of the weights the step's products read: every linear layer's tensors and
+    the embedding table (the logits)."""
+    total = 0
+    for module in model.modules():
+        if hasattr(module, "native_into") and not isinstance(module, layers.RMSNorm):
+            total += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    if isinstance(model.embed_tokens, layers.Embedding):
+        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    return total
+
+
 def step_parts(model, batch: int, steps: int) -> dict[str, float]:
     """Seconds per decode step (after the prompt and two warm-up steps): in all, in the
     native products, in the native step kernels; and the products' weight bytes."""
-    parts = dict(step=0.0, products=0.0, kernels=0.0, weight_bytes=0.0)
-    originals = {name: getattr(kernels, name) for name in PRODUCTS + STEP_KERNELS}
-
-    def timing(name):
-        def call(*args):
-            t0 = time.perf_counter()
-            out = originals[name](*args)
-            parts["products" if name in PRODUCTS else "kernels"] += time.perf_counter() - t0
-            if name in PRODUCTS:  # the weights: every tensor argument after x
-                parts["weight_bytes"] += sum(
-                    a.numel() * a.element_size() for a in args[1:] if isinstance(a, torch.Tensor)
-                )
-            return out
-
-        return call
-
+    parts = dict(step=0.0, products=0.0, kernels=0.0)
+    lib, plans = kernels._lib, step_plan.PLANS
     state, token, position = prompted(model, batch)
-    with torch.inference_mode():
-        for _ in range(2):
-            model(token, position, state, logits="last")
-        try:
-            for name in originals:
-                setattr(kernels, name, timing(name))
+    try:
+        kernels._lib, step_plan.PLANS = TimedLibrary(lib, parts), step_plan.Plans()
+        with torch.inference_mode():
+            for _ in range(2):
+                model(token, position, state, logits="last")
+            parts.update(products=0.0, kernels=0.0)
             t0 = time.perf_counter()
             for _ in range(steps):
                 model(token, position, state, logits="last")
             parts["step"] = time.perf_counter() - t0
-        finally:
-            for name, fn in originals.items():
-                setattr(kernels, name, fn)
-    return {k: v / steps for k, v in parts.items()}
+    finally:
+        kernels._lib, step_plan.PLANS = lib, plans
+    out = {k: v / steps for k, v in parts.items()}
+    out["weight_bytes"] = product_bytes(model)
+    return out
 
 
 def main() -> None:
@@ -120,6 +148,9 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--out", default="bench/results/decode_step", help="writes OUT.json")
+    p.add_argument("--off", choices=["native", "plan"], default="native",
+                   help='what "off" turns off: the native step kernels and the plan, or '
+                        "the plan only (the modules' step, with the kernels)")  # fmt: skip
     p.add_argument("--smoke", action="store_true", help="tiny shape, a few steps (CI)")
     args = p.parse_args()
     if args.smoke:
@@ -133,14 +164,14 @@ def main() -> None:
         for name, model in models.items():
             for batch in args.batches:
                 for on in (False, True):
-                    set_native(on)
+                    set_native(on, args.off)
                     t = median_step(model, batch, args.steps)
                     key = (name, batch, on)
                     best[key] = min(best.get(key, t), t)
         print(f"round {r + 1}/{args.rounds} done", flush=True)
     set_native(True)
     print(f"\n{args.shape} shape, {args.threads} threads; x.sum() read {bandwidth / 1e9:.1f} GB/s")
-    print("| system | batch | native off (tok/s) | native on (tok/s) | on / off | on: bound |")
+    print(f"| system | batch | {args.off} off (tok/s) | on (tok/s) | on / off | on: bound |")
     print("|---|---|---|---|---|---|")
     rows = []
     for name, model in models.items():

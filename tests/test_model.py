@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import arange_positions, official_pair, random_model, tiny_config
-from rgemma import layers
+from rgemma import layers, step_plan
 from rgemma.config import GriffinConfig
 from rgemma.model import Griffin, InputError
 
@@ -495,6 +495,7 @@ def test_a_short_context_reads_only_the_ring_slots_in_use(monkeypatch):
     positions = arange_positions(2, 9)
     positions[1, :3] = -1  # row 1: left padding, 6 tokens
     widths = []
+    monkeypatch.setattr(step_plan, "ENABLED", False)  # the modules' step, to spy on
     step, forward = LocalAttentionBlock.step, LocalAttentionBlock.forward
     monkeypatch.setattr(
         LocalAttentionBlock,

@@ -109,11 +109,7 @@ class LocalAttentionBlock(nn.Module):
         k = self.k_proj(x).view(B, 1, 1, self.head_dim)
         v = self.v_proj(x)  # [B, 1, Dh]
         if self._native_step(q, state):  # the same math in one call of rgemma's kernel
-            out = kernels.attention_step(
-                q[:, 0], k[:, 0, 0], v[:, 0], chunk.positions[:, 0], self.rope_base,
-                state.k, state.v, ring_index, chunk.stream_index[:, 0], chunk.doc_start[:, 0],
-                chunk.is_real[:, 0], self.window,
-            )  # fmt: skip
+            out = self.native_attend(q[:, 0], k[:, 0, 0], v[:, 0], state, chunk, ring_index)
             return self.o_proj(out.reshape(B, 1, -1))
         q = apply_rope(q, chunk.positions, self.rope_base)[:, 0]  # [B, H, Dh]
         k = apply_rope(k, chunk.positions, self.rope_base)[:, 0]  # [B, 1, Dh]
@@ -130,6 +126,22 @@ class LocalAttentionBlock(nn.Module):
         out = torch.baddbmm(probs[..., -1:] * v, probs[..., :-1], ring_v)  # [B, H, Dh]
         self._write_ring(state, k, v, chunk)
         return self.o_proj(out.reshape(B, 1, -1))
+
+    def native_attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        state: AttentionLayerState,
+        chunk: Chunk,
+        ring_index: torch.Tensor,
+    ) -> torch.Tensor:
+        """``step`` between its projections, in one call of rgemma's kernel: q [B, H, Dh],
+        k, v [B, Dh] -> [B, H, Dh]; writes k, v into the ring. Needs ``_native_step``."""
+        return kernels.attention_step(
+            q, k, v, chunk.positions[:, 0], self.rope_base, state.k, state.v, ring_index,
+            chunk.stream_index[:, 0], chunk.doc_start[:, 0], chunk.is_real[:, 0], self.window,
+        )  # fmt: skip
 
     def _native_step(self, q: torch.Tensor, state: AttentionLayerState) -> bool:
         """Whether ``step`` goes through ``kernels.attention_step``."""

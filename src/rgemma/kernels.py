@@ -54,6 +54,7 @@ compiled step fuses the same elementwise work itself.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -61,6 +62,7 @@ import shutil
 import subprocess
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -222,27 +224,38 @@ def _threads(M: int, N: int, K: int) -> int:
     return 1 if M * N * K < _SMALL_WORK else torch.get_num_threads()
 
 
-def _int8_matmul_native(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _int8_matmul_call(x, q, scale, y) -> Callable[[], None]:
+    """The native call writing (x @ q.T) * scale into y, on tensors as the C code takes
+    them (x, scale, y float32, q int8, all contiguous)."""
     M, K = x.shape
     N = q.shape[0]
-    x, q, scale = (
-        x.float().contiguous(),
-        q.contiguous(),
-        scale.float().contiguous(),
-    )  # the C contract
-    y = torch.empty(M, N, dtype=torch.float32)
-    _lib.rgemma_int8_matmul(
-        x.data_ptr(), M, K, q.data_ptr(), N, scale.data_ptr(), y.data_ptr(), _threads(M, N, K)
-    )
+    return functools.partial(
+        _lib.rgemma_int8_matmul,
+        x.data_ptr(), M, K, q.data_ptr(), N, scale.data_ptr(), y.data_ptr(), _threads(M, N, K),
+    )  # fmt: skip
+
+
+def _int8_matmul_native(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    x, q, scale = x.float().contiguous(), q.contiguous(), scale.float().contiguous()
+    y = torch.empty(x.shape[0], q.shape[0], dtype=torch.float32)
+    _int8_matmul_call(x, q, scale, y)()
     return y
 
 
-def _bf16_matmul_native(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _bf16_matmul_call(x, w, y) -> Callable[[], None]:
+    """The native call writing x @ w.T into y (x, y float32, w bf16, all contiguous)."""
     M, K = x.shape
     N = w.shape[0]
+    return functools.partial(
+        _lib.rgemma_bf16_matmul, x.data_ptr(), M, K, w.data_ptr(), N, y.data_ptr(),
+        _threads(M, N, K),
+    )  # fmt: skip
+
+
+def _bf16_matmul_native(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x, w = x.float().contiguous(), w.contiguous()  # the C contract
-    y = torch.empty(M, N, dtype=torch.float32)
-    _lib.rgemma_bf16_matmul(x.data_ptr(), M, K, w.data_ptr(), N, y.data_ptr(), _threads(M, N, K))
+    y = torch.empty(x.shape[0], w.shape[0], dtype=torch.float32)
+    _bf16_matmul_call(x, w, y)()
     return y
 
 
@@ -264,18 +277,25 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.
     return _int8_matmul_native(x, q, scale)
 
 
-def _int4_matmul_native(
-    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
-) -> torch.Tensor:
+def _int4_matmul_call(x, packed, scale, minimum, y) -> Callable[[], None]:
+    """The native call writing ``int4_matmul(x, packed, scale, minimum)`` into y (x, scale,
+    minimum, y float32, packed uint8, all contiguous)."""
     M, K = x.shape
     N, ng = scale.shape
-    x, packed = x.float().contiguous(), packed.contiguous()  # the C contract
-    scale, minimum = scale.float().contiguous(), minimum.float().contiguous()
-    y = torch.empty(M, N, dtype=torch.float32)
-    _lib.rgemma_int4_matmul(
+    return functools.partial(
+        _lib.rgemma_int4_matmul,
         x.data_ptr(), M, K, packed.data_ptr(), N, scale.data_ptr(), minimum.data_ptr(), K // ng,
         y.data_ptr(), _threads(M, N, K // 4),
     )  # fmt: skip
+
+
+def _int4_matmul_native(
+    x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, minimum: torch.Tensor
+) -> torch.Tensor:
+    x, packed = x.float().contiguous(), packed.contiguous()  # the C contract
+    scale, minimum = scale.float().contiguous(), minimum.float().contiguous()
+    y = torch.empty(x.shape[0], scale.shape[0], dtype=torch.float32)
+    _int4_matmul_call(x, packed, scale, minimum, y)()
     return y
 
 
@@ -414,23 +434,31 @@ def recurrent_step(
     ``RGLRU.step`` and the gelu gate of ``RecurrentBlock.step``. Needs
     ``recurrent_step_supports``.
     """
-    B, L = ux.shape
-    H, K = input_gate[0].shape[0], conv_weight.shape[-1]
     ux, uy = ux.float().contiguous(), uy.float().contiguous()
     params = [
         t.contiguous()
         for t in (conv_weight, conv_bias, *input_gate, *recurrent_gate, recurrent_param)
     ]
-    cw, cb, wx, bx, wa, ba, rp = params
     reset, real = reset.to(torch.bool).contiguous(), real.to(torch.bool).contiguous()
-    z = torch.empty(B, L, dtype=torch.float32)
-    _lib.rgemma_recurrent_step(
+    z = torch.empty(ux.shape, dtype=torch.float32)
+    _recurrent_step_call(ux, uy, params, tail, h, reset, real, z)()
+    return z
+
+
+def _recurrent_step_call(ux, uy, params, tail, h, reset, real, z) -> Callable[[], None]:
+    """The native call of ``recurrent_step`` writing z, on tensors as the C code takes them
+    (params: conv weight and bias, input gate weight and bias, recurrent gate weight and
+    bias, recurrent_param; all contiguous)."""
+    B, L = ux.shape
+    cw, cb, wx, bx, wa, ba, rp = params
+    H, K = wx.shape[0], cw.shape[-1]
+    return functools.partial(
+        _lib.rgemma_recurrent_step,
         B, L, H, K, ux.data_ptr(), uy.data_ptr(),
         cw.data_ptr(), cb.data_ptr(), wx.data_ptr(), bx.data_ptr(), wa.data_ptr(), ba.data_ptr(),
         rp.data_ptr(), _KIND[cw.dtype], tail.data_ptr(), _KIND[tail.dtype], h.data_ptr(),
         reset.data_ptr(), real.data_ptr(), z.data_ptr(), _threads(B, L, 2 * L // H),
     )  # fmt: skip
-    return z
 
 
 def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -441,12 +469,19 @@ def rms_norm_supports(x: torch.Tensor, weight: torch.Tensor) -> bool:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x [..., D] float32 (CPU) -> x * rsqrt(mean(x^2) + eps) * (1 + weight), weight [D]
     float32 or bf16; one thread, for the few rows of a decode step. Needs ``available()``."""
-    D = x.shape[-1]
-    flat, w = x.reshape(-1, D).contiguous(), weight.contiguous()
+    flat, w = x.reshape(-1, x.shape[-1]).contiguous(), weight.contiguous()
     y = torch.empty_like(flat)
-    _lib.rgemma_rms_norm(flat.data_ptr(), flat.shape[0], D, w.data_ptr(), _KIND[w.dtype], eps,
-                         y.data_ptr())  # fmt: skip
+    _rms_norm_call(flat, w, eps, y)()
     return y.view(x.shape)
+
+
+def _rms_norm_call(x, weight, eps: float, y) -> Callable[[], None]:
+    """The native call of ``rms_norm`` writing y (x, y [M, D] float32, contiguous)."""
+    M, D = x.shape
+    return functools.partial(
+        _lib.rgemma_rms_norm, x.data_ptr(), M, D, weight.data_ptr(), _KIND[weight.dtype], eps,
+        y.data_ptr(),
+    )  # fmt: skip
 
 
 def attention_step_supports(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor) -> bool:
@@ -529,3 +564,50 @@ def attention_step(
     if torch.compiler.is_compiling():
         return _attention_step_op(*args)
     return _attention_step_native(*args)
+
+
+# ----------------------------------------------------------------------------
+# Bound calls: a kernel on fixed tensors, for a step that is run again and again
+# on the same buffers (``step_plan``). Each returns a call without arguments; the
+# tensors are taken by address now, so each must be of the dtype the kernel takes
+# (float32 activations) and outlive the call (the caller keeps them); None where
+# one is not a contiguous CPU tensor. The math is that of the function of the
+# same name without "_into".
+
+
+def _bindable(*tensors: torch.Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def int8_matmul_into(x, q, scale, y) -> Callable[[], None] | None:
+    """y [M, N] = int8_matmul(x [M, K], q, scale)."""
+    return None if not _bindable(x, q, scale, y) else _int8_matmul_call(x, q, scale, y)
+
+
+def bf16_matmul_into(x, w, y) -> Callable[[], None] | None:
+    """y [M, N] = bf16_matmul(x [M, K], w)."""
+    return None if not _bindable(x, w, y) else _bf16_matmul_call(x, w, y)
+
+
+def int4_matmul_into(x, packed, scale, minimum, y) -> Callable[[], None] | None:
+    """y [M, N] = int4_matmul(x [M, K], packed, scale, minimum)."""
+    if not _bindable(x, packed, scale, minimum, y):
+        return None
+    return _int4_matmul_call(x, packed, scale, minimum, y)
+
+
+def rms_norm_into(x, weight, eps: float, y) -> Callable[[], None] | None:
+    """y [M, D] = rms_norm(x [M, D], weight, eps)."""
+    return None if not _bindable(x, weight, y) else _rms_norm_call(x, weight, eps, y)
+
+
+def recurrent_step_into(
+    ux, uy, conv_weight, conv_bias, input_gate, recurrent_gate, recurrent_param, tail, h,
+    reset, real, z,
+) -> Callable[[], None] | None:  # fmt: skip
+    """z [B, L] = recurrent_step(ux, uy, ...), updating tail and h; reset, real [B] bool
+    (read at each call: the caller writes a step's flags into them first)."""
+    params = [conv_weight, conv_bias, *input_gate, *recurrent_gate, recurrent_param]
+    if not _bindable(ux, uy, *params, tail, h, reset, real, z):
+        return None
+    return _recurrent_step_call(ux, uy, params, tail, h, reset, real, z)

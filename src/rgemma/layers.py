@@ -14,6 +14,7 @@ import dataclasses
 import math
 import sys
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -237,6 +238,20 @@ def _streams_bf16(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     )
 
 
+def plus_bias(call: Callable[[], None] | None, y: torch.Tensor, b: torch.Tensor | None):
+    """A bound product (``kernels.*_into``) followed by y += b, as one call (None stays None).
+    The same float32 addition as ``widened_plus_bias`` with a float32 result."""
+    if call is None or b is None:
+        return call
+    b = b.float()
+
+    def product_plus_bias() -> None:
+        call()
+        torch.add(y, b, out=y)
+
+    return product_plus_bias
+
+
 class Linear(nn.Linear):
     """nn.Linear that multiplies in the input's dtype: weights may be held in
     bfloat16 (half the memory) while activations are float32 (fast on CPUs
@@ -268,6 +283,13 @@ class Linear(nn.Linear):
         if self.weight.dtype != x.dtype:
             return mixed_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
+
+    def native_into(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None] | None:
+        """y = self(x) as a bound native call (x [M, K], y [M, N] float32), where forward
+        would run rgemma's bf16 kernel for M rows; else None."""
+        if not _streams_bf16(x, self.weight, x.shape[0]):
+            return None
+        return plus_bias(kernels.bf16_matmul_into(x, self.weight, y), y, self.bias)
 
 
 class Embedding(nn.Embedding):
@@ -310,6 +332,11 @@ class RMSNorm(nn.Module):
             return kernels.rms_norm(x, self.weight, self.eps)
         var = torch.mean(torch.square(x), dim=-1, keepdim=True)
         return x * torch.rsqrt(var + self.eps) * (self.weight.to(x.dtype) + 1)
+
+    def native_into(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None] | None:
+        """y = self(x) as a bound native call (x, y [M, D] float32), where forward would
+        make one; else None."""
+        return kernels.rms_norm_into(x, self.weight, self.eps, y) if self._native(x) else None
 
     def _native(self, x: torch.Tensor) -> bool:
         return 0 < x.numel() <= NATIVE_NORM_ROWS * x.shape[-1] and kernels.rms_norm_supports(
@@ -567,6 +594,28 @@ class RecurrentBlock(nn.Module):
         u = self.conv_1d.step(ux, state.conv, chunk)
         u = self.rg_lru.step(u, state.h, chunk)
         return self.linear_out(u * gelu(uy))
+
+    def native_step_into(
+        self,
+        ux: torch.Tensor,
+        uy: torch.Tensor,
+        state: RecurrentLayerState,
+        reset: torch.Tensor,
+        real: torch.Tensor,
+        z: torch.Tensor,
+    ) -> Callable[[], None] | None:
+        """What ``step`` does between its products, as a bound native call: ux, uy -> z
+        [B, L] float32, the state in place; reset, real [B] bool, the step's flags
+        (written into them before each call). None where ``step`` would not fuse."""
+        if not self._fuses_step(ux, state):
+            return None
+        conv, lru = self.conv_1d, self.rg_lru
+        return kernels.recurrent_step_into(
+            ux, uy, conv.weight, conv.bias,
+            (lru.input_gate_weight, lru.input_gate_bias),
+            (lru.recurrent_gate_weight, lru.recurrent_gate_bias),
+            lru.recurrent_param, state.conv, state.h, reset, real, z,
+        )  # fmt: skip
 
     def _fuses_step(self, u: torch.Tensor, state: RecurrentLayerState) -> bool:
         """Whether ``step`` goes through ``kernels.recurrent_step``."""

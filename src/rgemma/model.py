@@ -20,7 +20,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from rgemma import kernels, weights
+from rgemma import kernels, step_plan, weights
 from rgemma.attention import LocalAttentionBlock
 from rgemma.config import RECURRENT, GriffinConfig
 from rgemma.layers import Chunk, Embedding, MLPBlock, RecurrentBlock, RMSNorm
@@ -218,11 +218,14 @@ class Griffin(nn.Module):
                 # than the window costs its length, not the window's (a compiled or
                 # CUDA-graphed step keeps the fixed shape)
                 ring_index = ring_index[:, : state.ring_slots_in_use(window)]
-        for block, layer_state in zip(self.layers, state.layers):
-            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = _checkpointed(block, x, layer_state, chunk, ring_index)
-            else:
-                x = block(x, layer_state, chunk, ring_index, step)
+        if step and step_plan.applies(x):  # the same blocks, as prepared native calls
+            x = step_plan.PLANS.get(self, state).run(x, state, chunk, ring_index)
+        else:
+            for block, layer_state in zip(self.layers, state.layers):
+                if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                    x = _checkpointed(block, x, layer_state, chunk, ring_index)
+                else:
+                    x = block(x, layer_state, chunk, ring_index, step)
         state.num_tokens.copy_(state.num_tokens + chunk.is_real.sum(dim=1))
         state.doc_start.copy_(chunk.doc_start[:, -1])
         return x

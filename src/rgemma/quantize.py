@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +51,7 @@ from rgemma.layers import (
     Linear,
     converted,
     low_precision_matmul_dtype,
+    plus_bias,
     widened_plus_bias,
     workspace_like,
 )
@@ -218,9 +220,14 @@ class _QuantLinear(nn.Module):
 
     def _product(self, path: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """x [..., K] -> [rows, N] or [..., N] by ``path``; None for the dense product."""
-        if path == "kernel" and rows <= _DECODE_ROWS:
+        if self._takes_few_rows(path, rows):
             return self._few_rows(x.reshape(rows, -1))
         return None
+
+    @staticmethod
+    def _takes_few_rows(path: str, rows: int) -> bool:
+        """Whether ``path`` for ``rows`` rows is the packed kernel (``_few_rows``)."""
+        return path == "kernel" and rows <= _DECODE_ROWS
 
     def tune(self, buckets: tuple[int, ...] = autotune.ROW_BUCKETS) -> dict[int, str]:
         """Measures (or reads from the cache) the fastest path per row bucket; CPU only."""
@@ -310,6 +317,14 @@ class Int8Linear(_QuantLinear):
             return w8a8_linear(x, self.qweight, self.scale)
         return super()._product(path, x, rows)
 
+    def native_into(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None] | None:
+        """y = self(x) as a bound native call (x [M, K], y [M, N] float32), where forward
+        would run rgemma's int8 kernel for M rows; else None."""
+        rows = x.shape[0]
+        if not (self._takes_few_rows(self.path(rows), rows) and kernels.available()):
+            return None
+        return plus_bias(kernels.int8_matmul_into(x, self.qweight, self.scale, y), y, self.bias)
+
     def _has_kernel(self) -> bool:
         return _has_op("_weight_int8pack_mm")
 
@@ -372,9 +387,22 @@ class Int4Linear(_QuantLinear):
         return w
 
     def _product(self, path: str, x: torch.Tensor, rows: int) -> torch.Tensor | None:
-        if path == "w4a8" and rows <= _DECODE_ROWS and kernels.available():
+        if self._takes_w4a8(path, rows):
             return kernels.int4_matmul(x.reshape(rows, -1), self.qweight, self.scale, self.minimum)
         return super()._product(path, x, rows)
+
+    def native_into(self, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None] | None:
+        """y = self(x) as a bound native call (x [M, K], y [M, N] float32), where forward
+        would run rgemma's W4A8 kernel for M rows; else None."""
+        if not self._takes_w4a8(self.path(x.shape[0]), x.shape[0]):
+            return None
+        call = kernels.int4_matmul_into(x, self.qweight, self.scale, self.minimum, y)
+        return plus_bias(call, y, self.bias)
+
+    @staticmethod
+    def _takes_w4a8(path: str, rows: int) -> bool:
+        """Whether ``path`` for ``rows`` rows is rgemma's W4A8 kernel."""
+        return path == "w4a8" and rows <= _DECODE_ROWS and kernels.available()
 
     def _has_kernel(self) -> bool:
         return self.out_features % 16 == 0 and _has_op("_weight_int4pack_mm_for_cpu")
