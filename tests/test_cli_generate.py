@@ -379,3 +379,28 @@ def test_sampling_defaults_come_from_generation_config(model_dir, tmp_path, caps
     assert capsys.readouterr().out == want.text + "\n"
     assert main(["generate", "the quick", "--model", str(ckpt), "-m", "10", "--temp", "0"]) == 0
     assert capsys.readouterr().out == greedy.text + "\n"
+
+
+@pytest.mark.parametrize(
+    "dtype,compute,held,computes",
+    [
+        ("bfloat16", None, torch.bfloat16, torch.float32),  # the CPU default
+        ("bfloat16", "bfloat16", torch.bfloat16, torch.bfloat16),
+        ("float32", None, torch.float32, torch.float32),
+    ],
+)
+def test_cpu_default_computes_half_width_weights_in_float32(
+    model_dir, dtype, compute, held, computes
+):
+    """On the CPU, bf16 weights stay held in bf16 and the activations are float32 (the
+    path of rgemma's CPU kernels) unless --compute-dtype says otherwise."""
+    import argparse
+
+    from rgemma.cli.common import load_model
+
+    args = argparse.Namespace(
+        model=str(model_dir), revision=None, dtype=dtype, device="cpu", quantize=None,
+        threads=1, tokenizer=None, compute_dtype=compute,
+    )  # fmt: skip
+    model, _ = load_model(args)
+    assert model.dtype == held and model.activation_dtype == computes

@@ -139,3 +139,19 @@ def test_bound_kernels_refuse_tensors_they_cannot_take_by_address():
     xc = x[:3].contiguous()
     kernels.rms_norm_into(xc, w, 1e-6, y)()
     assert torch.equal(y, kernels.rms_norm(xc, w, 1e-6))
+
+
+def test_plans_on_replaced_weights_are_dropped_and_free_them(monkeypatch):
+    """Plans bind the weights they were built on; once the model holds others, the next
+    plan built drops every plan on the old ones, so the old weights are freed."""
+    model = _model("int8", monkeypatch)
+    plans = step_plan.Plans()
+    monkeypatch.setattr(step_plan, "PLANS", plans)
+    for batch in (1, 2):
+        _decode(model, batch, steps=1)
+    probe = weakref.ref(model.layers[0].mlp_block.up_proj.qweight)
+    other = quantize_model(random_model(tiny_config(), seed=5), bits=8)
+    model.load_state_dict(other.state_dict(), assign=True)
+    _decode(model, 3, steps=1)  # a new plan (another batch size)
+    gc.collect()
+    assert probe() is None

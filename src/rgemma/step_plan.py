@@ -17,7 +17,7 @@ A plan holds its model's tensors and the state's by address. ``Plans.get``
 keys a plan by the state's addresses (the engine steps a new ``State`` of views
 of one batch state every time) and checks that the model still holds the
 tensors the plan was built on (weights replaced or moved, a module swapped:
-a new plan).
+a new plan, and the plans on the old tensors are dropped, freeing them).
 
 Residual block, as bound (buffers [B, D] x, normed, out; the temporal block's
 and the MLP's their own):
@@ -248,6 +248,8 @@ class Plans:
         key = (state.batch_size, torch.get_num_threads(), state_key(state))
         plan = plans.pop(key, None)
         if plan is None or not plan.valid():
+            for stale in [k for k, p in plans.items() if not p.valid()]:
+                del plans[stale]  # (they hold weights the model no longer has)
             plan = StepPlan(model, state)
         plans[key] = plan  # the most recent last
         while len(plans) > self.KEEP:

@@ -146,6 +146,13 @@ def add_model_args(p: argparse.ArgumentParser, model_help: str | None = None) ->
         help="quantize the weights to int8 / int4 at load time (CPU decode reads "
         "2-4x fewer bytes per token; with --compile, int4 is the fastest)",
     )
+    p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="activation dtype (default: float32 on the CPU for bfloat16 / float16 "
+        "weights, which stay held in their dtype; else the weights' dtype)",
+    )
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     add_threads_arg(p)
 
@@ -281,9 +288,11 @@ def resolve_model_path(path: str | None, revision: str | None = None) -> str:
         ) from None
 
 
-def load_model(args, *, compute_dtype: str | None = None):
-    """(model, tokenizer) for ``--model`` / ``--dtype`` / ``--device`` / ``--quantize`` /
-    ``--threads``; CLIError on failure."""
+def load_model(args):
+    """(model, tokenizer) for ``--model`` / ``--dtype`` / ``--compute-dtype`` / ``--device`` /
+    ``--quantize`` / ``--threads``; CLIError on failure."""
+    import torch
+
     from rgemma.dtypes import as_dtype
     from rgemma.io import checkpoint
 
@@ -310,8 +319,13 @@ def load_model(args, *, compute_dtype: str | None = None):
             f"{path}: no tokenizer (tokenizer.model or tokenizer.json) next to "
             "the checkpoint; pass --tokenizer PATH"
         )
+    compute_dtype = getattr(args, "compute_dtype", None)
     if compute_dtype:
         model.set_compute_dtype(as_dtype(compute_dtype))
+    elif model.device.type == "cpu" and model.dtype in (torch.bfloat16, torch.float16):
+        # half-width weights, float32 activations: what rgemma's CPU kernels and the
+        # step plan take (the weights are widened exactly in registers)
+        model.set_compute_dtype(torch.float32)
     return model, tokenizer
 
 

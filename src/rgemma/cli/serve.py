@@ -140,12 +140,6 @@ def register(subparsers) -> None:
         help="largest request body (default 4 MB; larger gets 413)",
     )
     p.add_argument(
-        "--compute-dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default=None,
-        help="activation dtype (e.g. float32 with bfloat16 weights on CPUs)",
-    )
-    p.add_argument(
         "--log-level", default="info", choices=("critical", "error", "warning", "info", "debug")
     )
     p.set_defaults(func=run)
@@ -278,8 +272,7 @@ def _load(args):
         path = None
     path = resolve_model_path(path, args.revision)
     model, tokenizer = load_model(
-        argparse.Namespace(**{**vars(args), "model": path, "revision": None}),
-        compute_dtype=args.compute_dtype,
+        argparse.Namespace(**{**vars(args), "model": path, "revision": None})
     )
     return model.eval(), tokenizer, path
 
