@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SHAPES, random_rgemma  # noqa: E402
 from compare import quantized_copy, read_bandwidth, weight_bytes  # noqa: E402
-from rgemma import attention, kernels, layers, step_plan  # noqa: E402
+from rgemma import attention, kernels, layers, quantize, step_plan  # noqa: E402
 
 PROMPT = 16
 
@@ -90,8 +90,8 @@ class TimedLibrary:
 
     def __getattr__(self, name: str):
         fn = getattr(self._lib, name)
-        kind = next((k for k in ("products", "kernels") if name.removeprefix("rgemma_") in
-                     (PRODUCTS if k == "products" else STEP_KERNELS)), None)  # fmt: skip
+        kernel = name.removeprefix("rgemma_")
+        kind = "products" if kernel in PRODUCTS else "kernels" if kernel in STEP_KERNELS else None
         if kind is None:
             return fn
 
@@ -103,15 +103,22 @@ class TimedLibrary:
         return timed
 
 
-def product_bytes(model) -> int:
-    """Bytes of the weights the step's products read: every linear layer's tensors and
-    the embedding table (the logits)."""
+def product_bytes(model, batch: int) -> int:
+    """Bytes of the weights the step's native products read at ``batch`` rows: each linear
+    layer whose ``native_into`` binds a native call (what a step plan binds), and a bf16
+    embedding table where the logits stream it (a quantized table is such a layer)."""
     total = 0
-    for module in model.modules():
-        if hasattr(module, "native_into") and not isinstance(module, layers.RMSNorm):
-            total += sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    if isinstance(model.embed_tokens, layers.Embedding):
-        total += model.embed_tokens.weight.numel() * model.embed_tokens.weight.element_size()
+    with torch.inference_mode():
+        for module in model.modules():
+            if isinstance(module, (layers.Linear, quantize.Int8Linear, quantize.Int4Linear)):
+                x = torch.zeros(batch, module.in_features)
+                if module.native_into(x, torch.zeros(batch, module.out_features)) is not None:
+                    total += sum(t.numel() * t.element_size() for t in module.state_dict().values())
+        table = model.embed_tokens
+        if isinstance(table, layers.Embedding):
+            x = torch.zeros(batch, table.embedding_dim)
+            if layers._streams_bf16(x, table.weight[: layers.VOCAB_BLOCK], batch):
+                total += table.weight.numel() * table.weight.element_size()
     return total
 
 
@@ -134,7 +141,7 @@ def step_parts(model, batch: int, steps: int) -> dict[str, float]:
     finally:
         kernels._lib, step_plan.PLANS = lib, plans
     out = {k: v / steps for k, v in parts.items()}
-    out["weight_bytes"] = product_bytes(model)
+    out["weight_bytes"] = product_bytes(model, batch)
     return out
 
 

@@ -230,8 +230,7 @@ def state_key(state: State) -> tuple:
     return tuple(
         (t.data_ptr(), t.dtype, t.is_contiguous())
         for layer in state.layers
-        for t in vars(layer).values()
-        if isinstance(t, torch.Tensor)
+        for t in layer.tensors().values()
     )
 
 
