@@ -248,6 +248,16 @@ def test_bad_input_through_subprocess(model_dir, tmp_path):
         assert not (tmp_path / "o.safetensors").exists()
 
 
+def test_unknown_compute_dtype_is_a_usage_error(model_dir):
+    """argparse's own error, as for --dtype: the usage, then one line naming the flag and
+    its choices; nothing generated."""
+    out = rgemma("generate", "hi", "--model", str(model_dir), "--compute-dtype", "int8")
+    assert out.returncode == 2 and out.stdout == ""
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("rgemma generate: error: argument --compute-dtype")
+    assert "float32" in last
+
+
 # ======================================================================== chat
 TURNS = ["hello", "the quick brown fox", "once upon a time"]
 
