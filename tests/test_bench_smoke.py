@@ -98,3 +98,18 @@ def test_kernel_builds_smoke(tmp_path):
     assert {(r["system"], r["batch"]) for r in rows} == {(s, b) for s in ("int8", "int4")
                                                          for b in (1, 4)}  # fmt: skip
     assert all(r["base_tok_s"] > 0 and r["tree_tok_s"] > 0 for r in rows)
+
+
+def test_product_ceiling_smoke(tmp_path):
+    """Every system's products of every step shape, streamed and from cache, each rate
+    read from timed calls that produced outputs."""
+    from rgemma import kernels
+
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    proc = run_smoke("product_ceiling", tmp_path)
+    rows = json.loads((tmp_path / "product_ceiling.json").read_text())["results"]
+    assert {r["system"] for r in rows} == {"bf16", "int8", "int4"}
+    assert {r["product"] for r in rows} >= {"mlp up", "mlp down", "logits"}
+    assert all(r["streamed_gbs"] > 0 and r["in_cache_gbs"] > 0 for r in rows)
+    assert "| int4 | 1 | logits" in proc.stdout

@@ -107,6 +107,21 @@ def test_bf16_held_decode_rows_stream_through_the_kernel(monkeypatch):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_a_row_s_product_does_not_depend_on_the_batch(kind):
+    """Every tile shape (one row, a few, many) sums each output over K in the same
+    order, so a row's output is the same bits alone as in any batch: a request
+    served in a batch gets what it would get alone."""
+    x, q, scale = _operands(7, 1000, 301)
+    w = torch.randn(301, 1000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    product = {"int8": lambda x: kernels.int8_matmul(x, q, scale),
+               "bf16": lambda x: kernels.bf16_matmul(x, w)}[kind]  # fmt: skip
+    alone = torch.cat([product(x[i : i + 1]) for i in range(7)])
+    for rows in range(2, 8):
+        assert torch.equal(product(x[:rows]), alone[:rows]), rows
+
+
+@needs_native
 def test_int8_kernel_threads_give_identical_results():
     """Each output is summed by one thread in one order: 1 or 2 threads, same bits."""
     x, q, scale = _operands(3, 2048, 301)  # above the one-thread cutoff

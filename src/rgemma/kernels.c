@@ -20,7 +20,9 @@
  * for the memory system: each thread streams a contiguous range of weight
  * rows, NR rows at a time (one block of NR * K bytes), and prefetches the
  * next block while it multiplies this one. Up to MR activation rows share
- * each weight vector once it is widened. With 16 vector registers (AVX2),
+ * each weight vector once it is widened; a single activation row takes NR_ONE
+ * weight rows a block, enough independent sums to hide the multiply-add's
+ * latency. With 16 vector registers (AVX2),
  * products of MANY rows or more take tiles of MR_MANY activation rows by
  * NR_MANY weight rows instead: there, widening the weights costs as much as
  * the multiply-adds, and taller tiles widen each weight fewer times.
@@ -49,6 +51,9 @@
 #define NR_MANY 2
 #endif
 #define NR 4            /* weight rows per tile */
+#define NR_ONE 8        /* weight rows per tile of a single activation row: 8 independent
+                           sums (one would wait on the multiply-add's latency of ~4 cycles) */
+#define NR_MAX 8        /* the largest of NR, NR_ONE and NR_MANY (accumulator arrays) */
 #define MANY 4          /* activation rows from which the int8 and bf16 products use MR_MANY x NR_MANY tiles */
 #define MR_MAX 4        /* the largest of MR and MR_MANY (accumulator arrays) */
 
@@ -131,6 +136,22 @@ static inline float sum_lanes(vfloat v)
 
 /* ------------------------------------------------------------------ tiles */
 
+/* acc[i][j] += x[m0 + i, k .. k + VL] * w[n0 + j, k .. k + VL]: each weight vector
+ * widened once, used by every row, then dropped (few registers live). */
+static inline __attribute__((always_inline)) void step(
+    enum kind kind, int mr, int nr, const float *x, int64_t K, const void *w,
+    vfloat acc[MR_MAX][NR_MAX], int64_t m0, int64_t n0, int64_t k)
+{
+    vfloat xv[MR_MAX];
+    for (int i = 0; i < mr; i++)
+        xv[i] = load_floats(x + (m0 + i) * K + k);
+    for (int j = 0; j < nr; j++) {
+        vfloat wv = widen(kind, w, (n0 + j) * K + k);
+        for (int i = 0; i < mr; i++)
+            acc[i][j] += xv[i] * wv;
+    }
+}
+
 /* y[m0 + i, n0 + j] for i < mr, j < nr: one tile, all of K (scale: int8 only).
  * Inlined with constant kind, mr, nr, so the accumulators live in registers. */
 static inline __attribute__((always_inline)) void tile(
@@ -139,25 +160,24 @@ static inline __attribute__((always_inline)) void tile(
 {
     const char *bytes = w;
     const int64_t size = kind == INT8 ? 1 : 2;  /* bytes per weight */
-    vfloat acc[MR_MAX][NR];
+    vfloat acc[MR_MAX][NR_MAX];
     for (int i = 0; i < mr; i++)
         for (int j = 0; j < nr; j++)
             acc[i][j] = (vfloat){0};
+    const int64_t line = 64 / size;                 /* weights per cache line */
     int64_t k = 0;
-    for (; k + VL <= K; k += VL) {
-        vfloat wv[NR];
-        if (m0 == 0)                         /* the next block, while this one is used */
-            for (int j = 0; j < nr; j++)
-                for (int64_t b = 0; b < VL * size; b += 64)
-                    __builtin_prefetch(bytes + ((n0 + j + nr) * K + k) * size + b, 0, 3);
-        for (int j = 0; j < nr; j++)
-            wv[j] = widen(kind, w, (n0 + j) * K + k);
-        for (int i = 0; i < mr; i++) {
-            vfloat xv = load_floats(x + (m0 + i) * K + k);
-            for (int j = 0; j < nr; j++)
-                acc[i][j] += xv * wv[j];
+    for (; k + line <= K; k += line) {
+        for (int64_t v = k; v < k + line; v += VL) {
+            /* the next block, while this one is used: int8 once a line (a step is
+             * VL bytes, and a prefetch a step would crowd the loads), bf16 each step */
+            if (m0 == 0 && (kind != INT8 || v == k))
+                for (int j = 0; j < nr; j++)
+                    __builtin_prefetch(bytes + ((n0 + j + nr) * K + v) * size, 0, 3);
+            step(kind, mr, nr, x, K, w, acc, m0, n0, v);
         }
     }
+    for (; k + VL <= K; k += VL)
+        step(kind, mr, nr, x, K, w, acc, m0, n0, k);
     for (int i = 0; i < mr; i++) {
         for (int j = 0; j < nr; j++) {
             float s = sum_lanes(acc[i][j]);
@@ -206,6 +226,8 @@ void rgemma_int8_matmul(const float *x, int64_t M, int64_t K, const int8_t *q, i
 {
     if (M >= MANY)
         PRODUCT(INT8, MR_MANY, NR_MANY, q, scale);
+    else if (M == 1)
+        PRODUCT(INT8, 1, NR_ONE, q, scale);
     else
         PRODUCT(INT8, MR, NR, q, scale);
 }
