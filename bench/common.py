@@ -174,6 +174,16 @@ def machine() -> dict:
     }
 
 
+def write_json(path: str, data: dict) -> None:
+    """``data`` as JSON at ``path`` (its folder made; complete or absent: a temp file, renamed)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+    print(f"wrote {path}")
+
+
 def save(results: list[Result], path: str, meta: dict) -> None:
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     data = {

@@ -22,7 +22,6 @@ rest (PyTorch's ops and Python), each call timed by a wrapper.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -30,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES, random_rgemma  # noqa: E402
+from common import SHAPES, random_rgemma, write_json  # noqa: E402
 from compare import quantized_copy, read_bandwidth, weight_bytes  # noqa: E402
 from rgemma import attention, kernels, layers, quantize, step_plan  # noqa: E402
 
@@ -203,10 +202,7 @@ def main() -> None:
                   f"{p['weight_bytes'] / max(p['products'], 1e-9) / 1e9:.1f} GB/s | "
                   f"{p['kernels'] * 1e3:.1f} | {rest * 1e3:.1f} |")  # fmt: skip
     meta = dict(shape=args.shape, threads=args.threads, read_bandwidth_gbs=bandwidth / 1e9)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": rows, "parts": parts}, f, indent=1)
-    print(f"wrote {args.out}.json")
+    write_json(args.out + ".json", {"meta": meta, "results": rows, "parts": parts})
 
 
 if __name__ == "__main__":

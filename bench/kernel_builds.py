@@ -16,7 +16,6 @@ the same functions with the same arguments (the tree's ``kernels.py`` calls both
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES  # noqa: E402
+from common import SHAPES, write_json  # noqa: E402
 from compare import read_bandwidth, weight_bytes  # noqa: E402
 from decode_step import median_step, step_models  # noqa: E402
 from rgemma import kernels  # noqa: E402
@@ -103,10 +102,7 @@ def main() -> None:
                   f"{b / batch * per_token:.0%} | {t / batch * per_token:.0%} |")  # fmt: skip
     meta = dict(shape=args.shape, threads=args.threads, base=args.base,
                 read_bandwidth_gbs=bandwidth / 1e9)  # fmt: skip
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-    print(f"wrote {args.out}.json")
+    write_json(args.out + ".json", {"meta": meta, "results": rows})
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ weight byte is the limit, not the layout of its reads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -34,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SHAPES  # noqa: E402
+from common import SHAPES, write_json  # noqa: E402
 from compare import read_bandwidth  # noqa: E402
 from rgemma import kernels  # noqa: E402
 
@@ -164,10 +163,7 @@ def main() -> None:
               f"{s / 1e9:.1f} GB/s | {h / 1e9:.1f} GB/s | "
               f"{s / bw:.0%} | {h / bw:.0%} |")  # fmt: skip
     meta = dict(shape=args.shape, threads=args.threads, read_bandwidth_gbs=bw / 1e9)
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "results": rows}, f, indent=1)
-    print(f"wrote {args.out}.json")
+    write_json(args.out + ".json", {"meta": meta, "results": rows})
 
 
 if __name__ == "__main__":
