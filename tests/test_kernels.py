@@ -123,6 +123,22 @@ def test_a_row_s_product_does_not_depend_on_the_batch(kind):
 
 
 @needs_native
+@pytest.mark.parametrize("kind", ["int8", "bf16"])
+def test_a_row_that_is_not_finite_spoils_only_itself(kind):
+    """A row holding NaN or inf gives NaN or inf outputs; the rows beside it, in
+    the same tiles, get what they get alone."""
+    x, q, scale = _operands(5, 1000, 37)
+    w = torch.randn(37, 1000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    product = {"int8": lambda x: kernels.int8_matmul(x, q, scale),
+               "bf16": lambda x: kernels.bf16_matmul(x, w)}[kind]  # fmt: skip
+    x[1, 7], x[3, 500] = float("nan"), float("inf")
+    y = product(x)
+    assert y[1].isnan().all() and not y[3].isfinite().any()
+    for i in (0, 2, 4):
+        assert torch.equal(y[i], product(x[i : i + 1])[0])
+
+
+@needs_native
 def test_int8_kernel_threads_give_identical_results():
     """Each output is summed by one thread in one order: 1 or 2 threads, same bits."""
     x, q, scale = _operands(3, 2048, 301)  # above the one-thread cutoff
