@@ -107,16 +107,23 @@ def test_bf16_held_decode_rows_stream_through_the_kernel(monkeypatch):
     assert calls == [(2, 1024), (layers.KERNEL_BF16_ROWS, 1024), *small]
 
 
+def _rows_and_product(kind, M, K, N):
+    """x [M, K] and the int8 or bf16 kernel's product of rows of x with a random
+    weight [N, K]."""
+    x, q, scale = _operands(M, K, N)
+    if kind == "int8":
+        return x, lambda rows: kernels.int8_matmul(rows, q, scale)
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    return x, lambda rows: kernels.bf16_matmul(rows, w)
+
+
 @needs_native
 @pytest.mark.parametrize("kind", ["int8", "bf16"])
 def test_a_row_s_product_does_not_depend_on_the_batch(kind):
     """Every tile shape (one row, a few, many) sums each output over K in the same
     order, so a row's output is the same bits alone as in any batch: a request
     served in a batch gets what it would get alone."""
-    x, q, scale = _operands(7, 1000, 301)
-    w = torch.randn(301, 1000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    product = {"int8": lambda x: kernels.int8_matmul(x, q, scale),
-               "bf16": lambda x: kernels.bf16_matmul(x, w)}[kind]  # fmt: skip
+    x, product = _rows_and_product(kind, 7, 1000, 301)
     alone = torch.cat([product(x[i : i + 1]) for i in range(7)])
     for rows in range(2, 8):
         assert torch.equal(product(x[:rows]), alone[:rows]), rows
@@ -127,10 +134,7 @@ def test_a_row_s_product_does_not_depend_on_the_batch(kind):
 def test_a_row_that_is_not_finite_spoils_only_itself(kind):
     """A row holding NaN or inf gives NaN or inf outputs; the rows beside it, in
     the same tiles, get what they get alone."""
-    x, q, scale = _operands(5, 1000, 37)
-    w = torch.randn(37, 1000, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    product = {"int8": lambda x: kernels.int8_matmul(x, q, scale),
-               "bf16": lambda x: kernels.bf16_matmul(x, w)}[kind]  # fmt: skip
+    x, product = _rows_and_product(kind, 5, 1000, 37)
     x[1, 7], x[3, 500] = float("nan"), float("inf")
     y = product(x)
     assert y[1].isnan().all() and not y[3].isfinite().any()
