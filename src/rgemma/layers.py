@@ -221,15 +221,15 @@ def widened_plus_bias(y: torch.Tensor, dtype: torch.dtype, b: torch.Tensor | Non
 # reads), and the kernel, which widens each weight once in registers for all the
 # rows, stays ahead through batched decode (measured up to 64 rows). Smaller
 # weights: the call costs more than the streaming gains, except where the
-# alternative is PyTorch's bf16 product without native bf16 (LOW_PRECISION_ROWS
-# rows or fewer), slower still.
+# alternative is PyTorch's bf16 product without native bf16 (where
+# low_precision_matmul_dtype picks bf16), slower still.
 KERNEL_BF16_ROWS = 4 if NATIVE_BF16 else 64
 _KERNEL_BF16_MIN_WEIGHTS = 1 << 20
 
 
 def _streams_bf16(x: torch.Tensor, w: torch.Tensor, rows: int) -> bool:
     """Whether x [..., K] @ w.T goes through ``kernels.bf16_matmul``."""
-    emulated_bf16 = not NATIVE_BF16 and rows <= LOW_PRECISION_ROWS  # the alternative
+    emulated_bf16 = not NATIVE_BF16 and low_precision_matmul_dtype(x, rows) == torch.bfloat16
     return (
         w.dtype == torch.bfloat16
         and x.dtype == torch.float32
